@@ -1,0 +1,36 @@
+"""jaxembed: large embedding tables in JAX with TF's ``tf.tpu.experimental.embedding`` semantics.
+
+Public API (see README.md for a tour):
+
+* ``TableConfig``, ``FeatureConfig``: TF's configs, frozen.
+* ``Sparse``, ``Ragged``: id inputs (a plain integer array is a dense input).
+* ``embedding_lookup``: TF's ``serving_embedding_lookup`` over nested structures.
+* ``Embedding``: tables + optimizer slots; ``preprocess``, ``lookup``, ``apply_gradients``.
+* ``optimizers``: TF's TPU embedding optimizers, row-sparse; ``optimizers.from_optax``.
+
+``import jaxembed`` never imports TensorFlow; the TF bridge lives in ``jaxembed.export``.
+"""
+
+from jaxembed import optimizers as optimizers
+from jaxembed.configs import FeatureConfig as FeatureConfig
+from jaxembed.configs import TableConfig as TableConfig
+from jaxembed.embedding import Batch as Batch
+from jaxembed.embedding import Embedding as Embedding
+from jaxembed.embedding import EmbeddingState as EmbeddingState
+from jaxembed.inputs import Ragged as Ragged
+from jaxembed.inputs import Sparse as Sparse
+from jaxembed.lookup import embedding_lookup as embedding_lookup
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Batch",
+    "Embedding",
+    "EmbeddingState",
+    "FeatureConfig",
+    "Ragged",
+    "Sparse",
+    "TableConfig",
+    "embedding_lookup",
+    "optimizers",
+]

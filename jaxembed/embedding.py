@@ -1,0 +1,320 @@
+"""``Embedding``: tables, optimizer slots, host preprocessing, lookup and row-sparse training.
+
+The object holds only configuration; all state lives in an ``EmbeddingState`` pytree and every
+method that touches arrays is a pure function of its arguments, so ``lookup`` and
+``apply_gradients`` run inside the user's own ``jax.jit`` step beside an Optax update of the
+dense model.
+
+``preprocess`` (host, numpy) validates the inputs with TF's rules and turns them into a ``Batch``
+of static-shape arrays: per table, the distinct ids the batch touches (padded to a bucketed
+capacity), and per feature a ``LookupPlan`` whose slots index those distinct rows. ``lookup``
+gathers each table's touched rows once and combines them exactly as ``embedding_lookup`` does.
+``apply_gradients`` takes the VJP of that combination, which sums ``coeff * dL/dact`` over every
+use of a row in the global batch (TF's TPU gradient), and runs each table's optimizer once per
+touched row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxembed import _nest
+from jaxembed.configs import TableConfig
+from jaxembed.lookup import (
+    LookupPlan,
+    combine_rows,
+    feature_paths,
+    flatten_features,
+    gather_rows,
+    plan_feature,
+)
+from jaxembed.optimizers import Optimizer, apply_rows
+
+
+class EmbeddingState(NamedTuple):
+    """Training state: tables and slots keyed by table name, and the step count.
+
+    Attributes:
+        tables: ``{table name: [vocabulary_size, dim] array}``, logical row order.
+        slots: ``{table name: slots}``: ``{slot name: array}`` for TF optimizers, the Optax state
+            for ``from_optax``, ``{}`` without an optimizer.
+        step: int32 scalar, the number of ``apply_gradients`` calls so far.
+    """
+
+    tables: dict[str, jax.Array]
+    slots: dict[str, Any]
+    step: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """A preprocessed batch: static-shape arrays, ready for ``lookup``/``apply_gradients``.
+
+    Attributes:
+        unique_ids: ``{table name: [C] int32}`` distinct ids touched, padded with
+            ``vocabulary_size`` to a bucketed capacity ``C``.
+        plans: one ``LookupPlan`` per input leaf; slots index ``unique_ids`` of its table
+            (``C`` = no entry).
+        paths: the input paths, in the order of ``plans`` (static).
+        treedef: the inputs' nested structure (static), to pack the activations.
+    """
+
+    unique_ids: dict[str, jax.Array]
+    plans: tuple[LookupPlan, ...]
+    paths: tuple[str, ...]
+    treedef: Any
+
+
+jax.tree_util.register_dataclass(
+    Batch, data_fields=["unique_ids", "plans"], meta_fields=["paths", "treedef"]
+)
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """Capacity for ``n`` items: the next power of two (at least ``minimum``).
+
+    Padding to a few fixed sizes lets a jitted step reuse its compilation across batches.
+    """
+    n = max(int(n), minimum)
+    return 1 << (n - 1).bit_length()
+
+
+def _pad_last(x: np.ndarray | None, axis: int, size: int, fill: float) -> np.ndarray | None:
+    if x is None or x.shape[axis] == size:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return np.pad(x, pad, constant_values=fill)
+
+
+def _remap(plan: LookupPlan, index: np.ndarray, capacity: int) -> LookupPlan:
+    """Points a plan's slots at the table's distinct rows (``index[i]`` for ``plan.ids[i]``)."""
+    lookup = np.concatenate([index, [capacity]]).astype(np.int32)
+    positions, weights = lookup[plan.positions], plan.weights
+    blocks, block_weights = plan.blocks, plan.block_weights
+    if plan.mode == "combine":
+        head = bucket(positions.shape[1])
+        positions = _pad_last(positions, 1, head, capacity)
+        weights = _pad_last(weights, 1, head, 0.0)
+        tail = bucket(blocks.shape[1]) if blocks.shape[1] else 0
+        blocks = _pad_last(lookup[blocks], 1, tail, capacity)
+        block_weights = _pad_last(block_weights, 1, tail, 0.0)
+    return dataclasses.replace(
+        plan,
+        ids=None,
+        positions=positions,
+        weights=weights,
+        blocks=blocks,
+        block_weights=block_weights,
+    )
+
+
+class Embedding:
+    """Embedding tables for a nested ``feature_config``, trained with row-sparse optimizers.
+
+    Tables are ordered by first appearance in ``feature_config`` (``tf.nest`` order) and named
+    ``TableConfig.name`` or ``table_{i}``; configs are never modified. Each table uses its own
+    ``TableConfig.optimizer`` if set, else ``optimizer``.
+
+    Args:
+        feature_config: Nested structure (dicts, lists, tuples) of ``FeatureConfig``.
+        optimizer: Global optimizer from ``jaxembed.optimizers`` (or ``from_optax``); None allows
+            lookups only.
+        mesh: A ``jax.sharding.Mesh`` to shard tables over, or None for the default device.
+
+    Example:
+        >>> import jax, numpy as np, jaxembed as je
+        >>> table = je.TableConfig(vocabulary_size=10, dim=4, combiner="sum", name="items")
+        >>> emb = je.Embedding({"items": je.FeatureConfig(table)}, je.optimizers.Adagrad(0.1))
+        >>> state = emb.init(jax.random.key(0))
+        >>> batch = emb.preprocess({"items": je.Ragged.from_row_lengths([1, 2, 2], [2, 1])})
+        >>> acts = emb.lookup(state, batch)
+        >>> acts["items"].shape
+        (2, 4)
+        >>> state = emb.apply_gradients(state, batch, {"items": np.ones((2, 4), np.float32)})
+        >>> int(state.step)
+        1
+    """
+
+    def __init__(self, feature_config: Any, optimizer: Optimizer | None = None, mesh=None):
+        if mesh is not None:
+            raise NotImplementedError(
+                "Embedding(mesh=...) is not available yet: tables live on the default device. "
+                "Pass mesh=None."
+            )
+        self.feature_config = feature_config
+        self.mesh = mesh
+        self._features = feature_paths(feature_config)
+        if not self._features:
+            raise ValueError("feature_config has no FeatureConfig leaves.")
+        self.table_configs: tuple[TableConfig, ...] = tuple(
+            dict.fromkeys(f.table for f in self._features.values())
+        )
+        self.table_names: dict[TableConfig, str] = {}
+        for i, table in enumerate(self.table_configs):
+            name = table.name if table.name is not None else f"table_{i}"
+            if name in self.table_names.values():
+                raise ValueError(
+                    f"Tables must have a unique name. Multiple tables with name {name!r} found. "
+                    "Give each TableConfig a distinct name."
+                )
+            self.table_names[table] = name
+        self._configs = {name: table for table, name in self.table_names.items()}
+        self.optimizers: dict[str, Optimizer | None] = {}
+        for table, name in self.table_names.items():
+            opt = table.optimizer if table.optimizer is not None else optimizer
+            if opt is not None and not isinstance(opt, Optimizer):
+                hint = (
+                    " Wrap Optax transformations with je.optimizers.from_optax(tx)."
+                    if hasattr(opt, "update") and hasattr(opt, "init")
+                    else ""
+                )
+                raise ValueError(
+                    f"{type(opt)} is an unsupported optimizer class (table {name!r}). Please pass "
+                    f"an instance of one of the optimizer classes under jaxembed.optimizers.{hint}"
+                )
+            self.optimizers[name] = opt
+
+    def __repr__(self) -> str:
+        tables = ", ".join(
+            f"{n}[{t.vocabulary_size}x{t.dim}]:{type(self.optimizers[n]).__name__}"
+            for t, n in self.table_names.items()
+        )
+        return f"Embedding(features={len(self._features)}, tables=({tables}))"
+
+    # -- state --
+    def init(self, key: jax.Array) -> EmbeddingState:
+        """Tables from their initializers, slots at their initial values, step 0."""
+        keys = jax.random.split(key, len(self.table_configs))
+        tables, slots = {}, {}
+        for k, (table, name) in zip(keys, self.table_names.items(), strict=True):
+            tables[name] = table.init_table(k)
+            opt = self.optimizers[name]
+            slots[name] = opt.init_slots(tables[name]) if opt is not None else {}
+        return EmbeddingState(tables, slots, jnp.zeros((), jnp.int32))
+
+    def embedding_tables(self, state: EmbeddingState) -> dict[TableConfig, jax.Array]:
+        """``{TableConfig: [vocabulary_size, dim] array}``, in logical row order."""
+        return {table: state.tables[name] for table, name in self.table_names.items()}
+
+    def slot_variables(self, state: EmbeddingState) -> dict[TableConfig, dict[str, jax.Array]]:
+        """``{TableConfig: {slot name: array}}``; Optax state leaves are named by their path."""
+        out = {}
+        for table, name in self.table_names.items():
+            slots = state.slots[name]
+            if isinstance(slots, Mapping) and all(isinstance(k, str) for k in slots):
+                out[table] = dict(slots)
+            else:
+                out[table] = {
+                    jax.tree_util.keystr(path): leaf
+                    for path, leaf in jax.tree_util.tree_leaves_with_path(slots)
+                    if np.shape(leaf) == (table.vocabulary_size, table.dim)
+                }
+        return out
+
+    # -- host side --
+    def preprocess(self, inputs: Any, weights: Any = None) -> Batch:
+        """Validates ``inputs`` (and ``weights``) on the host and builds a static-shape ``Batch``.
+
+        Same input rules and errors as ``embedding_lookup`` (out-of-range ids name the feature,
+        the id and the range). Sizes that vary between batches (distinct ids per table, ids per
+        example) are padded to powers of two, so a jitted step compiles once per bucket.
+        """
+        leaves = flatten_features(inputs, weights, self.feature_config)
+        plans = {
+            path: plan_feature(path, inp, weight, feature) for path, inp, weight, feature in leaves
+        }
+        unique_ids, index = {}, {}
+        for table, name in self.table_names.items():
+            paths = [p for p in plans if self._features[p].table is table]
+            ids = [np.asarray(plans[p].ids, np.int64) for p in paths]
+            flat = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+            distinct, inverse = np.unique(flat, return_inverse=True)
+            capacity = bucket(distinct.shape[0])
+            unique_ids[name] = _pad_last(distinct, 0, capacity, table.vocabulary_size).astype(
+                np.int32
+            )
+            splits = np.cumsum([0] + [i.shape[0] for i in ids])
+            for p, lo, hi in zip(paths, splits[:-1], splits[1:], strict=True):
+                index[p] = (inverse[lo:hi], capacity)
+        skeleton = _nest.pack_like(inputs, [path for path, *_ in leaves])
+        ordered_paths, treedef = jax.tree_util.tree_flatten(skeleton)
+        batch = Batch(
+            unique_ids=unique_ids,
+            plans=tuple(_remap(plans[p], *index[p]) for p in ordered_paths),
+            paths=tuple(ordered_paths),
+            treedef=treedef,
+        )
+        return jax.device_put(batch)
+
+    # -- device side (pure) --
+    def _combine(self, rows: dict[str, jax.Array], batch: Batch) -> Any:
+        outs = [
+            combine_rows(rows[self.table_names[self._features[path].table]], plan)
+            for path, plan in zip(batch.paths, batch.plans, strict=True)
+        ]
+        return jax.tree_util.tree_unflatten(batch.treedef, outs)
+
+    def _touched_rows(self, state: EmbeddingState, batch: Batch) -> dict[str, jax.Array]:
+        return {
+            name: gather_rows(state.tables[name], ids) for name, ids in batch.unique_ids.items()
+        }
+
+    def lookup(self, state: EmbeddingState, batch: Batch) -> Any:
+        """Activations for ``batch``, nested like its inputs; equal to ``embedding_lookup``."""
+        return self._combine(self._touched_rows(state, batch), batch)
+
+    def _cotangents(self, batch: Batch, grads: Any) -> Any:
+        flat = dict(_nest.flatten_with_paths(grads))
+        if set(flat) != set(batch.paths):
+            raise ValueError(
+                "Gradients must have the structure of the activations: expected paths "
+                f"{sorted(batch.paths)}, got {sorted(flat)}. Pass dL/d(activations) as returned "
+                "by jax.grad with respect to the output of Embedding.lookup."
+            )
+        cots = []
+        for path, plan in zip(batch.paths, batch.plans, strict=True):
+            table = self._features[path].table
+            shape = (*plan.shape, table.dim)
+            g = flat[path]
+            if g is None:  # TF: a missing gradient is a zero gradient
+                cots.append(jnp.zeros(shape, jnp.float32))
+                continue
+            if tuple(np.shape(g)) != shape:
+                raise ValueError(
+                    f"Gradient for feature {path!r} has shape {tuple(np.shape(g))}, but its "
+                    f"activation has shape {shape}."
+                )
+            cots.append(jnp.asarray(g, jnp.float32))
+        return jax.tree_util.tree_unflatten(batch.treedef, cots)
+
+    def apply_gradients(self, state: EmbeddingState, batch: Batch, grads: Any) -> EmbeddingState:
+        """Applies ``grads`` (dL/d activations, nested like them) to the touched rows.
+
+        Per row ``g = sum(coeff * dL/dact)`` over the global batch (sum, not mean; coeff = w,
+        w/sum(w) or w/sqrt(sum(w^2)) for sum/mean/sqrtn, 1 for sequence positions and dense
+        ids), then each table's optimizer runs once on each touched row.
+        """
+        missing = [n for n, opt in self.optimizers.items() if opt is None]
+        if missing:
+            raise ValueError(
+                f"Tables {missing} have no optimizer: pass one to Embedding(..., optimizer=...) "
+                "or set TableConfig.optimizer."
+            )
+        cotangents = self._cotangents(batch, grads)
+        rows = self._touched_rows(state, batch)
+        _, vjp = jax.vjp(lambda r: self._combine(r, batch), rows)
+        (row_grads,) = vjp(cotangents)
+        tables, slots = dict(state.tables), dict(state.slots)
+        for name, ids in batch.unique_ids.items():
+            tables[name], slots[name] = apply_rows(
+                self.optimizers[name], state.tables[name], state.slots[name], ids,
+                row_grads[name], state.step,
+            )  # fmt: skip
+        return EmbeddingState(tables, slots, state.step + 1)

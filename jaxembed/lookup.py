@@ -1,0 +1,555 @@
+"""``embedding_lookup``: TF's ``serving_embedding_lookup`` in JAX, bit for bit.
+
+The lookup is split in two:
+
+* ``plan_feature`` (host, numpy) validates one feature's ids and weights and turns them into a
+  ``LookupPlan``: the ids to gather, the weight of each, and where each gathered row goes in the
+  output. All of TF's input-kind rules (pruning, sequence positions, ``output_shape``) live here.
+* ``apply_plan`` (device, jax) gathers the rows and sums them in exactly the order TF's CPU kernels
+  do (tf_semantics §4.4), so ragged and unweighted sparse results are bit-identical to TF's.
+
+Summation order. Every combined output row is ``head`` entries summed left to right, then ``T``
+blocks of 8, each summed left to right and added to the running total. For ragged inputs and for
+weighted sparse inputs (``segment_sum``) the head is the whole row. For unweighted sparse inputs
+(``sparse_segment_sum``) the head has ``n mod 8`` entries (8 if that is 0, 9 if it is 1). Slots
+past the end of a row point at an all-zero row, and adding ``0.0`` changes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxembed import _nest
+from jaxembed.configs import FeatureConfig, TableConfig
+from jaxembed.inputs import Ragged, Sparse, is_traced
+
+_BLOCK = 8
+_UNROLL = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class LookupPlan:
+    """One feature's lookup as arrays with static shapes (a pytree; ``mode``/``shape`` static).
+
+    Shapes: N = rows gathered, R = output rows, H = head slots, T = tail blocks, L = positions.
+
+    Attributes:
+        mode: ``"gather"`` (dense: one row per id), ``"combine"`` (one combined row per example)
+            or ``"sequence"`` (``L`` positions per example).
+        shape: output shape without the trailing ``dim``.
+        ids: ``[N]`` row ids to gather, all in ``[0, vocabulary_size)`` (or ``vocabulary_size``
+            as padding, which gathers a zero row).
+        positions: which gathered row goes where: gather ``shape``; sequence ``[R, L]``; combine
+            ``[R, H]`` head slots. ``N`` means "no entry" (a zero row).
+        weights: combine ``[R, H]`` weight of each head slot, or None (all 1).
+        blocks: combine ``[R, T, 8]`` tail slots, same encoding.
+        block_weights: combine ``[R, T, 8]`` or None.
+        scale: combine ``[R]`` factor applied after summing, or None.
+        divisor: combine ``[R]`` divisor applied after ``scale`` (0 gives a zero row), or None.
+    """
+
+    mode: str
+    shape: tuple[int, ...]
+    ids: Any
+    positions: Any
+    weights: Any = None
+    blocks: Any = None
+    block_weights: Any = None
+    scale: Any = None
+    divisor: Any = None
+
+
+jax.tree_util.register_dataclass(
+    LookupPlan,
+    data_fields=["ids", "positions", "weights", "blocks", "block_weights", "scale", "divisor"],
+    meta_fields=["mode", "shape"],
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side: validation and planning.
+
+
+def _name(path: str, feature: FeatureConfig) -> str:
+    where = repr(path) if path else "(the single input)"
+    return f"feature {where}" + (f" (name {feature.name!r})" if feature.name else "")
+
+
+def _concrete(path: str, feature: FeatureConfig, kind: str, *arrays: Any) -> None:
+    if any(is_traced(a) for a in arrays):
+        raise ValueError(
+            f"{kind} input of {_name(path, feature)} is traced, but sparse and ragged inputs must "
+            "be concrete (numpy) arrays because their layout is planned on the host. Inside "
+            "jax.jit, close over the inputs and trace only the tables, or use "
+            "je.Embedding.preprocess and Embedding.lookup."
+        )
+
+
+def _check_ids(path: str, feature: FeatureConfig, ids: np.ndarray, hint: str = "") -> np.ndarray:
+    if not np.issubdtype(ids.dtype, np.integer) or ids.dtype == np.bool_:
+        raise TypeError(
+            f"Ids of {_name(path, feature)} must be integers (int32 or int64), got dtype "
+            f"{ids.dtype}. Cast them, e.g. ids.astype(np.int64)."
+        )
+    vocab = feature.table.vocabulary_size
+    bad = (ids < 0) | (ids >= vocab)
+    if bad.any():
+        first = int(ids[np.nonzero(bad)][0])
+        fix = hint if first < 0 else "Map unknown ids to a valid row (e.g. an OOV row) first."
+        raise ValueError(
+            f"Id {first} of {_name(path, feature)} is out of range [0, {vocab}) for table "
+            f"{feature.table.name or '(unnamed)'!r} with vocabulary_size={vocab}. {fix}".rstrip()
+        )
+    return ids.astype(np.int32 if vocab <= np.iinfo(np.int32).max else np.int64)
+
+
+def _weights(path: str, feature: FeatureConfig, w: np.ndarray) -> np.ndarray:
+    if not np.issubdtype(w.dtype, np.floating):
+        raise TypeError(
+            f"Weights of {_name(path, feature)} must be floating point, got dtype {w.dtype}. "
+            "Cast them, e.g. weights.astype(np.float32)."
+        )
+    return w.astype(np.float32)
+
+
+_NEGATIVE_RAISES = (
+    "Negative ids are only pruned for Sparse inputs with validate_weights_and_indices=True "
+    "(and not for sequence features); remove them or use such an input."
+)
+
+
+def _slots(rows: np.ndarray, num_rows: int, block_order: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Places entries (already grouped by row, in summation order) into head and block slots."""
+    n = rows.shape[0]
+    counts = np.bincount(rows, minlength=num_rows)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    k = np.arange(n) - starts[rows]  # position of each entry within its row
+    if block_order:
+        head = counts % _BLOCK
+        head = np.where(head == 0, _BLOCK, np.where(head == 1, _BLOCK + 1, head))
+        head = np.minimum(head, counts)
+    else:
+        head = counts
+    width = int(head.max(initial=0))
+    tail = int(((counts - head) // _BLOCK).max(initial=0))
+    positions = np.full((num_rows, width), n, np.int32)
+    blocks = np.full((num_rows, tail, _BLOCK), n, np.int32)
+    in_head = k < head[rows]
+    positions[rows[in_head], k[in_head]] = np.nonzero(in_head)[0]
+    t = k[~in_head] - head[rows[~in_head]]
+    blocks[rows[~in_head], t // _BLOCK, t % _BLOCK] = np.nonzero(~in_head)[0]
+    return positions, blocks
+
+
+def _sequential_row_sums(rows: np.ndarray, values: np.ndarray, num_rows: int) -> np.ndarray:
+    """Per-row float32 sums of ``values`` added strictly left to right (as TF's segment sums)."""
+    positions, _ = _slots(rows, num_rows, block_order=False)
+    padded = np.concatenate([values.astype(np.float32), np.zeros(1, np.float32)])[positions]
+    acc = np.zeros(num_rows, np.float32)
+    for j in range(padded.shape[1]):
+        acc = acc + padded[:, j]
+    return acc
+
+
+def _combine_plan(
+    ids: np.ndarray,
+    weights: np.ndarray | None,
+    rows: np.ndarray,
+    num_rows: int,
+    combiner: str,
+    shape: tuple[int, ...],
+    segment_kernel: bool,
+) -> LookupPlan:
+    """Plans a combined lookup; ``rows`` (sorted) gives the output row of every id.
+
+    ``segment_kernel`` selects the rules of TF's unweighted ``sparse_segment_*`` kernels (block
+    summation order; ``1/n`` factors below 10 entries); otherwise the rules of ``segment_sum``
+    and of the ragged reduction (sequential order, true division).
+    """
+    positions, blocks = _slots(rows, num_rows, block_order=segment_kernel)
+    head_w = block_w = None
+    if weights is not None:
+        padded = np.concatenate([weights.astype(np.float32), np.zeros(1, np.float32)])
+        head_w, block_w = padded[positions], padded[blocks]
+    scale = divisor = None
+    if combiner != "sum":
+        if weights is None:
+            n = np.bincount(rows, minlength=num_rows).astype(np.float32)
+            denom = n if combiner == "mean" else np.sqrt(n)
+        elif combiner == "mean":
+            denom = _sequential_row_sums(rows, weights, num_rows)
+        else:
+            denom = np.sqrt(_sequential_row_sums(rows, weights * weights, num_rows))
+        if segment_kernel:  # sparse_segment_mean/sqrt_n: acc * (1/denom) below 10 entries
+            small = n < 10
+            with np.errstate(divide="ignore"):
+                scale = np.where(small & (n > 0), np.float32(1) / denom, np.float32(1))
+            divisor = np.where(small, np.where(n > 0, np.float32(1), np.float32(0)), denom)
+            scale, divisor = scale.astype(np.float32), divisor.astype(np.float32)
+        else:
+            divisor = denom.astype(np.float32)
+    return LookupPlan("combine", shape, ids, positions, head_w, blocks, block_w, scale, divisor)
+
+
+def _sequence_plan(
+    ids: np.ndarray, rows: np.ndarray, cols: np.ndarray, num_rows: int, length: int, shape
+) -> LookupPlan:
+    keep = cols < length
+    positions = np.full((num_rows, length), int(keep.sum()), np.int32)
+    positions[rows[keep], cols[keep]] = np.arange(int(keep.sum()), dtype=np.int32)
+    return LookupPlan("sequence", shape, ids[keep], positions)
+
+
+def _plan_dense(path, feature, ids) -> LookupPlan:
+    if is_traced(ids):
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise TypeError(f"Ids of {_name(path, feature)} must be integers, got {ids.dtype}.")
+        flat = ids.reshape(-1)
+        return LookupPlan("gather", tuple(ids.shape), flat, jnp.arange(flat.shape[0]))
+    ids = np.asarray(ids)
+    checked = _check_ids(path, feature, ids.reshape(-1), _NEGATIVE_RAISES)
+    return LookupPlan("gather", ids.shape, checked, np.arange(checked.shape[0], dtype=np.int32))
+
+
+def _plan_sparse(path: str, feature: FeatureConfig, sp: Sparse, w: Sparse | None) -> LookupPlan:
+    _concrete(path, feature, "Sparse", sp.indices, sp.values)
+    shape, idx, ids = sp.dense_shape, sp.indices, sp.values
+    _check_ids(path, feature, np.zeros(0, ids.dtype))  # dtype check first
+    rank = len(shape)
+    if rank < 2:
+        raise ValueError(
+            f"Sparse input of {_name(path, feature)} has rank {rank} (dense_shape {shape}); "
+            "sparse ids need rank >= 2: [batch, ids per example]."
+        )
+    weights = None
+    if w is not None:
+        _concrete(path, feature, "Sparse weights", w.indices, w.values)
+        if w.dense_shape != shape or not np.array_equal(w.indices, idx):
+            raise ValueError(
+                f"Sparse weights of {_name(path, feature)} must have the same indices and "
+                f"dense_shape as the ids (dense_shape {w.dense_shape} vs {shape})."
+            )
+        weights = _weights(path, feature, w.values)
+
+    if feature.max_sequence_length > 0 and feature.output_shape is None and rank == 2:
+        length = feature.max_sequence_length
+        # tf.sparse.slice first drops columns >= L; only the ids left are looked up.
+        kept = np.nonzero(idx[:, 1] < length)[0]
+        order = kept[np.argsort(idx[kept, 0], kind="stable")]
+        checked = _check_ids(path, feature, ids[order], _NEGATIVE_RAISES)
+        rows, cols = idx[order, 0], idx[order, 1]
+        return _sequence_plan(checked, rows, cols, shape[0], length, (shape[0], length))
+    if feature.max_sequence_length > 0:
+        warnings.warn(
+            f"max_sequence_length={feature.max_sequence_length} of {_name(path, feature)} is "
+            f"ignored for a rank-{rank} sparse input or when output_shape is set (as in TF).",
+            stacklevel=3,
+        )
+
+    combiner = feature.table.combiner
+    safe = feature.validate_weights_and_indices or rank > 2
+    rows = np.ravel_multi_index(tuple(idx[:, :-1].T), shape[:-1]) if idx.size else idx[:, 0]
+    keep = np.ones(ids.shape[0], bool)
+    if safe:  # tf.nn.safe_embedding_lookup_sparse: prune ids < 0, and weights <= 0 unless sum
+        keep &= ids >= 0
+        if weights is not None and combiner != "sum":
+            keep &= weights > 0
+    order = np.nonzero(keep)[0][np.argsort(rows[keep], kind="stable")]
+    hint = "" if safe else "With validate_weights_and_indices=False negative ids are not pruned."
+    checked = _check_ids(path, feature, ids[order], hint)
+    return _combine_plan(
+        checked,
+        None if weights is None else weights[order],
+        rows[order],
+        math.prod(shape[:-1]),
+        combiner,
+        tuple(shape[:-1]),
+        segment_kernel=weights is None,
+    )
+
+
+def _plan_ragged(path: str, feature: FeatureConfig, rg: Ragged, w: Ragged | None) -> LookupPlan:
+    _concrete(path, feature, "Ragged", rg.values, rg.row_splits)
+    batch = rg.nrows
+    lengths = rg.row_lengths()
+    rows = np.repeat(np.arange(batch), lengths)
+    cols = np.arange(rows.shape[0]) - np.repeat(rg.row_splits[:-1], lengths)
+    ids = _check_ids(path, feature, rg.values, _NEGATIVE_RAISES)
+    weights = None
+    if w is not None:
+        _concrete(path, feature, "Ragged weights", w.values, w.row_splits)
+        if not np.array_equal(w.row_splits, rg.row_splits):
+            raise ValueError(
+                f"Ragged weights of {_name(path, feature)} must have the same row_splits as the "
+                f"ids, got {np.asarray(w.row_splits).tolist()} vs {rg.row_splits.tolist()}."
+            )
+        weights = _weights(path, feature, w.values)
+
+    out_shape = feature.output_shape
+    if out_shape is not None:
+        if any(d is None for d in out_shape):
+            raise ValueError(
+                f"output_shape {out_shape} of {_name(path, feature)} must be fully defined for "
+                "ragged inputs."
+            )
+        size = math.prod(out_shape)
+        if size == batch:
+            return _combine_plan(
+                ids, weights, rows, batch, feature.table.combiner, out_shape, segment_kernel=False
+            )
+        if batch > 0 and size > batch and size % batch == 0:
+            # TF's ragged sequence mode: weights and the combiner are not used.
+            return _sequence_plan(ids, rows, cols, batch, size // batch, out_shape)
+        raise ValueError(
+            f"Output shape set in the FeatureConfig should be the factor of the input data batch "
+            f"size. But instead got output shape {out_shape}, input data batch size {batch}, for "
+            f"{_name(path, feature)}. Use an output_shape whose product is the batch size "
+            "(combined) or a multiple of it (positions per example)."
+        )
+    if feature.max_sequence_length > 0:
+        length = feature.max_sequence_length
+        return _sequence_plan(ids, rows, cols, batch, length, (batch, length))
+    return _combine_plan(
+        ids, weights, rows, batch, feature.table.combiner, (batch,), segment_kernel=False
+    )
+
+
+def _is_dense(x: Any) -> bool:
+    return isinstance(x, (np.ndarray, np.generic, jax.Array))
+
+
+def plan_feature(path: str, inp: Any, weight: Any, feature: FeatureConfig) -> LookupPlan:
+    """Validates one feature's input (and weights) and plans its lookup, with TF's rules."""
+    name = _name(path, feature)
+    if weight is not None:
+        if _is_dense(inp):
+            raise ValueError(f"Weight specified for {path}, but input is dense. ({name})")
+        if type(weight) is not type(inp):
+            raise ValueError(
+                f"Weight for {path} is of type {type(weight).__name__} but it does not match "
+                f"type of the input which is {type(inp).__name__}. Give weights of the same kind "
+                f"(Sparse or Ragged, same layout) as the ids of {name}."
+            )
+        if feature.max_sequence_length > 0:
+            raise ValueError(
+                f"Weight specified for {path}, but this is a sequence feature "
+                f"(max_sequence_length={feature.max_sequence_length}). Drop the weights of {name}."
+            )
+    if _is_dense(inp):
+        if feature.max_sequence_length > 0:
+            raise ValueError(
+                f"Feature {path} is a sequence feature but a dense tensor was passed. Pass a "
+                f"Sparse or Ragged input for {name}."
+            )
+        return _plan_dense(path, feature, inp)
+    if isinstance(inp, Sparse):
+        return _plan_sparse(path, feature, inp, weight)
+    if isinstance(inp, Ragged):
+        return _plan_ragged(path, feature, inp, weight)
+    raise ValueError(
+        f"Input {path} is type {type(inp).__name__}. An integer array, je.Sparse or je.Ragged "
+        f"expected for {name}."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Device side: gather and sum in TF's order.
+
+
+def _sequential_sum(x: jax.Array, axis: int, weights: Any = None) -> jax.Array:
+    """Sums ``x`` (times ``weights``, if given) along ``axis`` strictly left to right.
+
+    Unweighted sums are unrolled: XLA keeps the order of float additions. Weighted sums run as a
+    ``lax.scan`` over the precomputed products, because in an unrolled chain XLA:CPU fuses each
+    ``w * e`` into its add as an FMA, which rounds differently from TF (TF rounds the product to
+    float32 first).
+    """
+    if weights is not None:
+        x = x * jnp.asarray(weights, x.dtype)[..., None]
+    x = jnp.moveaxis(x, axis, 0)
+    if x.shape[0] == 0:
+        return jnp.zeros(x.shape[1:], x.dtype)
+    if weights is None and x.shape[0] <= _UNROLL:
+        acc = x[0]
+        for j in range(1, x.shape[0]):
+            acc = acc + x[j]
+        return acc
+    # Starting from 0 (as TF's segment sums do) keeps at least one loop trip for every row
+    # length: XLA inlines a one-trip loop, and 0 + w * e is exact even as an FMA.
+    acc, _ = jax.lax.scan(lambda a, v: (a + v, None), jnp.zeros(x.shape[1:], x.dtype), x)
+    return acc
+
+
+def combine_rows(rows: jax.Array, plan: LookupPlan) -> jax.Array:
+    """Places or combines gathered ``rows`` (``[N, dim]``, one per ``plan.ids``) per ``plan``.
+
+    Pure and differentiable in ``rows``: its VJP gives each gathered row ``coeff * dL/dact``
+    summed over the slots that use it, the gradient TF's TPU embedding applies.
+    """
+    dim = rows.shape[1]
+    padded = jnp.concatenate([rows, jnp.zeros((1, dim), rows.dtype)])
+    if plan.mode != "combine":
+        return padded[plan.positions].reshape(*plan.shape, dim)
+    acc = _sequential_sum(padded[plan.positions], 1, plan.weights)
+    if plan.blocks.shape[1]:
+        block_sums = _sequential_sum(padded[plan.blocks], 2, plan.block_weights)
+        acc = _sequential_sum(jnp.concatenate([acc[:, None], block_sums], axis=1), axis=1)
+    if plan.scale is not None:
+        acc = acc * jnp.asarray(plan.scale, acc.dtype)[:, None]
+    if plan.divisor is not None:
+        divisor = jnp.asarray(plan.divisor, acc.dtype)[:, None]
+        empty = divisor == 0
+        # XLA rewrites x / broadcast(d) as x * (1 / d), which rounds differently from TF's true
+        # division; dividing by a materialised full-shape divisor keeps it a division.
+        safe = jax.lax.optimization_barrier(
+            jnp.broadcast_to(jnp.where(empty, 1, divisor), acc.shape)
+        )
+        acc = jnp.where(empty, jnp.zeros((), acc.dtype), acc / safe)
+    return acc.reshape(*plan.shape, dim)
+
+
+def gather_rows(table: jax.Array, ids: Any) -> jax.Array:
+    """``table[ids]``; an id equal to ``vocabulary_size`` (padding) gives a zero row."""
+    return jnp.take(table, jnp.asarray(ids), axis=0, mode="fill", fill_value=0)
+
+
+@jax.jit
+def apply_plan(table: jax.Array, plan: LookupPlan) -> jax.Array:
+    """Gathers and combines ``table`` rows as ``plan`` says; returns ``plan.shape + (dim,)``.
+
+    Compiled once per plan shape: one XLA program instead of one dispatch per operation.
+    """
+    return combine_rows(gather_rows(table, plan.ids), plan)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry point.
+
+
+def _table_for(tables: Mapping, path: str, feature: FeatureConfig) -> jax.Array:
+    table_config: TableConfig = feature.table
+    try:
+        table = tables[table_config]
+    except KeyError:
+        raise ValueError(
+            f"No table for {table_config!r} (used by {_name(path, feature)}) in `tables`. "
+            "`tables` maps each TableConfig object to its [vocabulary_size, dim] array; "
+            "configs are matched by identity, so pass the same TableConfig objects."
+        ) from None
+    expected = (table_config.vocabulary_size, table_config.dim)
+    if tuple(np.shape(table)) != expected:
+        raise ValueError(
+            f"Table {table_config.name or '(unnamed)'!r} used by {_name(path, feature)} has shape "
+            f"{tuple(np.shape(table))}, but its TableConfig needs {expected} "
+            "([vocabulary_size, dim])."
+        )
+    return jnp.asarray(table)
+
+
+def flatten_features(
+    inputs: Any, weights: Any, feature_config: Any
+) -> list[tuple[str, Any, Any, FeatureConfig]]:
+    """Pairs every input leaf with its weight and FeatureConfig: ``[(path, input, weight,
+    feature)]`` in ``tf.nest`` order, after TF's structure checks (inputs a subset of
+    ``feature_config``; weights, if given, of the inputs' structure)."""
+    flat_inputs = _nest.flatten_with_paths(inputs)
+    if weights is None:
+        flat_weights = [None] * len(flat_inputs)
+    else:
+        mismatch = _nest.structure_mismatch(inputs, weights)
+        if mismatch:
+            raise ValueError(
+                "The two structures don't have the same nested structure: inputs and weights "
+                f"differ {mismatch}. Give weights the structure of inputs (None for unweighted "
+                "leaves)."
+            )
+        flat_weights = [w for _, w in _nest.flatten_with_paths(weights)]
+    features = feature_paths(feature_config)
+    missing = [p for p, _ in flat_inputs if p not in features]
+    if missing:
+        raise ValueError(
+            f"Inputs are not a subset of feature_config. Inputs keys are "
+            f"{sorted(p for p, _ in flat_inputs)}, but feature_config keys are "
+            f"{sorted(features)}; {missing} have no FeatureConfig."
+        )
+    return [
+        (path, inp, weight, features[path])
+        for (path, inp), weight in zip(flat_inputs, flat_weights, strict=True)
+    ]
+
+
+def feature_paths(feature_config: Any) -> dict[str, FeatureConfig]:
+    """``{path: FeatureConfig}`` of a nested feature_config, in ``tf.nest`` order."""
+    features = dict(_nest.flatten_with_paths(feature_config))
+    for path, feature in features.items():
+        if not isinstance(feature, FeatureConfig):
+            raise ValueError(
+                f"feature_config leaf {path!r} is {type(feature).__name__}, expected a "
+                "je.FeatureConfig."
+            )
+    return features
+
+
+def embedding_lookup(
+    inputs: Any, weights: Any, tables: Mapping[TableConfig, Any], feature_config: Any
+) -> Any:
+    """Looks up embeddings for a nested structure of inputs: TF's ``serving_embedding_lookup``.
+
+    Same signature and semantics as ``tf.tpu.experimental.embedding.serving_embedding_lookup``
+    (tf_semantics §4): per input leaf, a dense integer array is a plain gather (output
+    ``ids.shape + [dim]``); a ``Sparse`` or ``Ragged`` input is combined per example with its
+    table's combiner (output ``[batch, dim]``, or ``dense_shape[:-1] + [dim]`` for higher-rank
+    sparse), or, for a sequence feature, laid out as ``[batch, max_sequence_length, dim]``
+    (sparse: position = column; ragged: left-aligned). Ragged inputs honour ``output_shape``.
+    Sparse inputs with ``validate_weights_and_indices=True`` drop negative ids, and weights
+    <= 0 unless the combiner is sum. Results are bit-identical to TF's for dense, ragged and
+    unweighted sparse inputs.
+
+    Deliberate differences from TF (all where TF raises or misbehaves): numpy arrays are dense
+    inputs; float64 weights are cast to the table dtype; out-of-range ids raise ``ValueError``
+    naming the feature, the id and the range; ``validate_weights_and_indices=False`` keeps
+    trailing empty rows (TF drops them, P3); ragged ``output_shape`` works under ``jax.jit``
+    (TF's fails in ``tf.function``, P6).
+
+    ``inputs`` (and ``weights``) are read on the host, so sparse and ragged inputs must be
+    concrete arrays; ``tables`` may be traced, so ``jax.jit`` and ``jax.grad`` over the tables
+    work. Dense ids may also be traced; traced ids that are out of range give NaN rows.
+
+    Args:
+        inputs: Nested structure (dicts, lists, tuples) of integer arrays, ``Sparse`` or
+            ``Ragged``; its paths must be a subset of ``feature_config``'s.
+        weights: None, or the same structure with float ``Sparse``/``Ragged`` weights (or None
+            leaves).
+        tables: Mapping ``TableConfig -> [vocabulary_size, dim]`` array.
+        feature_config: Nested structure of ``FeatureConfig``.
+
+    Returns:
+        The activations, in the nested structure of ``inputs``.
+
+    Raises:
+        ValueError: Mismatched structures, bad ids, weights where TF forbids them, and the other
+            error cases of TF, each naming the feature path.
+        TypeError: Ids or weights of the wrong dtype.
+
+    Example:
+        >>> import numpy as np, jaxembed as je
+        >>> table = je.TableConfig(vocabulary_size=4, dim=2, combiner="sum")
+        >>> features = {"items": je.FeatureConfig(table)}
+        >>> tables = {table: np.arange(8, dtype=np.float32).reshape(4, 2)}
+        >>> ids = {"items": je.Ragged.from_row_lengths([0, 3, 1], [2, 1])}
+        >>> je.embedding_lookup(ids, None, tables, features)["items"].tolist()
+        [[6.0, 8.0], [2.0, 3.0]]
+    """
+    outputs = [
+        apply_plan(_table_for(tables, path, feature), plan_feature(path, inp, weight, feature))
+        for path, inp, weight, feature in flatten_features(inputs, weights, feature_config)
+    ]
+    return _nest.pack_like(inputs, outputs)

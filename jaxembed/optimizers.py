@@ -1,0 +1,575 @@
+"""Row-sparse embedding optimizers with the equations of TF's TPU embedding optimizers.
+
+``SGD``, ``Adagrad``, ``AdagradMomentum``, ``Adam`` and ``FTRL`` take the arguments of their
+``tf.tpu.experimental.embedding`` namesakes (names, order, defaults, validation) and apply the
+equations of TF's TPU embedding engine (tf_semantics §3.4) to the rows a batch touches:
+
+* the gradient ``g`` of a row is the sum over the global batch (duplicates accumulated first);
+* ``g`` is clipped to ``clipvalue`` (§3.5), the optimizer's rule updates the row and its slots;
+* decoupled weight decay is then taken from the row's **pre-update** value,
+  ``w <- w_new - wd * w_old`` with ``wd = weight_decay_factor`` (times the learning rate when
+  ``multiply_weight_decay_factor_by_learning_rate``), as in TF's ``weight_decay_optimizers.py``;
+* finally the row is clamped to ``[clip_weight_min, clip_weight_max]``.
+
+Rows a batch does not touch do not change; ``Adam(lazy_adam=False)`` is the one exception and
+updates every row (untouched rows see ``g = 0``). ``learning_rate`` is a float or a callable (e.g.
+an optax schedule) called with the 0-based number of previous ``apply_gradients`` calls.
+
+``from_optax(tx)`` turns an elementwise Optax transformation into a row-sparse optimizer.
+
+Slots have TF's names and initial values (``accumulators``, ``momenta``, ``velocities``,
+``linears``), so checkpoints convert both ways.
+
+Arguments common to the TF optimizers (TF's meaning): ``use_gradient_accumulation`` (jaxembed
+always sums a row's gradients over the global batch first; False is accepted, and like TF it
+forbids ``clipvalue``), ``clip_weight_min``/``clip_weight_max``, ``weight_decay_factor``,
+``multiply_weight_decay_factor_by_learning_rate``, ``clipvalue`` (``c`` or ``(min, max)`` with
+None for an open side), ``slot_variable_creation_fn`` (``(table, slot_names, initializers) ->
+{slot name: array}``) and ``low_dimensional_packing_status`` (a TPU layout hint; no effect).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+LearningRate = float | Callable[[jax.Array], jax.Array]
+Slots = Any  # a pytree: {slot name: array} for TF optimizers, the optax state for from_optax
+
+
+def _real(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+class Optimizer:
+    """Base class of the row-sparse optimizers: the shared TF options and the update order.
+
+    Subclasses are frozen dataclasses declaring TF's arguments; they set ``slot_names`` and
+    implement ``_initial_values`` and ``_rule`` (the elementwise equations).
+    """
+
+    slot_names: ClassVar[tuple[str, ...]] = ()
+    lazy: ClassVar[bool] = True  # False: every row is updated (non-lazy Adam)
+
+    # -- validation shared by all TF optimizers (tf_semantics §3.1, §3.5) --
+    def _validate_common(self) -> None:
+        name = type(self).__name__
+        lr = self.learning_rate
+        if not (_real(lr) or callable(lr)):
+            raise ValueError(
+                f"{name}: `learning_rate` must be a float or a callable schedule (e.g. "
+                f"optax.exponential_decay(...)), got {lr!r}."
+            )
+        for arg in ("use_gradient_accumulation", "low_dimensional_packing_status"):
+            if not isinstance(getattr(self, arg), bool):
+                raise ValueError(f"{name}: `{arg}` must be a bool, got {getattr(self, arg)!r}.")
+        clip = self.clipvalue
+        if clip is not None:
+            if isinstance(clip, tuple):
+                if len(clip) != 2 or not all(c is None or _real(c) for c in clip):
+                    raise ValueError(
+                        f"{name}: `clipvalue` as a tuple must be (min, max) with floats or None, "
+                        f"got {clip!r}."
+                    )
+            elif not _real(clip):
+                raise ValueError(
+                    f"{name}: `clipvalue` must be a float c (clip to [-c, c]) or a tuple "
+                    f"(min, max) with None for an open side, got {clip!r}."
+                )
+            if not self.use_gradient_accumulation:
+                raise ValueError(
+                    f"{name}: When `use_gradient_accumulation` is False, gradient clipping cannot "
+                    "be used: set use_gradient_accumulation=True or clipvalue=None."
+                )
+        for arg in ("clip_weight_min", "clip_weight_max", "weight_decay_factor"):
+            value = getattr(self, arg)
+            if value is not None and not _real(value):
+                raise ValueError(f"{name}: `{arg}` must be a float or None, got {value!r}.")
+        fn = getattr(self, "slot_variable_creation_fn", None)
+        if fn is not None and not callable(fn):
+            raise ValueError(
+                f"{name}: `slot_variable_creation_fn` must be a callable "
+                f"(table, slot_names, slot_initializers) -> {{slot name: array}}, got {fn!r}."
+            )
+
+    @property
+    def clip_gradient_min(self) -> float | None:
+        clip = self.clipvalue
+        return clip[0] if isinstance(clip, tuple) else (None if clip is None else -1.0 * clip)
+
+    @property
+    def clip_gradient_max(self) -> float | None:
+        clip = self.clipvalue
+        return clip[1] if isinstance(clip, tuple) else clip
+
+    # -- the update --
+    def learning_rate_at(self, step: jax.Array) -> jax.Array:
+        """The learning rate for ``step`` (0-based count of previous ``apply_gradients`` calls)."""
+        lr = self.learning_rate
+        return jnp.asarray(lr(step) if callable(lr) else lr, jnp.float32)
+
+    def _initial_values(self) -> dict[str, float]:
+        return {}
+
+    def init_slots(self, table: jax.Array) -> Slots:
+        """The slots of ``table`` at their TF initial values (or from slot_variable_creation_fn)."""
+        values = self._initial_values()
+        fn = getattr(self, "slot_variable_creation_fn", None)
+        if fn is None:
+            return {k: jnp.full(table.shape, v, table.dtype) for k, v in values.items()}
+        inits = [jax.nn.initializers.constant(values[k]) for k in self.slot_names]
+        slots = dict(fn(table, list(self.slot_names), inits))
+        if set(slots) != set(self.slot_names):
+            raise ValueError(
+                f"{type(self).__name__}: slot_variable_creation_fn returned slots "
+                f"{sorted(slots)}, expected {list(self.slot_names)}."
+            )
+        for k, v in slots.items():
+            if tuple(jnp.shape(v)) != tuple(table.shape):
+                raise ValueError(
+                    f"{type(self).__name__}: slot {k!r} from slot_variable_creation_fn has shape "
+                    f"{tuple(jnp.shape(v))}, expected the table's shape {tuple(table.shape)}."
+                )
+        return {k: jnp.asarray(slots[k], table.dtype) for k in self.slot_names}
+
+    def _rule(self, w, slots, g, lr):
+        raise NotImplementedError
+
+    def apply(self, w: jax.Array, slots: Slots, g: jax.Array, step: jax.Array):
+        """Updates rows ``w`` (``[U, dim]``) and their ``slots`` with summed gradients ``g``."""
+        lr = self.learning_rate_at(step)
+        if self.clipvalue is not None:
+            g = jnp.clip(g, self.clip_gradient_min, self.clip_gradient_max)
+        new_w, new_slots = self._rule(w, slots, g, lr)
+        if self.weight_decay_factor:
+            decay = self.weight_decay_factor
+            if self.multiply_weight_decay_factor_by_learning_rate:
+                decay = decay * lr
+            new_w = new_w - decay * w
+        if self.clip_weight_min is not None or self.clip_weight_max is not None:
+            new_w = jnp.clip(new_w, self.clip_weight_min, self.clip_weight_max)
+        return new_w.astype(w.dtype), new_slots
+
+
+@dataclasses.dataclass(frozen=True)
+class SGD(Optimizer):
+    """Stochastic gradient descent: ``w <- w - lr * g``.
+
+    Example:
+        >>> import jaxembed as je
+        >>> je.optimizers.SGD(learning_rate=0.1).slot_names
+        ()
+    """
+
+    learning_rate: LearningRate = 0.01
+    use_gradient_accumulation: bool = True
+    clip_weight_min: float | None = None
+    clip_weight_max: float | None = None
+    weight_decay_factor: float | None = None
+    multiply_weight_decay_factor_by_learning_rate: bool | None = None
+    clipvalue: Any = None
+    low_dimensional_packing_status: bool = False
+
+    def __post_init__(self) -> None:
+        self._validate_common()
+
+    def _rule(self, w, slots, g, lr):
+        return w - lr * g, slots
+
+
+@dataclasses.dataclass(frozen=True)
+class Adagrad(Optimizer):
+    """Adagrad without epsilon: ``a <- a + g^2; w <- w - lr * g / sqrt(a)``.
+
+    Slot ``accumulators`` starts at ``initial_accumulator_value`` (> 0).
+
+    Example:
+        >>> import jaxembed as je
+        >>> je.optimizers.Adagrad(learning_rate=0.1).slot_names
+        ('accumulators',)
+    """
+
+    learning_rate: LearningRate = 0.001
+    initial_accumulator_value: float = 0.1
+    use_gradient_accumulation: bool = True
+    clip_weight_min: float | None = None
+    clip_weight_max: float | None = None
+    weight_decay_factor: float | None = None
+    multiply_weight_decay_factor_by_learning_rate: bool | None = None
+    slot_variable_creation_fn: Callable | None = None
+    clipvalue: Any = None
+    low_dimensional_packing_status: bool = False
+
+    slot_names: ClassVar[tuple[str, ...]] = ("accumulators",)
+
+    def __post_init__(self) -> None:
+        self._validate_common()
+        if not _real(self.initial_accumulator_value) or self.initial_accumulator_value <= 0:
+            raise ValueError(
+                "Adagrad: `initial_accumulator_value` must be a positive float, got "
+                f"{self.initial_accumulator_value!r}."
+            )
+
+    def _initial_values(self):
+        return {"accumulators": self.initial_accumulator_value}
+
+    def _rule(self, w, slots, g, lr):
+        acc = slots["accumulators"] + g * g
+        return w - lr * g / jnp.sqrt(acc), {"accumulators": acc}
+
+
+@dataclasses.dataclass(frozen=True)
+class AdagradMomentum(Optimizer):
+    """Adagrad with momentum, TF's TPU equations (tf_semantics §3.4).
+
+    ``a <- a + g^2`` (or ``beta2 * a + (1 - beta2) * g^2`` when ``beta2 != 1``);
+    ``s = g * (a + epsilon)^(-1/exponent)``; ``m <- momentum * m + s``;
+    ``w <- w - lr * (momentum * m + s)`` with Nesterov, else ``w <- w - lr * m``.
+    Slots ``accumulators`` and ``momenta`` start at 0.
+
+    Example:
+        >>> import jaxembed as je
+        >>> je.optimizers.AdagradMomentum(0.1, momentum=0.9).slot_names
+        ('accumulators', 'momenta')
+    """
+
+    learning_rate: LearningRate = 0.001
+    momentum: float = 0.0
+    use_nesterov: bool = False
+    exponent: float = 2
+    beta2: float = 1
+    epsilon: float = 1e-10
+    use_gradient_accumulation: bool = True
+    clip_weight_min: float | None = None
+    clip_weight_max: float | None = None
+    weight_decay_factor: float | None = None
+    multiply_weight_decay_factor_by_learning_rate: bool | None = None
+    slot_variable_creation_fn: Callable | None = None
+    clipvalue: Any = None
+    low_dimensional_packing_status: bool = False
+
+    slot_names: ClassVar[tuple[str, ...]] = ("accumulators", "momenta")
+
+    def __post_init__(self) -> None:
+        self._validate_common()
+        if not _real(self.epsilon) or self.epsilon <= 0:
+            raise ValueError(
+                f"Adagrad momentum: epsilon must be positive, got epsilon={self.epsilon!r}."
+            )
+        if not _real(self.exponent) or self.exponent <= 0:
+            raise ValueError(
+                f"Adagrad momentum: Precondition exponent must >0, got exponent={self.exponent!r}."
+            )
+        for arg in ("momentum", "beta2"):
+            if not _real(getattr(self, arg)):
+                raise ValueError(f"AdagradMomentum: `{arg}` must be a float.")
+
+    def _initial_values(self):
+        return {"accumulators": 0.0, "momenta": 0.0}
+
+    def _rule(self, w, slots, g, lr):
+        acc = slots["accumulators"]
+        if self.beta2 == 1:
+            acc = acc + g * g
+        else:
+            acc = self.beta2 * acc + (1 - self.beta2) * g * g
+        scaled = g * jnp.power(acc + self.epsilon, -1.0 / self.exponent)
+        mom = self.momentum * slots["momenta"] + scaled
+        step = self.momentum * mom + scaled if self.use_nesterov else mom
+        return w - lr * step, {"accumulators": acc, "momenta": mom}
+
+
+@dataclasses.dataclass(frozen=True)
+class Adam(Optimizer):
+    """Adam without bias correction, lazy by default (TF's TPU equations).
+
+    ``m <- b1 * m + (1 - b1) * g``; ``v <- b2 * v + (1 - b2) * g^2``;
+    ``w <- w - lr * m / sqrt(v + eps^2)`` (``sum_inside_sqrt``) or ``lr * m / (sqrt(v) + eps)``.
+    ``lazy_adam=True`` updates only touched rows; False updates every row. Slots ``momenta``
+    and ``velocities`` start at 0.
+
+    Example:
+        >>> import jaxembed as je
+        >>> je.optimizers.Adam(0.01).slot_names
+        ('momenta', 'velocities')
+    """
+
+    learning_rate: LearningRate = 0.001
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    epsilon: float = 1e-07
+    lazy_adam: bool = True
+    sum_inside_sqrt: bool = True
+    use_gradient_accumulation: bool = True
+    clip_weight_min: float | None = None
+    clip_weight_max: float | None = None
+    weight_decay_factor: float | None = None
+    multiply_weight_decay_factor_by_learning_rate: bool | None = None
+    slot_variable_creation_fn: Callable | None = None
+    clipvalue: Any = None
+    low_dimensional_packing_status: bool = False
+
+    slot_names: ClassVar[tuple[str, ...]] = ("momenta", "velocities")
+
+    def __post_init__(self) -> None:
+        self._validate_common()
+        for arg in ("beta_1", "beta_2"):
+            value = getattr(self, arg)
+            if not _real(value) or not 0.0 <= value < 1.0:
+                raise ValueError(f"Adam: `{arg}` must be in the range [0, 1), got {value!r}.")
+        if not _real(self.epsilon) or self.epsilon <= 0:
+            raise ValueError(f"Adam: `epsilon` must be positive, got {self.epsilon!r}.")
+        if not self.lazy_adam and not self.use_gradient_accumulation:
+            raise ValueError(
+                "Adam: when disabling lazy Adam (lazy_adam=False), gradient accumulation must be "
+                "used. Set `use_gradient_accumulation` to True."
+            )
+
+    @property
+    def lazy(self) -> bool:  # type: ignore[override]
+        return self.lazy_adam
+
+    def _initial_values(self):
+        return {"momenta": 0.0, "velocities": 0.0}
+
+    def _rule(self, w, slots, g, lr):
+        m = self.beta_1 * slots["momenta"] + (1 - self.beta_1) * g
+        v = self.beta_2 * slots["velocities"] + (1 - self.beta_2) * g * g
+        if self.sum_inside_sqrt:
+            denom = jnp.sqrt(v + self.epsilon**2)
+        else:
+            denom = jnp.sqrt(v) + self.epsilon
+        return w - lr * m / denom, {"momenta": m, "velocities": v}
+
+
+@dataclasses.dataclass(frozen=True)
+class FTRL(Optimizer):
+    """FTRL-proximal with TF's TPU equations, in both ``multiply_linear_by_learning_rate`` modes.
+
+    With ``p = learning_rate_power``: ``a' = a + g^2``, ``dp = a'^(-p) - a^(-p)``;
+    default: ``l <- l + g - dp * w / lr``, ``w <- (clip(l, -l1, l1) - l) /
+    ((a'^(-p) + beta) / lr + 2 * l2)``; with ``multiply_linear_by_learning_rate``:
+    ``l <- l + lr * g - dp * w``,
+    ``w <- (clip(l, -lr * l1, lr * l1) - l) / (a'^(-p) + 2 * lr * l2 + beta)``.
+    Slots ``accumulators`` (start ``initial_accumulator_value`` > 0) and ``linears`` (0).
+
+    Example:
+        >>> import jaxembed as je
+        >>> je.optimizers.FTRL(0.1, l1_regularization_strength=0.01).slot_names
+        ('accumulators', 'linears')
+    """
+
+    learning_rate: LearningRate = 0.001
+    learning_rate_power: float = -0.5
+    l1_regularization_strength: float = 0.0
+    l2_regularization_strength: float = 0.0
+    beta: float = 0.0
+    initial_accumulator_value: float = 0.1
+    use_gradient_accumulation: bool = True
+    clip_weight_min: float | None = None
+    clip_weight_max: float | None = None
+    weight_decay_factor: float | None = None
+    multiply_weight_decay_factor_by_learning_rate: bool | None = None
+    slot_variable_creation_fn: Callable | None = None
+    clipvalue: Any = None
+    multiply_linear_by_learning_rate: bool = False
+    allow_zero_accumulator: bool = False
+    low_dimensional_packing_status: bool = False
+
+    slot_names: ClassVar[tuple[str, ...]] = ("accumulators", "linears")
+
+    def __post_init__(self) -> None:
+        self._validate_common()
+        if not _real(self.initial_accumulator_value) or self.initial_accumulator_value <= 0:
+            raise ValueError(
+                "FTRL: `initial_accumulator_value` must be a positive float, got "
+                f"{self.initial_accumulator_value!r}."
+            )
+        for arg in (
+            "learning_rate_power",
+            "l1_regularization_strength",
+            "l2_regularization_strength",
+            "beta",
+        ):
+            if not _real(getattr(self, arg)):
+                raise ValueError(f"FTRL: `{arg}` must be a float, got {getattr(self, arg)!r}.")
+
+    def _initial_values(self):
+        return {"accumulators": self.initial_accumulator_value, "linears": 0.0}
+
+    def _rule(self, w, slots, g, lr):
+        power = -self.learning_rate_power
+        acc, lin = slots["accumulators"], slots["linears"]
+        new_acc = acc + g * g
+        new_pow = jnp.power(new_acc, power)
+        delta = new_pow - jnp.power(acc, power)
+        l1, l2, beta = (
+            self.l1_regularization_strength,
+            self.l2_regularization_strength,
+            self.beta,
+        )
+        if self.multiply_linear_by_learning_rate:
+            lin = lin + lr * g - delta * w
+            new_w = (jnp.clip(lin, -lr * l1, lr * l1) - lin) / (new_pow + 2 * lr * l2 + beta)
+        else:
+            lin = lin + g - delta * w / lr
+            new_w = (jnp.clip(lin, -l1, l1) - lin) / ((new_pow + beta) / lr + 2 * l2)
+        return new_w, {"accumulators": new_acc, "linears": lin}
+
+
+# ---------------------------------------------------------------------------------------------
+# Optax
+
+
+def _rows_of(tree: Any, index: Any) -> Any:
+    return jax.tree.map(lambda x: x[index] if np.ndim(x) >= 1 else x, tree)
+
+
+def _check_elementwise(tx: optax.GradientTransformation) -> None:
+    """Refuses transformations whose update of a row depends on other rows."""
+    rng = np.random.default_rng(0)
+    params = jnp.asarray(rng.normal(size=(6, 3)), jnp.float32)
+    grads = [jnp.asarray(10 * rng.normal(size=(6, 3)), jnp.float32) for _ in range(2)]
+    halves = (np.array([0, 2, 4]), np.array([1, 3, 5]))
+    full_state = tx.init(params)
+    half_states = [_rows_of(full_state, h) for h in halves]
+    for g in grads:
+        full, full_state = tx.update(g, full_state, params)
+        for i, h in enumerate(halves):
+            part, half_states[i] = tx.update(g[h], half_states[i], params[h])
+            if not np.allclose(np.asarray(part), np.asarray(full)[h], rtol=1e-5, atol=1e-6):
+                raise ValueError(
+                    "from_optax: this Optax transformation is not elementwise: updating a subset "
+                    "of rows gives different results from updating the whole table (e.g. it "
+                    "clips by the global norm or normalises over the table). Row-sparse "
+                    "training applies it to the touched rows only; use an elementwise chain "
+                    "(optax.sgd, adam, rmsprop, adagrad, clip, scale_by_schedule, ...)."
+                )
+
+
+@dataclasses.dataclass(frozen=True)
+class OptaxOptimizer(Optimizer):
+    """An elementwise Optax transformation applied to the touched rows (see ``from_optax``)."""
+
+    tx: optax.GradientTransformation
+
+    learning_rate: ClassVar[float] = 0.0
+    clipvalue: ClassVar[Any] = None
+    weight_decay_factor: ClassVar[Any] = None
+    clip_weight_min: ClassVar[Any] = None
+    clip_weight_max: ClassVar[Any] = None
+
+    def init_slots(self, table: jax.Array) -> Slots:
+        state = self.tx.init(table)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+            shape = tuple(np.shape(leaf))
+            if shape not in ((), tuple(table.shape)):
+                raise ValueError(
+                    f"from_optax: state leaf {jax.tree_util.keystr(path)} has shape {shape}; "
+                    f"row-sparse updates need state leaves shaped like the table "
+                    f"{tuple(table.shape)} or scalars (a factored or whole-table statistic "
+                    "cannot be updated row by row)."
+                )
+        return state
+
+    def apply(self, w, slots, g, step):
+        del step  # optax keeps its own count
+        updates, slots = self.tx.update(g, slots, w)
+        return optax.apply_updates(w, updates).astype(w.dtype), slots
+
+
+def from_optax(tx: optax.GradientTransformation) -> OptaxOptimizer:
+    """Applies an elementwise Optax transformation row-sparsely: only touched rows change.
+
+    Each step the touched rows of the table and of every table-shaped state leaf are gathered,
+    ``tx.update`` runs on them, and they are written back; scalar state (e.g. a step count) is
+    updated once per step. Rows a batch does not touch keep their values and state (so e.g.
+    ``optax.adam`` becomes lazy Adam, with optax's bias correction).
+
+    Raises:
+        ValueError: If ``tx`` is not elementwise (e.g. ``optax.clip_by_global_norm``).
+
+    Example:
+        >>> import optax, jaxembed as je
+        >>> opt = je.optimizers.from_optax(optax.rmsprop(1e-3))
+        >>> type(opt).__name__
+        'OptaxOptimizer'
+    """
+    if not (hasattr(tx, "init") and hasattr(tx, "update")):
+        raise ValueError(f"from_optax expects an optax.GradientTransformation, got {tx!r}.")
+    _check_elementwise(tx)
+    return OptaxOptimizer(tx)
+
+
+# ---------------------------------------------------------------------------------------------
+# Row-sparse application
+
+
+def _is_row_leaf(leaf: Any, table: jax.Array) -> bool:
+    return tuple(np.shape(leaf)) == tuple(table.shape)
+
+
+def apply_rows(
+    optimizer: Optimizer,
+    table: jax.Array,
+    slots: Slots,
+    ids: jax.Array,
+    grads: jax.Array,
+    step: jax.Array,
+) -> tuple[jax.Array, Slots]:
+    """Applies ``optimizer`` to the rows ``ids`` of ``table`` (and of its slots).
+
+    Shapes: V = vocabulary size, D = dim, U = touched rows (padded).
+
+    Args:
+        optimizer: The table's optimizer.
+        table: ``[V, D]``.
+        slots: The table's slots (table-shaped leaves and scalars).
+        ids: ``[U]`` distinct row ids; ``V`` marks padding (ignored).
+        grads: ``[U, D]`` accumulated gradient of each row.
+        step: Number of previous ``apply_gradients`` calls.
+
+    Returns:
+        The new table and slots. Untouched rows are unchanged unless ``optimizer.lazy`` is False.
+    """
+    if not optimizer.lazy:
+        dense = jnp.zeros_like(table).at[ids].add(grads, mode="drop")
+        return optimizer.apply(table, slots, dense, step)
+    w = jnp.take(table, ids, axis=0, mode="fill", fill_value=0)
+    rows = jax.tree.map(
+        lambda s: (
+            jnp.take(s, ids, axis=0, mode="fill", fill_value=0) if _is_row_leaf(s, table) else s
+        ),
+        slots,
+    )
+    new_w, new_rows = optimizer.apply(w, rows, grads, step)
+
+    def scatter(full, part):
+        return full.at[ids].set(part, mode="drop", unique_indices=True)
+
+    new_slots = jax.tree.map(
+        lambda s, r: scatter(s, r.astype(s.dtype)) if _is_row_leaf(s, table) else r,
+        slots,
+        new_rows,
+    )
+    return scatter(table, new_w), new_slots
+
+
+__all__ = [
+    "FTRL",
+    "SGD",
+    "Adagrad",
+    "AdagradMomentum",
+    "Adam",
+    "Optimizer",
+    "OptaxOptimizer",
+    "apply_rows",
+    "from_optax",
+]
