@@ -28,13 +28,17 @@ from jaxembed import _nest
 from jaxembed.configs import TableConfig
 from jaxembed.lookup import (
     LookupPlan,
+    bucket,
     combine_rows,
     feature_paths,
     flatten_features,
     gather_rows,
+    pad_axis,
     plan_feature,
+    remap_plan,
 )
 from jaxembed.optimizers import Optimizer, apply_rows
+from jaxembed.sharding import ShardingPlan, plan_sharding, to_logical, to_physical
 
 
 class EmbeddingState(NamedTuple):
@@ -76,43 +80,13 @@ jax.tree_util.register_dataclass(
 )
 
 
-def bucket(n: int, minimum: int = 1) -> int:
-    """Capacity for ``n`` items: the next power of two (at least ``minimum``).
-
-    Padding to a few fixed sizes lets a jitted step reuse its compilation across batches.
-    """
-    n = max(int(n), minimum)
-    return 1 << (n - 1).bit_length()
-
-
-def _pad_last(x: np.ndarray | None, axis: int, size: int, fill: float) -> np.ndarray | None:
-    if x is None or x.shape[axis] == size:
-        return x
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, size - x.shape[axis])
-    return np.pad(x, pad, constant_values=fill)
-
-
 def _remap(plan: LookupPlan, index: np.ndarray, capacity: int) -> LookupPlan:
-    """Points a plan's slots at the table's distinct rows (``index[i]`` for ``plan.ids[i]``)."""
-    lookup = np.concatenate([index, [capacity]]).astype(np.int32)
-    positions, weights = lookup[plan.positions], plan.weights
-    blocks, block_weights = plan.blocks, plan.block_weights
+    """``remap_plan`` with the head and tail of this plan rounded up to bucketed sizes."""
+    head = tail = 0
     if plan.mode == "combine":
-        head = bucket(positions.shape[1])
-        positions = _pad_last(positions, 1, head, capacity)
-        weights = _pad_last(weights, 1, head, 0.0)
-        tail = bucket(blocks.shape[1]) if blocks.shape[1] else 0
-        blocks = _pad_last(lookup[blocks], 1, tail, capacity)
-        block_weights = _pad_last(block_weights, 1, tail, 0.0)
-    return dataclasses.replace(
-        plan,
-        ids=None,
-        positions=positions,
-        weights=weights,
-        blocks=blocks,
-        block_weights=block_weights,
-    )
+        head = bucket(plan.positions.shape[1])
+        tail = bucket(plan.blocks.shape[1]) if plan.blocks.shape[1] else 0
+    return remap_plan(plan, index, capacity, head, tail)
 
 
 class Embedding:
@@ -126,7 +100,9 @@ class Embedding:
         feature_config: Nested structure (dicts, lists, tuples) of ``FeatureConfig``.
         optimizer: Global optimizer from ``jaxembed.optimizers`` (or ``from_optax``); None allows
             lookups only.
-        mesh: A ``jax.sharding.Mesh`` to shard tables over, or None for the default device.
+        mesh: A 1-D ``jax.sharding.Mesh`` to shard tables (and the batch) over, or None for the
+            default device. ``emb.plan`` is then the ``ShardingPlan``.
+        sharding: ``{table name: "row" | "replicated"}`` overrides of the plan's choice.
 
     Example:
         >>> import jax, numpy as np, jaxembed as je
@@ -142,12 +118,13 @@ class Embedding:
         1
     """
 
-    def __init__(self, feature_config: Any, optimizer: Optimizer | None = None, mesh=None):
-        if mesh is not None:
-            raise NotImplementedError(
-                "Embedding(mesh=...) is not available yet: tables live on the default device. "
-                "Pass mesh=None."
-            )
+    def __init__(
+        self,
+        feature_config: Any,
+        optimizer: Optimizer | None = None,
+        mesh: jax.sharding.Mesh | None = None,
+        sharding: Mapping[str, str] | None = None,
+    ):
         self.feature_config = feature_config
         self.mesh = mesh
         self._features = feature_paths(feature_config)
@@ -180,6 +157,11 @@ class Embedding:
                     f"an instance of one of the optimizer classes under jaxembed.optimizers.{hint}"
                 )
             self.optimizers[name] = opt
+        self.plan: ShardingPlan | None = None
+        if mesh is not None:
+            self.plan = plan_sharding(self.table_names, mesh, sharding)
+        elif sharding:
+            raise ValueError("`sharding` needs a `mesh`; pass mesh=jax.make_mesh(...).")
 
     def __repr__(self) -> str:
         tables = ", ".join(
@@ -195,27 +177,83 @@ class Embedding:
         tables, slots = {}, {}
         for k, (table, name) in zip(keys, self.table_names.items(), strict=True):
             tables[name] = table.init_table(k)
+            if self.plan is not None:
+                tables[name] = to_physical(tables[name], self.plan[name])
             opt = self.optimizers[name]
             slots[name] = opt.init_slots(tables[name]) if opt is not None else {}
-        return EmbeddingState(tables, slots, jnp.zeros((), jnp.int32))
+        state = EmbeddingState(tables, slots, jnp.zeros((), jnp.int32))
+        if self.plan is None:
+            return state
+        from jaxembed.sharded import _row_specs
+
+        def put(x, spec):  # host value -> global array (works across processes)
+            host = np.asarray(x)
+            sharding = jax.sharding.NamedSharding(self.mesh, spec)
+            return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+        def place(tree):
+            return jax.tree.map(put, tree, _row_specs(self, tree))
+
+        return EmbeddingState(
+            place(state.tables), place(state.slots), put(state.step, jax.sharding.PartitionSpec())
+        )
+
+    def abstract_state(self) -> EmbeddingState:
+        """``init``'s state as ``jax.ShapeDtypeStruct``s with their shardings; allocates nothing.
+
+        Useful to compile a step ahead of time or as a restore target.
+        """
+        tables, slots = {}, {}
+        for table, name in self.table_names.items():
+            rows = table.vocabulary_size if self.plan is None else self.plan[name].physical_rows
+            tables[name] = jax.ShapeDtypeStruct((rows, table.dim), jnp.float32)
+            opt = self.optimizers[name]
+            slots[name] = jax.eval_shape(opt.init_slots, tables[name]) if opt is not None else {}
+        state = EmbeddingState(tables, slots, jax.ShapeDtypeStruct((), jnp.int32))
+        if self.plan is None:
+            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            shardings = jax.tree.map(lambda _: device, state)
+        else:
+            from jaxembed.sharded import _row_specs
+
+            def named(spec):
+                return jax.sharding.NamedSharding(self.mesh, spec)
+
+            shardings = EmbeddingState(
+                jax.tree.map(named, _row_specs(self, tables)),
+                jax.tree.map(named, _row_specs(self, slots)),
+                named(jax.sharding.PartitionSpec()),
+            )
+        return jax.tree.map(
+            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, shardings
+        )
 
     def embedding_tables(self, state: EmbeddingState) -> dict[TableConfig, jax.Array]:
         """``{TableConfig: [vocabulary_size, dim] array}``, in logical row order."""
-        return {table: state.tables[name] for table, name in self.table_names.items()}
+        return {
+            table: self._logical(name, state.tables[name])
+            for table, name in self.table_names.items()
+        }
+
+    def _logical(self, name: str, array: jax.Array) -> jax.Array:
+        if self.plan is None:
+            return array
+        return to_logical(array, self.plan[name])
 
     def slot_variables(self, state: EmbeddingState) -> dict[TableConfig, dict[str, jax.Array]]:
         """``{TableConfig: {slot name: array}}``; Optax state leaves are named by their path."""
         out = {}
         for table, name in self.table_names.items():
-            slots = state.slots[name]
+            slots, shape = state.slots[name], np.shape(state.tables[name])
             if isinstance(slots, Mapping) and all(isinstance(k, str) for k in slots):
-                out[table] = dict(slots)
+                named = dict(slots)
             else:
-                out[table] = {
+                named = {
                     jax.tree_util.keystr(path): leaf
                     for path, leaf in jax.tree_util.tree_leaves_with_path(slots)
-                    if np.shape(leaf) == (table.vocabulary_size, table.dim)
+                    if np.shape(leaf) == shape
                 }
+            out[table] = {k: self._logical(name, v) for k, v in named.items()}
         return out
 
     # -- host side --
@@ -226,6 +264,10 @@ class Embedding:
         the id and the range). Sizes that vary between batches (distinct ids per table, ids per
         example) are padded to powers of two, so a jitted step compiles once per bucket.
         """
+        if self.plan is not None:
+            from jaxembed.sharded import preprocess_sharded
+
+            return preprocess_sharded(self, inputs, weights)
         leaves = flatten_features(inputs, weights, self.feature_config)
         plans = {
             path: plan_feature(path, inp, weight, feature) for path, inp, weight, feature in leaves
@@ -237,7 +279,7 @@ class Embedding:
             flat = np.concatenate(ids) if ids else np.zeros(0, np.int64)
             distinct, inverse = np.unique(flat, return_inverse=True)
             capacity = bucket(distinct.shape[0])
-            unique_ids[name] = _pad_last(distinct, 0, capacity, table.vocabulary_size).astype(
+            unique_ids[name] = pad_axis(distinct, 0, capacity, table.vocabulary_size).astype(
                 np.int32
             )
             splits = np.cumsum([0] + [i.shape[0] for i in ids])
@@ -268,6 +310,10 @@ class Embedding:
 
     def lookup(self, state: EmbeddingState, batch: Batch) -> Any:
         """Activations for ``batch``, nested like its inputs; equal to ``embedding_lookup``."""
+        if self.plan is not None:
+            from jaxembed.sharded import lookup_sharded
+
+            return lookup_sharded(self, state, batch)
         return self._combine(self._touched_rows(state, batch), batch)
 
     def _cotangents(self, batch: Batch, grads: Any) -> Any:
@@ -279,9 +325,12 @@ class Embedding:
                 "by jax.grad with respect to the output of Embedding.lookup."
             )
         cots = []
+        shards = 1 if self.plan is None else self.plan.num_shards
         for path, plan in zip(batch.paths, batch.plans, strict=True):
             table = self._features[path].table
-            shape = (*plan.shape, table.dim)
+            shape = (
+                (plan.shape[0] * shards, *plan.shape[1:], table.dim) if plan.shape else (table.dim,)
+            )
             g = flat[path]
             if g is None:  # TF: a missing gradient is a zero gradient
                 cots.append(jnp.zeros(shape, jnp.float32))
@@ -292,7 +341,7 @@ class Embedding:
                     f"activation has shape {shape}."
                 )
             cots.append(jnp.asarray(g, jnp.float32))
-        return jax.tree_util.tree_unflatten(batch.treedef, cots)
+        return cots
 
     def apply_gradients(self, state: EmbeddingState, batch: Batch, grads: Any) -> EmbeddingState:
         """Applies ``grads`` (dL/d activations, nested like them) to the touched rows.
@@ -308,9 +357,14 @@ class Embedding:
                 "or set TableConfig.optimizer."
             )
         cotangents = self._cotangents(batch, grads)
+        if self.plan is not None:
+            from jaxembed.sharded import apply_gradients_sharded
+
+            tables, slots = apply_gradients_sharded(self, state, batch, cotangents)
+            return EmbeddingState(tables, slots, state.step + 1)
         rows = self._touched_rows(state, batch)
         _, vjp = jax.vjp(lambda r: self._combine(r, batch), rows)
-        (row_grads,) = vjp(cotangents)
+        (row_grads,) = vjp(jax.tree_util.tree_unflatten(batch.treedef, cotangents))
         tables, slots = dict(state.tables), dict(state.slots)
         for name, ids in batch.unique_ids.items():
             tables[name], slots[name] = apply_rows(

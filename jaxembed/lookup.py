@@ -361,6 +361,44 @@ def plan_feature(path: str, inp: Any, weight: Any, feature: FeatureConfig) -> Lo
 
 
 # ---------------------------------------------------------------------------------------------
+# Static capacities: plans re-pointed at gathered rows and padded to bucketed sizes.
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """Capacity for ``n`` items: the next power of two (at least ``minimum``).
+
+    Padding to a few fixed sizes lets a jitted step reuse its compilation across batches.
+    """
+    n = max(int(n), minimum)
+    return 1 << (n - 1).bit_length()
+
+
+def pad_axis(x: np.ndarray | None, axis: int, size: int, fill: float) -> np.ndarray | None:
+    """``x`` padded with ``fill`` to ``size`` along ``axis`` (None stays None)."""
+    if x is None or x.shape[axis] == size:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return np.pad(x, pad, constant_values=fill)
+
+
+def remap_plan(
+    plan: LookupPlan, index: np.ndarray, capacity: int, head: int, tail: int
+) -> LookupPlan:
+    """Points a plan's slots at gathered rows: ``plan.ids[i]`` is now row ``index[i]`` of an
+    array of ``capacity`` rows (``capacity`` = no entry); pads the head to ``head`` slots and the
+    tail to ``tail`` blocks."""
+    lookup = np.concatenate([index, [capacity]]).astype(np.int32)
+    changes: dict[str, Any] = {"ids": None, "positions": lookup[plan.positions]}
+    if plan.mode == "combine":
+        changes["positions"] = pad_axis(changes["positions"], 1, head, capacity)
+        changes["weights"] = pad_axis(plan.weights, 1, head, 0.0)
+        changes["blocks"] = pad_axis(lookup[plan.blocks], 1, tail, capacity)
+        changes["block_weights"] = pad_axis(plan.block_weights, 1, tail, 0.0)
+    return dataclasses.replace(plan, **changes)
+
+
+# ---------------------------------------------------------------------------------------------
 # Device side: gather and sum in TF's order.
 
 

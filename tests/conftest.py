@@ -6,6 +6,9 @@
 (user) with one batch of 4 examples.
 
 TensorFlow is never imported here; tests that need it call ``pytest.importorskip``.
+
+JAX sees 8 simulated CPU devices (set before JAX starts), so sharded tests run on a real mesh;
+everything else uses the default device as usual.
 """
 
 from __future__ import annotations
@@ -17,6 +20,10 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
 
 import jaxembed as je  # noqa: E402
 

@@ -1,0 +1,45 @@
+"""The data and model shared by the multi-process workers and the single-process reference."""
+
+import numpy as np
+
+import jaxembed as je
+
+BATCH = 16
+NUM_STEPS = 3
+
+
+def feature_config():
+    big = je.TableConfig(64, 4, combiner="mean", name="big")
+    small = je.TableConfig(6, 3, combiner="sum", name="small")
+    return {
+        "dense": je.FeatureConfig(big),
+        "ragged": je.FeatureConfig(big),
+        "seq": je.FeatureConfig(big, max_sequence_length=3),
+        "small": je.FeatureConfig(small),
+    }
+
+
+def optimizer():
+    return je.optimizers.Adagrad(0.1)
+
+
+def batch_for(step: int):
+    """Deterministic global batch ``step``: the same in every process."""
+    rng = np.random.default_rng(step)
+    lengths = rng.integers(0, 5, BATCH)
+    n = int(lengths.sum())
+    rows = np.repeat(np.arange(BATCH), lengths)
+    cols = np.concatenate([np.arange(k) for k in lengths])
+    inputs = {
+        "dense": rng.integers(0, 64, BATCH),
+        "ragged": je.Ragged.from_row_lengths(rng.integers(0, 64, n), lengths),
+        "seq": je.Sparse(np.stack([rows, cols], 1), rng.integers(0, 64, n), [BATCH, 5]),
+        "small": je.Ragged.from_row_lengths(rng.integers(0, 6, n), lengths),
+    }
+    weights = {
+        "dense": None,
+        "ragged": je.Ragged.from_row_lengths(rng.uniform(0.5, 2, n).astype(np.float32), lengths),
+        "seq": None,
+        "small": None,
+    }
+    return inputs, weights

@@ -1,0 +1,68 @@
+"""One process of the multi-process test: 2 CPU devices, gloo collectives, half the batch.
+
+Usage: python worker.py PROCESS_ID NUM_PROCESSES PORT OUT.npz
+"""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from jax.experimental import multihost_utils  # noqa: E402
+
+import jaxembed as je  # noqa: E402
+from jaxembed.sharded import slice_examples  # noqa: E402
+from multiprocess.scenario import NUM_STEPS, batch_for, feature_config, optimizer  # noqa: E402
+
+
+def main() -> None:
+    pid, nproc, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"localhost:{port}", num_processes=nproc, process_id=pid)
+    assert jax.process_count() == nproc and jax.device_count() == 2 * nproc, jax.devices()
+    mesh = jax.make_mesh((jax.device_count(),), ("x",))
+    fc = feature_config()
+    emb = je.Embedding(fc, optimizer(), mesh=mesh, sharding={"big": "row", "small": "replicated"})
+    state = emb.init(jax.random.key(0))
+
+    @jax.jit
+    def step(state, batch):
+        acts = emb.lookup(state, batch)
+        grads = jax.tree.map(lambda a: 2.0 * a + 0.1, acts)
+        return emb.apply_gradients(state, batch, grads), acts
+
+    first_acts = None
+    for i in range(NUM_STEPS):
+        inputs, weights = batch_for(i)
+        size = inputs["dense"].shape[0]
+        lo, hi = pid * size // nproc, (pid + 1) * size // nproc  # this process's examples
+        local_inputs = {k: slice_examples(v, lo, hi) for k, v in inputs.items()}
+        local_weights = {k: slice_examples(v, lo, hi) for k, v in weights.items()}
+        state, acts = step(state, emb.preprocess(local_inputs, local_weights))
+        if first_acts is None:
+            first_acts = {
+                k: np.asarray(multihost_utils.process_allgather(v, tiled=True))
+                for k, v in acts.items()
+            }
+    tables = {t.name: np.asarray(v) for t, v in emb.embedding_tables(state).items()}
+    slots = {
+        f"{t.name}/{k}": np.asarray(v)
+        for t, named in emb.slot_variables(state).items()
+        for k, v in named.items()
+    }
+    if pid == 0:
+        np.savez(
+            out,
+            **{f"act/{k}": v for k, v in first_acts.items()},
+            **{f"table/{k}": v for k, v in tables.items()},
+            **{f"slot/{k}": v for k, v in slots.items()},
+        )
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Two processes x two CPU devices (jax.distributed on localhost, gloo collectives), each feeding
+half of the global batch, train exactly like one process with mesh=None."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from multiprocess.scenario import NUM_STEPS, batch_for, feature_config, optimizer
+
+import jaxembed as je
+
+WORKER = Path(__file__).parent / "multiprocess" / "worker.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _reference():
+    emb = je.Embedding(feature_config(), optimizer())
+    state = emb.init(jax.random.key(0))
+
+    @jax.jit
+    def step(state, batch):
+        acts = emb.lookup(state, batch)
+        grads = jax.tree.map(lambda a: 2.0 * a + 0.1, acts)
+        return emb.apply_gradients(state, batch, grads), acts
+
+    first = None
+    for i in range(NUM_STEPS):
+        state, acts = step(state, emb.preprocess(*batch_for(i)))
+        first = first or {k: np.asarray(v) for k, v in acts.items()}
+    tables = {t.name: np.asarray(v) for t, v in emb.embedding_tables(state).items()}
+    slots = {
+        f"{t.name}/{k}": np.asarray(v)
+        for t, named in emb.slot_variables(state).items()
+        for k, v in named.items()
+    }
+    return first, tables, slots
+
+
+def test_two_processes_match_single_process(tmp_path):
+    out = tmp_path / "result.npz"
+    port = str(_free_port())
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(pid), "2", port, str(out)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for pid in range(2)
+    ]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=240)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("multi-process workers timed out")
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log[-3000:]
+
+    got = np.load(out)
+    acts, tables, slots = _reference()
+    for k, v in acts.items():
+        np.testing.assert_array_equal(got[f"act/{k}"], v, err_msg=f"activation {k}")
+    for k, v in tables.items():
+        np.testing.assert_allclose(got[f"table/{k}"], v, rtol=1e-5, atol=1e-6, err_msg=k)
+    for k, v in slots.items():
+        np.testing.assert_allclose(got[f"slot/{k}"], v, rtol=1e-5, atol=1e-6, err_msg=k)
