@@ -159,7 +159,7 @@ class Embedding:
             self.optimizers[name] = opt
         self.plan: ShardingPlan | None = None
         if mesh is not None:
-            self.plan = plan_sharding(self.table_names, mesh, sharding)
+            self.plan = plan_sharding(self.table_names, mesh, sharding, optimizers=self.optimizers)
         elif sharding:
             raise ValueError("`sharding` needs a `mesh`; pass mesh=jax.make_mesh(...).")
 
@@ -174,13 +174,16 @@ class Embedding:
     def init(self, key: jax.Array) -> EmbeddingState:
         """Tables from their initializers, slots at their initial values, step 0."""
         keys = jax.random.split(key, len(self.table_configs))
-        tables, slots = {}, {}
-        for k, (table, name) in zip(keys, self.table_names.items(), strict=True):
-            tables[name] = table.init_table(k)
-            if self.plan is not None:
-                tables[name] = to_physical(tables[name], self.plan[name])
-            opt = self.optimizers[name]
-            slots[name] = opt.init_slots(tables[name]) if opt is not None else {}
+        tables = {
+            name: table.init_table(k)
+            for k, (table, name) in zip(keys, self.table_names.items(), strict=True)
+        }
+        if self.plan is not None:  # one physical array per group, whatever the mesh size
+            tables = {g: to_physical(tables, m) for g, m in self.plan.groups.items()}
+        slots = {}
+        for name, array in tables.items():
+            opt = self._optimizer_of(name)
+            slots[name] = opt.init_slots(array) if opt is not None else {}
         state = EmbeddingState(tables, slots, jnp.zeros((), jnp.int32))
         if self.plan is None:
             return state
@@ -203,11 +206,14 @@ class Embedding:
 
         Useful to compile a step ahead of time or as a restore target.
         """
+        if self.plan is None:
+            shapes = {n: (t.vocabulary_size, t.dim) for t, n in self.table_names.items()}
+        else:
+            shapes = {g: (m[0].physical_rows, m[0].dim) for g, m in self.plan.groups.items()}
         tables, slots = {}, {}
-        for table, name in self.table_names.items():
-            rows = table.vocabulary_size if self.plan is None else self.plan[name].physical_rows
-            tables[name] = jax.ShapeDtypeStruct((rows, table.dim), jnp.float32)
-            opt = self.optimizers[name]
+        for name, shape in shapes.items():
+            tables[name] = jax.ShapeDtypeStruct(shape, jnp.float32)
+            opt = self._optimizer_of(name)
             slots[name] = jax.eval_shape(opt.init_slots, tables[name]) if opt is not None else {}
         state = EmbeddingState(tables, slots, jax.ShapeDtypeStruct((), jnp.int32))
         if self.plan is None:
@@ -228,10 +234,20 @@ class Embedding:
             lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, shardings
         )
 
+    def _optimizer_of(self, array_name: str) -> Optimizer | None:
+        """The optimizer of a state array (a table, or a group of stacked tables)."""
+        if self.plan is not None:
+            array_name = self.plan.groups[array_name][0].name
+        return self.optimizers[array_name]
+
+    def _array_of(self, name: str) -> str:
+        """The state key holding table ``name`` (its group's name with a mesh)."""
+        return name if self.plan is None else self.plan[name].group
+
     def embedding_tables(self, state: EmbeddingState) -> dict[TableConfig, jax.Array]:
         """``{TableConfig: [vocabulary_size, dim] array}``, in logical row order."""
         return {
-            table: self._logical(name, state.tables[name])
+            table: self._logical(name, state.tables[self._array_of(name)])
             for table, name in self.table_names.items()
         }
 
@@ -244,7 +260,8 @@ class Embedding:
         """``{TableConfig: {slot name: array}}``; Optax state leaves are named by their path."""
         out = {}
         for table, name in self.table_names.items():
-            slots, shape = state.slots[name], np.shape(state.tables[name])
+            array = self._array_of(name)
+            slots, shape = state.slots[array], np.shape(state.tables[array])
             if isinstance(slots, Mapping) and all(isinstance(k, str) for k in slots):
                 named = dict(slots)
             else:

@@ -114,21 +114,31 @@ def preprocess_sharded(emb, inputs: Any, weights: Any):
     requests, index, capacity = {}, [dict() for _ in local], {}
     sizes_needed = []
     grouped = {}
-    for table, name in emb.table_names.items():
-        placement = plan[name]
-        paths = [p for p in per_device[0] if emb._features[p].table is table]
-        grouped[name] = []
+    for group, members in plan.groups.items():
+        first = members[0]
+        names = {m.name for m in members}
+        paths = [p for p in per_device[0] if emb.table_names[emb._features[p].table] in names]
+        grouped[group] = []
         for plans in per_device:
-            ids = [np.asarray(plans[p].ids, np.int64) for p in paths]
-            flat = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+            keys = []  # per path: the physical key of each id (owner * S + local row)
+            for p in paths:
+                ids = np.asarray(plans[p].ids, np.int64)
+                if first.strategy == "replicated":
+                    keys.append(ids)
+                else:
+                    owner, row = owner_and_local_row(
+                        ids, plan[emb.table_names[emb._features[p].table]]
+                    )
+                    keys.append(owner * first.rows_per_shard + row)
+            flat = np.concatenate(keys) if keys else np.zeros(0, np.int64)
             distinct, inverse = np.unique(flat, return_inverse=True)
-            if placement.strategy == "row":
-                owner, row = owner_and_local_row(distinct, placement)
-                need = int(np.bincount(owner, minlength=n).max(initial=0))
-            else:
+            if first.strategy == "replicated":
                 owner = row = None
                 need = distinct.shape[0]
-            grouped[name].append((paths, ids, distinct, inverse, owner, row))
+            else:
+                owner, row = np.divmod(distinct, first.rows_per_shard)
+                need = int(np.bincount(owner, minlength=n).max(initial=0))
+            grouped[group].append((paths, keys, distinct, inverse, owner, row))
             sizes_needed.append(need)
     heads = [p.positions.shape[1] for d in per_device for p in d.values() if p.mode == "combine"]
     tails = [p.blocks.shape[1] for d in per_device for p in d.values() if p.mode == "combine"]
@@ -136,36 +146,36 @@ def preprocess_sharded(emb, inputs: Any, weights: Any):
     head = bucket(maxima[-2])
     tail = bucket(maxima[-1]) if maxima[-1] else 0
     it = iter(maxima[:-2])
-    for name, per_dev in grouped.items():
-        placement = plan[name]
+    for group, per_dev in grouped.items():
+        first = plan.groups[group][0]
         cap = bucket(max(next(it) for _ in per_dev))
         reqs = []
-        for d, (paths, ids, distinct, inverse, owner, row) in enumerate(per_dev):
-            if placement.strategy == "row":
-                req = np.full((n, cap), placement.rows_per_shard, np.int32)
+        for d, (paths, keys, distinct, inverse, owner, row) in enumerate(per_dev):
+            if first.strategy != "replicated":
+                req = np.full((n, cap), first.rows_per_shard, np.int32)
                 order = np.lexsort((row, owner))  # grouped by owner, then by row
                 slot = np.arange(distinct.shape[0]) - np.searchsorted(owner[order], owner[order])
                 req[owner[order], slot] = row[order]
                 where = np.empty(distinct.shape[0], np.int64)
                 where[order] = owner[order] * cap + slot
-                capacity[name] = n * cap
+                capacity[group] = n * cap
             else:
-                req = np.full((cap,), placement.vocabulary_size, np.int32)
+                req = np.full((cap,), first.vocabulary_size, np.int32)
                 req[: distinct.shape[0]] = distinct
                 where = np.arange(distinct.shape[0])
-                capacity[name] = cap
+                capacity[group] = cap
             reqs.append(req)
-            splits = np.cumsum([0] + [i.shape[0] for i in ids])
+            splits = np.cumsum([0] + [k.shape[0] for k in keys])
             for p, lo, hi in zip(paths, splits[:-1], splits[1:], strict=True):
                 index[d][p] = where[inverse[lo:hi]]
-        requests[name] = np.stack(reqs)
+        requests[group] = np.stack(reqs)
     skeleton = _nest.pack_like(inputs, [path for path, *_ in leaves])
     ordered_paths, treedef = jax.tree_util.tree_flatten(skeleton)
     stacked = []
     for p in ordered_paths:
-        name = emb.table_names[emb._features[p].table]
+        group = plan[emb.table_names[emb._features[p].table]].group
         remapped = [
-            remap_plan(per_device[d][p], index[d][p], capacity[name], head, tail)
+            remap_plan(per_device[d][p], index[d][p], capacity[group], head, tail)
             for d in range(len(local))
         ]
         stacked.append(jax.tree.map(lambda *xs: np.stack(xs), *remapped))
@@ -192,33 +202,36 @@ def _fetch_rows(table_shard: jax.Array, requests: jax.Array, axis: str) -> jax.A
 
 
 def _row_specs(emb, tree: dict[str, Any]) -> dict[str, Any]:
-    """PartitionSpecs for per-table pytrees: physical table-shaped leaves are sharded."""
+    """PartitionSpecs for per-group pytrees: physical group-shaped leaves are sharded."""
     specs = {}
-    for name, sub in tree.items():
-        placement = emb.plan[name]
-        shape = (placement.physical_rows, placement.dim)
+    for group, sub in tree.items():
+        first = emb.plan.groups[group][0]
+        shape = (first.physical_rows, first.dim)
 
-        def spec(leaf, placement=placement, shape=shape):
-            sharded = placement.strategy == "row" and tuple(np.shape(leaf)) == shape
-            return P(emb.plan.axis) if sharded else P()
+        def spec(leaf, first=first, shape=shape):
+            sharded = first.strategy != "replicated" and tuple(np.shape(leaf)) == shape
+            dims = [None] * np.ndim(leaf)
+            if sharded:
+                dims[0] = emb.plan.axis
+            return P(*dims)
 
-        specs[name] = jax.tree.map(spec, sub)
+        specs[group] = jax.tree.map(spec, sub)
     return specs
 
 
 def _local_rows(emb, tables, requests) -> dict[str, jax.Array]:
     rows = {}
-    for name, req in requests.items():
-        if emb.plan[name].strategy == "row":
-            rows[name] = _fetch_rows(tables[name], req[0], emb.plan.axis)
+    for group, req in requests.items():
+        if emb.plan.groups[group][0].strategy != "replicated":
+            rows[group] = _fetch_rows(tables[group], req[0], emb.plan.axis)
         else:
-            rows[name] = gather_rows(tables[name], req[0])
+            rows[group] = gather_rows(tables[group], req[0])
     return rows
 
 
 def _local_combine(emb, rows, batch_paths, plans) -> list[jax.Array]:
     return [
-        combine_rows(rows[emb.table_names[emb._features[path].table]], _local(plan))
+        combine_rows(rows[emb.plan[emb.table_names[emb._features[path].table]].group], _local(plan))
         for path, plan in zip(batch_paths, plans, strict=True)
     ]
 
@@ -253,18 +266,15 @@ def apply_gradients_sharded(emb, state, batch, cotangents: list[jax.Array]):
     axis = emb.plan.axis
 
     def body(tables, slots, step, requests, plans, cots):
-        capacity = {
-            name: req.shape[1] * req.shape[2] if emb.plan[name].strategy == "row" else req.shape[1]
-            for name, req in requests.items()
-        }
+        capacity = {group: int(np.prod(req.shape[1:])) for group, req in requests.items()}
         zeros = {name: jnp.zeros((c, tables[name].shape[1])) for name, c in capacity.items()}
         # combine_rows is linear in the rows, so its VJP does not depend on their values.
         _, vjp = jax.vjp(lambda r: _local_combine(emb, r, batch.paths, plans), zeros)
         (row_grads,) = vjp(list(cots))
         new_tables, new_slots = dict(tables), dict(slots)
-        for name, req in requests.items():
-            placement = emb.plan[name]
-            if placement.strategy == "row":
+        for name, req in requests.items():  # one physical array (group) at a time
+            placement = emb.plan.groups[name][0]
+            if placement.strategy != "replicated":
                 ids = jax.lax.all_to_all(req[0], axis, 0, 0, tiled=True).reshape(-1)
                 grads = row_grads[name].reshape(req.shape[1], req.shape[2], -1)
                 grads = jax.lax.all_to_all(grads, axis, 0, 0, tiled=True)
@@ -279,7 +289,7 @@ def apply_gradients_sharded(emb, state, batch, cotangents: list[jax.Array]):
             )
             summed = jax.ops.segment_sum(grads, inverse.reshape(-1), num_segments=ids.shape[0])
             new_tables[name], new_slots[name] = apply_rows(
-                emb.optimizers[name], tables[name], slots[name], distinct, summed, step
+                emb._optimizer_of(name), tables[name], slots[name], distinct, summed, step
             )
         return new_tables, new_slots
 

@@ -6,16 +6,19 @@ import jaxembed as je
 
 BATCH = 16
 NUM_STEPS = 3
+SHARDING = {"big": "row", "mid": "table", "small": "replicated"}  # all three strategies
 
 
 def feature_config():
     big = je.TableConfig(64, 4, combiner="mean", name="big")
     small = je.TableConfig(6, 3, combiner="sum", name="small")
+    mid = je.TableConfig(20, 4, combiner="sqrtn", name="mid")
     return {
         "dense": je.FeatureConfig(big),
         "ragged": je.FeatureConfig(big),
         "seq": je.FeatureConfig(big, max_sequence_length=3),
         "small": je.FeatureConfig(small),
+        "mid": je.FeatureConfig(mid),
     }
 
 
@@ -35,11 +38,13 @@ def batch_for(step: int):
         "ragged": je.Ragged.from_row_lengths(rng.integers(0, 64, n), lengths),
         "seq": je.Sparse(np.stack([rows, cols], 1), rng.integers(0, 64, n), [BATCH, 5]),
         "small": je.Ragged.from_row_lengths(rng.integers(0, 6, n), lengths),
+        "mid": je.Sparse(np.stack([rows, cols], 1), rng.integers(0, 20, n), [BATCH, 5]),
     }
     weights = {
         "dense": None,
         "ragged": je.Ragged.from_row_lengths(rng.uniform(0.5, 2, n).astype(np.float32), lengths),
         "seq": None,
         "small": None,
+        "mid": None,
     }
     return inputs, weights

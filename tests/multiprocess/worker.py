@@ -6,8 +6,6 @@ Usage: python worker.py PROCESS_ID NUM_PROCESSES PORT OUT.npz
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -16,17 +14,25 @@ from jax.experimental import multihost_utils  # noqa: E402
 
 import jaxembed as je  # noqa: E402
 from jaxembed.sharded import slice_examples  # noqa: E402
-from multiprocess.scenario import NUM_STEPS, batch_for, feature_config, optimizer  # noqa: E402
+from multiprocess.scenario import (  # noqa: E402
+    NUM_STEPS,
+    SHARDING,
+    batch_for,
+    feature_config,
+    optimizer,
+)
 
 
 def main() -> None:
     pid, nproc, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    # Read when JAX creates its CPU client (first use), so setting it here is early enough.
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"localhost:{port}", num_processes=nproc, process_id=pid)
     assert jax.process_count() == nproc and jax.device_count() == 2 * nproc, jax.devices()
     mesh = jax.make_mesh((jax.device_count(),), ("x",))
     fc = feature_config()
-    emb = je.Embedding(fc, optimizer(), mesh=mesh, sharding={"big": "row", "small": "replicated"})
+    emb = je.Embedding(fc, optimizer(), mesh=mesh, sharding=SHARDING)
     state = emb.init(jax.random.key(0))
 
     @jax.jit
