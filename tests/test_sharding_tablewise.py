@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import jaxembed as je
@@ -61,15 +62,18 @@ def test_plan_stacks_table_wise_tables_by_dim_and_optimizer():
     assert "table" in str(emb.plan) and "a_c" in str(emb.plan)
 
 
-@pytest.mark.parametrize(
-    "optimizer",
-    [
-        je.optimizers.Adagrad(0.1),
-        je.optimizers.Adam(0.05, lazy_adam=False),
-        je.optimizers.FTRL(0.1),
-    ],
-    ids=lambda o: type(o).__name__ + ("" if getattr(o, "lazy", True) else "-dense"),
-)
+OPTIMIZERS = {
+    "sgd": je.optimizers.SGD(0.1),
+    "adagrad": je.optimizers.Adagrad(0.1),
+    "adagrad_momentum": je.optimizers.AdagradMomentum(0.1, momentum=0.9, use_nesterov=True),
+    "adam": je.optimizers.Adam(0.05),
+    "adam_dense": je.optimizers.Adam(0.05, lazy_adam=False),
+    "ftrl": je.optimizers.FTRL(0.1, l1_regularization_strength=0.001),
+    "optax_adam": je.optimizers.from_optax(optax.adam(0.01)),
+}
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
 def test_table_wise_matches_single_device(optimizer):
     rng = np.random.default_rng(0)
     mesh = jax.make_mesh((N,), ("x",))
