@@ -7,10 +7,12 @@ Public API (see README.md for a tour):
 * ``embedding_lookup``: TF's ``serving_embedding_lookup`` over nested structures.
 * ``Embedding``: tables + optimizer slots; ``preprocess``, ``lookup``, ``apply_gradients``.
 * ``optimizers``: TF's TPU embedding optimizers, row-sparse; ``optimizers.from_optax``.
+* ``checkpoint``: orbax checkpoints in logical row order; restore onto any mesh.
 
 ``import jaxembed`` never imports TensorFlow; the TF bridge lives in ``jaxembed.export``.
 """
 
+from jaxembed import checkpoint as checkpoint
 from jaxembed import optimizers as optimizers
 from jaxembed.configs import FeatureConfig as FeatureConfig
 from jaxembed.configs import TableConfig as TableConfig
@@ -31,6 +33,7 @@ __all__ = [
     "Ragged",
     "Sparse",
     "TableConfig",
+    "checkpoint",
     "embedding_lookup",
     "optimizers",
 ]

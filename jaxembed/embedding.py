@@ -178,13 +178,36 @@ class Embedding:
             name: table.init_table(k)
             for k, (table, name) in zip(keys, self.table_names.items(), strict=True)
         }
+        return self.state_from_logical(tables)
+
+    def state_from_logical(
+        self,
+        tables: Mapping[str, Any],
+        slots: Mapping[str, Any] | None = None,
+        step: Any = 0,
+    ) -> EmbeddingState:
+        """Builds a state from logical-order arrays, laid out and placed for this ``Embedding``.
+
+        Args:
+            tables: ``{table name: [vocabulary_size, dim] array}``.
+            slots: ``{table name: slots}`` in logical order (as ``logical_slots`` returns), or
+                None for fresh slots at their initial values.
+            step: the step count.
+        """
+        tables = {n: jnp.asarray(t, jnp.float32) for n, t in tables.items()}
         if self.plan is not None:  # one physical array per group, whatever the mesh size
-            tables = {g: to_physical(tables, m) for g, m in self.plan.groups.items()}
-        slots = {}
-        for name, array in tables.items():
-            opt = self._optimizer_of(name)
-            slots[name] = opt.init_slots(array) if opt is not None else {}
-        state = EmbeddingState(tables, slots, jnp.zeros((), jnp.int32))
+            groups = self.plan.groups
+            if slots is not None:
+                slots = {g: self._physical_slots(m, slots) for g, m in groups.items()}
+            tables = {g: to_physical(tables, m) for g, m in groups.items()}
+        if slots is None:
+            slots = {}
+            for name, array in tables.items():
+                opt = self._optimizer_of(name)
+                slots[name] = opt.init_slots(array) if opt is not None else {}
+        # Dict comprehensions (not tree.map) keep the tables in TF's table order.
+        slots = {name: jax.tree.map(jnp.asarray, sub) for name, sub in slots.items()}
+        state = EmbeddingState(tables, slots, jnp.asarray(step, jnp.int32))
         if self.plan is None:
             return state
         from jaxembed.sharded import _row_specs
@@ -195,11 +218,41 @@ class Embedding:
             return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
         def place(tree):
-            return jax.tree.map(put, tree, _row_specs(self, tree))
+            specs = _row_specs(self, tree)
+            return {name: jax.tree.map(put, sub, specs[name]) for name, sub in tree.items()}
 
         return EmbeddingState(
             place(state.tables), place(state.slots), put(state.step, jax.sharding.PartitionSpec())
         )
+
+    @staticmethod
+    def _physical_slots(members, slots: Mapping[str, Any]) -> Any:
+        """One group's slot pytree from its members' logical slot pytrees."""
+        names = [m.name for m in members]
+
+        def combine(*leaves):
+            if np.ndim(leaves[0]) != 2:  # scalar state (e.g. an optax count): shared
+                return leaves[0]
+            return to_physical(dict(zip(names, leaves, strict=True)), members)
+
+        return jax.tree.map(combine, *[slots[n] for n in names])
+
+    def logical_slots(self, state: EmbeddingState) -> dict[str, Any]:
+        """``{table name: slots}`` with every table-shaped slot leaf in logical row order.
+
+        Unlike ``slot_variables`` this keeps the whole slot pytree (e.g. an Optax state's step
+        count), so ``state_from_logical`` can rebuild the state on any mesh.
+        """
+        out = {}
+        for name in self.table_names.values():
+            array = self._array_of(name)
+            shape = np.shape(state.tables[array])
+
+            def logical(leaf, name=name, shape=shape):
+                return self._logical(name, leaf) if np.shape(leaf) == shape else leaf
+
+            out[name] = jax.tree.map(logical, state.slots[array])
+        return out
 
     def abstract_state(self) -> EmbeddingState:
         """``init``'s state as ``jax.ShapeDtypeStruct``s with their shardings; allocates nothing.

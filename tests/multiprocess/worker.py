@@ -60,6 +60,10 @@ def main() -> None:
         for t, named in emb.slot_variables(state).items()
         for k, v in named.items()
     }
+    je.checkpoint.save(out + ".ckpt", emb, state, step=NUM_STEPS)  # every process takes part
+    restored = je.checkpoint.restore(out + ".ckpt", emb)  # and restores onto the same mesh
+    for t, v in emb.embedding_tables(restored).items():
+        np.testing.assert_array_equal(np.asarray(v), tables[t.name])
     if pid == 0:
         np.savez(
             out,
