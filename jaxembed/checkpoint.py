@@ -1,6 +1,7 @@
 """Checkpoints with orbax: tables and slots in logical row order, configs as metadata.
 
-A checkpoint step directory holds two orbax items:
+A checkpoint step directory holds two orbax items (three with ``CheckpointManager``'s
+``extra``, e.g. the dense model's params and optax state):
 
 * ``embedding``: ``{"tables": {name: [V, dim]}, "slots": {name: slots}, "step": int}``, every
   table-shaped array in **logical row order**, so a checkpoint written on 8 devices restores onto
