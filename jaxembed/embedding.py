@@ -61,10 +61,12 @@ class Batch:
     """A preprocessed batch: static-shape arrays, ready for ``lookup``/``apply_gradients``.
 
     Attributes:
-        unique_ids: ``{table name: [C] int32}`` distinct ids touched, padded with
-            ``vocabulary_size`` to a bucketed capacity ``C``.
-        plans: one ``LookupPlan`` per input leaf; slots index ``unique_ids`` of its table
-            (``C`` = no entry).
+        unique_ids: the rows to fetch. Without a mesh: ``{table name: [C] int32}`` distinct
+            ids touched, padded with ``vocabulary_size`` to a bucketed capacity ``C``. With a
+            mesh: ``{group: [devices, N, K]}`` local rows each device requests of each owner
+            (``[devices, C]`` ids for replicated tables); see ``sharded.py``.
+        plans: one ``LookupPlan`` per input leaf; slots index the fetched rows of its table
+            (``C`` = no entry); with a mesh, every array has a leading device axis.
         paths: the input paths, in the order of ``plans`` (static).
         treedef: the inputs' nested structure (static), to pack the activations.
     """
@@ -210,7 +212,7 @@ class Embedding:
         state = EmbeddingState(tables, slots, jnp.asarray(step, jnp.int32))
         if self.plan is None:
             return state
-        from jaxembed.sharded import _row_specs
+        from jaxembed.sharded import partition_specs
 
         def put(x, spec):  # host value -> global array (works across processes)
             host = np.asarray(x)
@@ -218,7 +220,7 @@ class Embedding:
             return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
         def place(tree):
-            specs = _row_specs(self, tree)
+            specs = partition_specs(self, tree)
             return {name: jax.tree.map(put, sub, specs[name]) for name, sub in tree.items()}
 
         return EmbeddingState(
@@ -273,14 +275,14 @@ class Embedding:
             device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             shardings = jax.tree.map(lambda _: device, state)
         else:
-            from jaxembed.sharded import _row_specs
+            from jaxembed.sharded import partition_specs
 
             def named(spec):
                 return jax.sharding.NamedSharding(self.mesh, spec)
 
             shardings = EmbeddingState(
-                jax.tree.map(named, _row_specs(self, tables)),
-                jax.tree.map(named, _row_specs(self, slots)),
+                jax.tree.map(named, partition_specs(self, tables)),
+                jax.tree.map(named, partition_specs(self, slots)),
                 named(jax.sharding.PartitionSpec()),
             )
         return jax.tree.map(

@@ -201,8 +201,9 @@ def _fetch_rows(table_shard: jax.Array, requests: jax.Array, axis: str) -> jax.A
     return back.reshape(-1, table_shard.shape[1])
 
 
-def _row_specs(emb, tree: dict[str, Any]) -> dict[str, Any]:
-    """PartitionSpecs for per-group pytrees: physical group-shaped leaves are sharded."""
+def partition_specs(emb, tree: dict[str, Any]) -> dict[str, Any]:
+    """PartitionSpecs of a per-group state pytree (tables or slots): leaves shaped like the
+    group's physical array are sharded over the mesh axis, the rest replicated."""
     specs = {}
     for group, sub in tree.items():
         first = emb.plan.groups[group][0]
@@ -246,7 +247,7 @@ def lookup_sharded(emb, state, batch) -> Any:
     outs = jax.shard_map(
         body,
         mesh=emb.mesh,
-        in_specs=(_row_specs(emb, state.tables), P(axis), P(axis)),
+        in_specs=(partition_specs(emb, state.tables), P(axis), P(axis)),
         out_specs=[P(axis)] * len(batch.paths),
         check_vma=False,
     )(state.tables, batch.unique_ids, batch.plans)
@@ -294,7 +295,7 @@ def apply_gradients_sharded(emb, state, batch, cotangents: list[jax.Array]):
         return new_tables, new_slots
 
     cotangents = [_batch_sharded(c, emb.mesh, axis) for c in cotangents]
-    table_specs, slot_specs = _row_specs(emb, state.tables), _row_specs(emb, state.slots)
+    table_specs, slot_specs = partition_specs(emb, state.tables), partition_specs(emb, state.slots)
     return jax.shard_map(
         body,
         mesh=emb.mesh,

@@ -6,8 +6,8 @@ Usage: python worker.py PROCESS_ID NUM_PROCESSES PORT OUT.npz
 import os
 import sys
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jax.experimental import multihost_utils  # noqa: E402
