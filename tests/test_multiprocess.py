@@ -11,7 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from multiprocess.scenario import NUM_STEPS, batch_for, feature_config, optimizer
+from multiprocess.scenario import NUM_STEPS, batch_for, feature_config, optimizer, train_step
 
 import jaxembed as je
 
@@ -28,11 +28,7 @@ def _reference():
     emb = je.Embedding(feature_config(), optimizer())
     state = emb.init(jax.random.key(0))
 
-    @jax.jit
-    def step(state, batch):
-        acts = emb.lookup(state, batch)
-        grads = jax.tree.map(lambda a: 2.0 * a + 0.1, acts)
-        return emb.apply_gradients(state, batch, grads), acts
+    step = train_step(emb)
 
     first = None
     for i in range(NUM_STEPS):

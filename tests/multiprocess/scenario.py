@@ -1,5 +1,6 @@
 """The data and model shared by the multi-process workers and the single-process reference."""
 
+import jax
 import numpy as np
 
 import jaxembed as je
@@ -48,3 +49,15 @@ def batch_for(step: int):
         "mid": None,
     }
     return inputs, weights
+
+
+def train_step(emb):
+    """The jitted step both sides run: lookup, a fixed gradient of the activations, update."""
+
+    @jax.jit
+    def step(state, batch):
+        acts = emb.lookup(state, batch)
+        grads = jax.tree.map(lambda a: 2.0 * a + 0.1, acts)
+        return emb.apply_gradients(state, batch, grads), acts
+
+    return step

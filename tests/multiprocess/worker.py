@@ -20,6 +20,7 @@ from multiprocess.scenario import (  # noqa: E402
     batch_for,
     feature_config,
     optimizer,
+    train_step,
 )
 
 
@@ -35,11 +36,7 @@ def main() -> None:
     emb = je.Embedding(fc, optimizer(), mesh=mesh, sharding=SHARDING)
     state = emb.init(jax.random.key(0))
 
-    @jax.jit
-    def step(state, batch):
-        acts = emb.lookup(state, batch)
-        grads = jax.tree.map(lambda a: 2.0 * a + 0.1, acts)
-        return emb.apply_gradients(state, batch, grads), acts
+    step = train_step(emb)
 
     first_acts = None
     for i in range(NUM_STEPS):
