@@ -15,14 +15,17 @@ save never looks like a finished step. Nothing is pickled.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxembed.configs import FeatureConfig, TableConfig
 from jaxembed.embedding import Embedding, EmbeddingState
 from jaxembed.optimizers import OptaxOptimizer
 
@@ -71,7 +74,100 @@ def config_metadata(emb: Embedding) -> dict:
         }
         for path, feature in emb._features.items()
     ]
-    return {"format": "jaxembed/1", "tables": tables, "features": features}
+    return {
+        "format": "jaxembed/1",
+        "tables": tables,
+        "features": features,
+        "structure": _encode_structure(emb.feature_config),
+    }
+
+
+def _encode_structure(tree: Any, path: str = "") -> Any:
+    """The nesting of a feature_config as JSON: containers kept, each leaf its feature path."""
+
+    def sub(key: str) -> str:
+        return f"{path}/{key}" if path else key
+
+    if isinstance(tree, Mapping):
+        return {"dict": {str(k): _encode_structure(v, sub(str(k))) for k, v in tree.items()}}
+    if isinstance(tree, tuple) and hasattr(type(tree), "_fields"):
+        fields = list(type(tree)._fields)
+        values = [_encode_structure(v, sub(f)) for f, v in zip(fields, tree, strict=True)]
+        return {"namedtuple": fields, "values": values}
+    if isinstance(tree, (list, tuple)):
+        kind = "list" if isinstance(tree, list) else "tuple"
+        return {kind: [_encode_structure(v, sub(str(i))) for i, v in enumerate(tree)]}
+    return {"feature": path}
+
+
+def _decode_structure(node: dict, leaf: Any) -> Any:
+    if "feature" in node:
+        return leaf(node["feature"])
+    if "dict" in node:
+        return {k: _decode_structure(v, leaf) for k, v in node["dict"].items()}
+    if "namedtuple" in node:
+        cls = collections.namedtuple("Features", node["namedtuple"])
+        return cls(*(_decode_structure(v, leaf) for v in node["values"]))
+    kind = "list" if "list" in node else "tuple"
+    return (list if kind == "list" else tuple)(_decode_structure(v, leaf) for v in node[kind])
+
+
+def read_config(directory: str | os.PathLike, step: int | None = None) -> dict:
+    """The configs a checkpoint step recorded (latest step if None), without an ``Embedding``.
+
+    The result is ``config_metadata``'s JSON with the ``step`` added.
+
+    Raises:
+        FileNotFoundError: no complete checkpoint (or no such step) in ``directory``.
+    """
+    with CheckpointManager(directory, None, create=False) as manager:
+        step = manager._resolve_step(step)
+        saved = manager._manager.restore(
+            step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+        )
+    return {**saved["config"], "step": step}
+
+
+def feature_config_from(config: dict) -> Any:
+    """Rebuilds the nested ``FeatureConfig``s of ``read_config``'s result.
+
+    Tables get their saved name, shape and combiner, TF's default initializer and no optimizer
+    (a learning-rate schedule cannot be stored): enough to restore and serve the tables, e.g.
+    ``je.checkpoint.restore(dir, je.Embedding(feature_config_from(cfg)), tables_only=True)``.
+    """
+    tables = {
+        t["name"]: TableConfig(
+            t["vocabulary_size"], t["dim"], combiner=t["combiner"], name=t["name"]
+        )
+        for t in config["tables"]
+    }
+    features = {
+        f["path"]: FeatureConfig(
+            tables[f["table"]],
+            max_sequence_length=f["max_sequence_length"],
+            validate_weights_and_indices=f["validate_weights_and_indices"],
+            output_shape=f["output_shape"],
+            name=f["name"],
+        )
+        for f in config["features"]
+    }
+    if "structure" in config:
+        return _decode_structure(config["structure"], features.__getitem__)
+    return _nest_from_paths(features)
+
+
+def _nest_from_paths(features: dict[str, Any]) -> Any:
+    """Nested dicts from ``/``-joined paths (checkpoints written before ``structure`` existed)."""
+    if list(features) == [""]:
+        return features[""]
+    root: dict = {}
+    for path, feature in features.items():
+        *parents, last = path.split("/")
+        node = root
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = feature
+    return root
 
 
 def _logical_tree(emb: Embedding, state: EmbeddingState) -> dict:
@@ -261,12 +357,7 @@ class CheckpointManager:
         ``restore``.
         """
         manager = self._manager
-        step = manager.latest_step() if step is None else int(step)
-        if step is None or step not in manager.all_steps():
-            raise FileNotFoundError(
-                f"No complete checkpoint {'' if step is None else f'step {step} '}in "
-                f"{self.directory!r} (complete steps: {sorted(manager.all_steps())})."
-            )
+        step = self._resolve_step(step)
         saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
         fresh = tables_only or reinit_slots
         _check_config(saved["config"], self.emb, slots_needed=not fresh)
@@ -289,6 +380,17 @@ class CheckpointManager:
         slots = None if fresh else host["slots"]
         state = self.emb.state_from_logical(host["tables"], slots, host["step"])
         return state, restored["extra"] if extra is not None else None
+
+    def _resolve_step(self, step: int | None) -> int:
+        """``step``, or the latest; FileNotFoundError if it is not a complete step."""
+        steps = self._manager.all_steps()
+        step = self._manager.latest_step() if step is None else int(step)
+        if step is None or step not in steps:
+            raise FileNotFoundError(
+                f"No complete checkpoint {'' if step is None else f'step {step} '}in "
+                f"{self.directory!r} (complete steps: {sorted(steps)})."
+            )
+        return step
 
     def latest_step(self) -> int | None:
         """The newest complete step (None if there is none)."""

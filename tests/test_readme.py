@@ -1,7 +1,11 @@
-"""The README's API tour runs as written."""
+"""The README's API tour runs as written, and its REST request body fits the exported model."""
 
+import json
 import pathlib
 import re
+
+import numpy as np
+import pytest
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
@@ -13,3 +17,17 @@ def test_readme_python_blocks_run(capsys):
     for block in blocks:
         exec(compile(block, str(README), "exec"), namespace)
     assert "(3, 8) (3, 8) (3, 3, 8)" in capsys.readouterr().out
+    _check_rest_request(namespace)
+
+
+def _check_rest_request(namespace: dict) -> None:
+    """The README's TF Serving request, sent to the SavedModel the README exported."""
+    tf = pytest.importorskip("tensorflow")
+    (body,) = re.findall(r"```json\n(.*?)```", README.read_text(), re.S)
+    request = json.loads(body)
+    served = tf.saved_model.load(namespace["path"]).signatures[request["signature_name"]]
+    _, specs = served.structured_input_signature
+    assert sorted(request["inputs"]) == sorted(specs)
+    inputs = {k: tf.constant(v, specs[k].dtype) for k, v in request["inputs"].items()}
+    ctr = served(**inputs)["ctr"].numpy()
+    assert ctr.shape == (2,) and np.all((ctr > 0) & (ctr < 1))
