@@ -33,7 +33,7 @@ ensure_env() {  # $1: extras to install, e.g. "tf" or "tf,test"
 
 cmd="${1:-}"; shift || true
 case "$cmd" in
-  demo) ensure_env tf; exec .venv/bin/jaxembed demo "$@" ;;
+  demo) ensure_env demo; exec .venv/bin/jaxembed demo "$@" ;;
   test) ensure_env tf,test; exec .venv/bin/python -m pytest -n 2 "$@" ;;
   *) echo "usage: bash run.sh demo [--out DIR] | bash run.sh test [PYTEST ARGS]" >&2; exit 2 ;;
 esac

@@ -336,6 +336,14 @@ def _dynamic_update_slice(
     return tf.where(mask, tf.pad(update, paddings), x)
 
 
+def _stack(ctx: _Ctx, eqn: jex.JaxprEqn, *xs: tf.Tensor) -> tf.Tensor:
+    return tf.stack(xs, axis=eqn.params["axis"])
+
+
+def _unstack(ctx: _Ctx, eqn: jex.JaxprEqn, x: tf.Tensor) -> list[tf.Tensor]:
+    return tf.unstack(x, num=len(eqn.outvars), axis=eqn.params["axis"])
+
+
 def _transpose(ctx: _Ctx, eqn: jex.JaxprEqn, x: tf.Tensor) -> tf.Tensor:
     return tf.transpose(x, list(eqn.params["permutation"]))
 
@@ -715,6 +723,8 @@ _RULES: dict[str, Rule] = {
     "pad": _pad,
     "iota": _iota,
     "split": _split,
+    "stack": _stack,
+    "unstack": _unstack,
     "tile": _tile,
     "dim_as_value": _dim_as_value,
     # reductions

@@ -1,7 +1,8 @@
 """The ``jaxembed`` command line.
 
-* ``jaxembed demo --out DIR`` runs the main job: configs, nested inputs of every kind, and the
-  lookup, printing what each feature produced and writing it to ``DIR/lookup.json``.
+* ``jaxembed demo --out DIR`` runs the main job (``jaxembed.demo.run``): train a sharded
+  recommender on a click log, checkpoint it, export a SavedModel, serve it from a TensorFlow-only
+  process and compare with JAX, plot the training curve.
 * ``jaxembed export CKPT_DIR OUT [--step N]`` turns a checkpoint into a SavedModel for CPU TF
   Serving (configs read from the checkpoint).
 * ``jaxembed inspect PATH`` shows what a checkpoint, a TF checkpoint or a SavedModel holds.
@@ -14,74 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import jax
-import numpy as np
-
 import jaxembed as je
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def demo(out: Path, seed: int) -> dict:
-    """A small recommender input: a user id, weighted categories and a watch history."""
-    rng = np.random.default_rng(seed)
-    users = je.TableConfig(vocabulary_size=100, dim=4, combiner="sum", name="users")
-    items = je.TableConfig(vocabulary_size=50, dim=4, combiner="mean", name="items")
-    features = {
-        "user": je.FeatureConfig(users, name="user_id"),
-        "context": {
-            "categories": je.FeatureConfig(items, name="categories"),
-            "history": je.FeatureConfig(items, max_sequence_length=3, name="history"),
-        },
-    }
-    keys = jax.random.split(jax.random.key(seed))
-    tables = {users: users.init_table(keys[0]), items: items.init_table(keys[1])}
-    batch = 4
-    lengths = np.array([2, 0, 3, 1])
-    inputs = {
-        "user": rng.integers(0, 100, size=batch),
-        "context": {
-            "categories": je.Ragged.from_row_lengths(rng.integers(0, 50, lengths.sum()), lengths),
-            "history": je.Sparse(
-                indices=[[0, 0], [0, 1], [2, 0], [3, 0], [3, 1], [3, 2], [3, 3]],
-                values=rng.integers(0, 50, 7),
-                dense_shape=[batch, 4],
-            ),
-        },
-    }
-    weights = {
-        "user": None,
-        "context": {
-            "categories": je.Ragged.from_row_lengths(
-                rng.uniform(0.5, 2.0, lengths.sum()).astype(np.float32), lengths
-            ),
-            "history": None,
-        },
-    }
-    lookup = jax.jit(lambda t: je.embedding_lookup(inputs, weights, t, features))
-    acts = lookup(tables)
-    report = {
-        "user": np.asarray(acts["user"]).round(4).tolist(),
-        "context/categories": np.asarray(acts["context"]["categories"]).round(4).tolist(),
-        "context/history": np.asarray(acts["context"]["history"]).round(4).tolist(),
-    }
-    with np.printoptions(precision=4, suppress=True):
-        for path, value in report.items():
-            print(f"{path}: shape {np.shape(value)}")
-            print(np.asarray(value, np.float32))
-    _write_atomic(out / "lookup.json", json.dumps(report, indent=1))
-    print(f"wrote {out / 'lookup.json'}")
-    return report
 
 
 def export_checkpoint(
@@ -174,12 +111,56 @@ def _print_inspection(info: dict) -> None:
         print(f"    {name}: {shape}")
 
 
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from jaxembed.demo.run import DemoConfig
+
+    defaults = DemoConfig()
+    add = parser.add_argument
+    add("--out", type=Path, default=defaults.out, help="output folder")
+    add("--steps", type=int, default=defaults.steps, help="training steps")
+    add("--batch-size", type=int, default=defaults.batch_size, help="global batch size")
+    add("--examples", type=int, default=defaults.examples, help="synthetic impressions")
+    add("--users", type=int, default=defaults.users, help="synthetic user vocabulary")
+    add("--items", type=int, default=defaults.items, help="synthetic item vocabulary")
+    add("--dim", type=int, default=defaults.dim, help="embedding dim")
+    add("--eval-every", type=int, default=defaults.eval_every, help="steps between test AUCs")
+    add("--movielens", type=Path, default=None, help="MovieLens ml-latest-small folder")
+    add("--devices", type=int, default=8, help="simulated devices on a CPU-only machine")
+    add("--seed", type=int, default=defaults.seed, help="random seed")
+
+
+def _run_demo(args: argparse.Namespace) -> None:
+    # Simulate devices on CPU so the sharded path runs; must happen before JAX starts its
+    # backends (importing jax does not). GPUs and TPUs are used as they are.
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}"
+    from jaxembed.demo.run import DemoConfig, run
+
+    config = DemoConfig(
+        out=args.out,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        examples=args.examples,
+        users=args.users,
+        items=args.items,
+        dim=args.dim,
+        eval_every=args.eval_every,
+        movielens=args.movielens,
+        seed=args.seed,
+    )
+    run(config)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxembed", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p_demo = sub.add_parser("demo", help="run the main job end to end")
-    p_demo.add_argument("--out", type=Path, default=Path("out"), help="output folder (./out)")
-    p_demo.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    p_demo = sub.add_parser(
+        "demo",
+        help="the main job: train, checkpoint, export, serve, compare",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _demo_arguments(p_demo)
     p_export = sub.add_parser("export", help="checkpoint -> SavedModel for CPU TF Serving")
     p_export.add_argument("ckpt_dir", type=Path, help="jaxembed checkpoint directory")
     p_export.add_argument("out", type=Path, help="SavedModel directory (base with --version)")
@@ -197,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
-            demo(args.out, args.seed)
+            _run_demo(args)
         elif args.command == "export":
             weighted = [p for p in args.weighted.split(",") if p]
             export_checkpoint(

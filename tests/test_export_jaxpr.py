@@ -294,6 +294,8 @@ SHAPES: dict[str, Callable] = {
     "arange_batch": lambda a: jnp.arange(a["x"].shape[0]) * 2,
     "iota_2d": lambda a: lax.broadcasted_iota(jnp.float32, a["x"].shape, 1) + a["x"],
     "split": lambda a: jnp.split(a["x"], [2], axis=1)[1],
+    "stack": lambda a: jnp.stack([a["x"], 2 * a["x"]], axis=1),
+    "unstack": lambda a: jnp.unstack(a["x"], axis=1)[2],
     "tile": lambda a: jnp.tile(a["x"], (1, 2)),
     "repeat": lambda a: jnp.repeat(a["x"], 2, axis=1),
     "batch_size_value": lambda a: a["x"] * a["x"].shape[0],

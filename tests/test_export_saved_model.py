@@ -1,16 +1,13 @@
 """SavedModel export: served by TF alone (no JAX in the process), plain TF ops, checked publish.
 
 The SavedModels are loaded in a subprocess that blocks ``jax``, ``flax`` and ``jaxembed`` imports
-(``export_serving_worker.py``), through the eager signatures and through TF1's session loader,
+(``export/_serve_worker.py``), through the eager signatures and through TF1's session loader,
 for two batch sizes, with and without a Flax model, and compared with the JAX outputs computed
 here.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -152,37 +149,26 @@ def exported(trained, tmp_path_factory):
 @pytest.fixture(scope="module")
 def served(trained, exported, tmp_path_factory):
     """Runs every (model, batch) case through the JAX-free worker; returns (expected, got)."""
+    from jaxembed.export import _serve_worker
+
     emb, state, model, params = trained
-    requests, expected = {}, {}
+    cases, expected = {}, {}
     for name, path in exported.items():
         for batch in BATCHES:
             case = f"{name}-{batch}"
             request = _requests(emb, batch, seed=100 + batch)
-            requests[f"{case}|path"] = np.array(path)
-            serialized = _examples(request)
-            requests[f"{case}|examples"] = np.frombuffer(b"".join(serialized), np.uint8)
-            requests[f"{case}|offsets"] = np.cumsum([0] + [len(e) for e in serialized])
-            for key, value in _signature_inputs(request).items():
-                requests[f"{case}|in|{key}"] = value
+            cases[case] = {
+                "path": path,
+                "inputs": _signature_inputs(request),
+                "examples": _examples(request),
+            }
             acts = _jax_activations(emb, state, request)
             if name == "plain":
                 flat = je._nest.flatten_with_paths(acts)
                 expected[case] = {p.replace("/", "_"): np.asarray(a) for p, a in flat}
             else:
                 expected[case] = {k: np.asarray(v) for k, v in model(params, acts).items()}
-    work = tmp_path_factory.mktemp("worker")
-    np.savez(work / "requests.npz", **requests)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    worker = Path(__file__).with_name("export_serving_worker.py")
-    result = subprocess.run(
-        [sys.executable, str(worker), str(work / "requests.npz"), str(work / "out.npz")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    got = dict(np.load(work / "out.npz"))
+    got = _serve_worker.run(cases, str(tmp_path_factory.mktemp("worker")))
     return expected, got
 
 
@@ -192,10 +178,9 @@ def served(trained, exported, tmp_path_factory):
 def test_served_outputs_match_jax(served, name, batch, loader):
     expected, got = served
     case = f"{name}-{batch}"
-    names = sorted(k.split("|")[2] for k in got if k.startswith(f"{case}|{loader}|"))
-    assert names == sorted(expected[case])
+    assert sorted(got[case][loader]) == sorted(expected[case])
     for out_name, want in expected[case].items():
-        have = got[f"{case}|{loader}|{out_name}"]
+        have = got[case][loader][out_name]
         assert have.shape == want.shape, out_name
         if name == "plain":  # the lookup is bit-exact
             np.testing.assert_array_equal(have, want, err_msg=out_name)
