@@ -1,0 +1,7 @@
+"""The demo: a click log, a DLRM-style model, and the end-to-end job ``jaxembed demo`` runs.
+
+* ``jaxembed.demo.data``: ``ClickLog`` (synthetic or MovieLens ml-latest-small);
+* ``jaxembed.demo.model``: the features, the Flax ``Tower``, batching and AUC;
+* ``jaxembed.demo.run``: ``run(DemoConfig(...))``: train on every device, checkpoint, export,
+  serve from a TensorFlow-only process, compare, plot.
+"""
