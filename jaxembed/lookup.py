@@ -18,6 +18,7 @@ past the end of a row point at an all-zero row, and adding ``0.0`` changes nothi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from collections.abc import Mapping
@@ -32,7 +33,7 @@ from jaxembed.configs import FeatureConfig, TableConfig
 from jaxembed.inputs import Ragged, Sparse, is_traced
 
 _BLOCK = 8
-_UNROLL = 32
+_UNROLL = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -415,7 +416,18 @@ def _sequential_sum(x: jax.Array, axis: int, weights: Any = None) -> jax.Array:
     x = jnp.moveaxis(x, axis, 0)
     if x.shape[0] == 0:
         return jnp.zeros(x.shape[1:], x.dtype)
-    if weights is None and x.shape[0] <= _UNROLL:
+    return _ordered_sum(x, weights is None and x.shape[0] <= _UNROLL)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _ordered_sum(x: jax.Array, unroll: bool) -> jax.Array:
+    """``x.sum(0)`` added strictly in order; its gradient is the cotangent for every slice.
+
+    The custom VJP is the sum's own derivative (a broadcast), written out because the transposes
+    XLA would otherwise build cost far more than the sum: one padded copy per unrolled slice, or
+    a reversed scan.
+    """
+    if unroll:
         acc = x[0]
         for j in range(1, x.shape[0]):
             acc = acc + x[j]
@@ -424,6 +436,17 @@ def _sequential_sum(x: jax.Array, axis: int, weights: Any = None) -> jax.Array:
     # length: XLA inlines a one-trip loop, and 0 + w * e is exact even as an FMA.
     acc, _ = jax.lax.scan(lambda a, v: (a + v, None), jnp.zeros(x.shape[1:], x.dtype), x)
     return acc
+
+
+def _ordered_sum_fwd(x: jax.Array, unroll: bool) -> tuple[jax.Array, tuple[int, ...]]:
+    return _ordered_sum(x, unroll), x.shape
+
+
+def _ordered_sum_bwd(unroll: bool, shape: tuple[int, ...], g: jax.Array) -> tuple[jax.Array]:
+    return (jnp.broadcast_to(g, shape),)
+
+
+_ordered_sum.defvjp(_ordered_sum_fwd, _ordered_sum_bwd)
 
 
 def combine_rows(rows: jax.Array, plan: LookupPlan) -> jax.Array:
