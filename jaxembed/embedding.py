@@ -36,6 +36,7 @@ from jaxembed.lookup import (
     pad_axis,
     plan_feature,
     remap_plan,
+    slot_bucket,
 )
 from jaxembed.optimizers import Optimizer, apply_rows
 from jaxembed.sharding import ShardingPlan, plan_sharding, to_logical, to_physical
@@ -86,7 +87,7 @@ def _remap(plan: LookupPlan, index: np.ndarray, capacity: int) -> LookupPlan:
     """``remap_plan`` with the head and tail of this plan rounded up to bucketed sizes."""
     head = tail = 0
     if plan.mode == "combine":
-        head = bucket(plan.positions.shape[1])
+        head = slot_bucket(plan.positions.shape[1])
         tail = bucket(plan.blocks.shape[1]) if plan.blocks.shape[1] else 0
     return remap_plan(plan, index, capacity, head, tail)
 

@@ -374,6 +374,17 @@ def bucket(n: int, minimum: int = 1) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def slot_bucket(n: int) -> int:
+    """Capacity for ``n`` slots per example: powers of two up to 8, then multiples of 8 up to 64.
+
+    Slots are summed per example, so padding costs in proportion: 39 ids take 40 slots, not 64.
+    """
+    n = max(int(n), 1)
+    if n <= 8 or n > 64:
+        return bucket(n)
+    return -(-n // 8) * 8
+
+
 def pad_axis(x: np.ndarray | None, axis: int, size: int, fill: float) -> np.ndarray | None:
     """``x`` padded with ``fill`` to ``size`` along ``axis`` (None stays None)."""
     if x is None or x.shape[axis] == size:

@@ -38,6 +38,7 @@ from jaxembed.lookup import (
     gather_rows,
     plan_feature,
     remap_plan,
+    slot_bucket,
 )
 from jaxembed.optimizers import apply_rows
 from jaxembed.sharding import ShardingPlan, owner_and_local_row, split_evenly
@@ -143,7 +144,7 @@ def preprocess_sharded(emb, inputs: Any, weights: Any):
     heads = [p.positions.shape[1] for d in per_device for p in d.values() if p.mode == "combine"]
     tails = [p.blocks.shape[1] for d in per_device for p in d.values() if p.mode == "combine"]
     maxima = _global_max(sizes_needed + [max(heads, default=0), max(tails, default=0)])
-    head = bucket(maxima[-2])
+    head = slot_bucket(maxima[-2])
     tail = bucket(maxima[-1]) if maxima[-1] else 0
     it = iter(maxima[:-2])
     for group, per_dev in grouped.items():
