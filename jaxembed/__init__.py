@@ -8,6 +8,7 @@ Public API (see README.md for a tour):
 * ``Embedding``: tables + optimizer slots; ``preprocess``, ``lookup``, ``apply_gradients``.
 * ``optimizers``: TF's TPU embedding optimizers, row-sparse; ``optimizers.from_optax``.
 * ``checkpoint``: orbax checkpoints in logical row order; restore onto any mesh.
+* ``prefetch``: ``emb.preprocess`` in a background thread, overlapping the device step.
 
 ``import jaxembed`` never imports TensorFlow; the TF bridge lives in ``jaxembed.export``.
 """
@@ -22,6 +23,7 @@ from jaxembed.embedding import EmbeddingState as EmbeddingState
 from jaxembed.inputs import Ragged as Ragged
 from jaxembed.inputs import Sparse as Sparse
 from jaxembed.lookup import embedding_lookup as embedding_lookup
+from jaxembed.prefetch import prefetch as prefetch
 
 __version__ = "0.1.0"
 
@@ -36,4 +38,5 @@ __all__ = [
     "checkpoint",
     "embedding_lookup",
     "optimizers",
+    "prefetch",
 ]

@@ -1,0 +1,76 @@
+"""Host preprocessing off the critical path: ``emb.preprocess`` in a background thread.
+
+While the device runs step ``i``, a thread validates and pads batch ``i + 1`` (numpy releases
+the GIL in its heavy loops), so a training loop only waits for preprocessing when it is slower
+than the step.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from jaxembed.embedding import Batch, Embedding
+
+_DONE = object()
+
+
+def prefetch(emb: Embedding, examples: Iterable[Any], buffer_size: int = 2) -> Iterator[Batch]:
+    """Yields ``emb.preprocess(...)`` of each item of ``examples``, prepared ahead in a thread.
+
+    Args:
+        emb: the ``Embedding`` whose ``preprocess`` builds the batches.
+        examples: an iterable of ``inputs`` or ``(inputs, weights)`` pairs.
+        buffer_size: how many batches to prepare ahead (>= 1).
+
+    Errors raised while preprocessing (e.g. an out-of-range id) are raised by the iterator at
+    the batch that caused them. Leaving the loop early stops the thread.
+
+    Example:
+        >>> import numpy as np, jaxembed as je
+        >>> table = je.TableConfig(10, 4, name="items")
+        >>> emb = je.Embedding({"items": je.FeatureConfig(table)})
+        >>> data = ({"items": np.array([i, i + 1])} for i in range(3))
+        >>> [len(batch.plans) for batch in je.prefetch(emb, data)]
+        [1, 1, 1]
+    """
+    if buffer_size < 1:
+        raise ValueError(f"buffer_size must be >= 1, got {buffer_size}.")
+    ready: queue.Queue = queue.Queue(maxsize=buffer_size)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in examples:
+                inputs, weights = item if isinstance(item, tuple) else (item, None)
+                if not put(emb.preprocess(inputs, weights)):
+                    return
+        except BaseException as e:  # handed to the consumer, raised there
+            put(e)
+            return
+        put(_DONE)
+
+    thread = threading.Thread(target=work, name="jaxembed-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
