@@ -430,13 +430,14 @@ def _sequential_sum(x: jax.Array, axis: int, weights: Any = None) -> jax.Array:
     return _ordered_sum(x, weights is None and x.shape[0] <= _UNROLL)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _ordered_sum(x: jax.Array, unroll: bool) -> jax.Array:
-    """``x.sum(0)`` added strictly in order; its gradient is the cotangent for every slice.
+    """``x.sum(0)`` added strictly in order.
 
-    The custom VJP is the sum's own derivative (a broadcast), written out because the transposes
-    XLA would otherwise build cost far more than the sum: one padded copy per unrolled slice, or
-    a reversed scan.
+    Its derivative is declared as a plain ``sum`` of the tangents, whose transpose (the
+    gradient) is a broadcast of the cotangent to every slice: the transposes XLA would otherwise
+    build for the ordered sum cost far more than the sum itself (one padded copy per unrolled
+    slice, or a reversed scan). Forward mode works too.
     """
     if unroll:
         acc = x[0]
@@ -449,15 +450,10 @@ def _ordered_sum(x: jax.Array, unroll: bool) -> jax.Array:
     return acc
 
 
-def _ordered_sum_fwd(x: jax.Array, unroll: bool) -> tuple[jax.Array, tuple[int, ...]]:
-    return _ordered_sum(x, unroll), x.shape
-
-
-def _ordered_sum_bwd(unroll: bool, shape: tuple[int, ...], g: jax.Array) -> tuple[jax.Array]:
-    return (jnp.broadcast_to(g, shape),)
-
-
-_ordered_sum.defvjp(_ordered_sum_fwd, _ordered_sum_bwd)
+@_ordered_sum.defjvp
+def _ordered_sum_jvp(unroll: bool, primals: tuple, tangents: tuple) -> tuple[jax.Array, jax.Array]:
+    (x,), (dx,) = primals, tangents
+    return _ordered_sum(x, unroll), dx.sum(0)
 
 
 def combine_rows(rows: jax.Array, plan: LookupPlan) -> jax.Array:
