@@ -24,7 +24,8 @@ ensure_env() {  # $1: extras to install, e.g. "tf" or "tf,test"
     .venv/bin/python -m pip install --quiet --upgrade pip
   fi
   local stamp=".venv/.installed-${1//,/-}"
-  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] ||
+    [ csrc/cpu_kernels.cc -nt "$stamp" ]; then
     echo "installing jaxembed[$1] into .venv ..." >&2
     .venv/bin/python -m pip install --quiet -e ".[$1]"
     touch "$stamp"

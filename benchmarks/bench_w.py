@@ -6,7 +6,8 @@ sum, Adagrad (lr 0.1, initial accumulator 0.1, no epsilon). The alternatives of 
 timed interleaved (one call of each, in rotating order, per repeat) and reported as medians:
 
 * ``lookup``: jitted ``emb.lookup(state, batch)`` (batch from ``emb.preprocess``);
-* ``train``: jitted lookup + fixed activation gradient + ``emb.apply_gradients`` (state donated);
+* ``train``: jitted lookup + the gradient of a stand-in loss ``sum(softplus(acts * g))`` (fixed
+  random ``g``; TF and naive JAX use the same loss) + ``emb.apply_gradients`` (state donated);
 * ``preprocess``: ``emb.preprocess(inputs)`` on numpy ``je.Ragged`` inputs (host + transfer);
 * ``tf_lookup`` / ``tf_lookup_eager``: TF's ``serving_embedding_lookup`` on ``tf.RaggedTensor``
   inputs in a ``tf.function`` (jit_compile=False) / eagerly, tables from ``export.to_tf``;
@@ -107,7 +108,7 @@ def tf_ragged(inputs: Inputs) -> dict[str, tf.RaggedTensor]:
 
 
 def fixed_grads(num_features: int, batch: int, dim: int) -> dict[str, np.ndarray]:
-    """dL/d(activation) of L = sum(acts * g): the same fixed gradient for every framework."""
+    """The ``g`` of the stand-in loss ``sum(softplus(acts * g))``, the same for every framework."""
     rng = np.random.default_rng(1)
     return {
         f"f{f}": rng.standard_normal((batch, dim)).astype(np.float32) * 0.01
@@ -160,13 +161,19 @@ def make_embedding(num_features: int, vocab: int, dim: int, optimizer: str | Non
     return je.Embedding({f"f{f}": je.FeatureConfig(t) for f, t in enumerate(tables)}, opt)
 
 
-def train_step_fn(emb: je.Embedding) -> Callable:
-    """Jitted (donated) lookup + fixed activation gradient + apply_gradients; returns the loss
-    too, so the forward lookup is part of the step."""
+def model_loss(acts: dict, g: dict) -> jax.Array:
+    """The stand-in model: ``sum(softplus(acts * g))`` with a fixed random ``g`` per feature.
+    Its activation gradient ``g * sigmoid(acts * g)`` depends on the activations, as any model's
+    does (TF's step and naive JAX use the same loss)."""
+    return sum(jnp.sum(jax.nn.softplus(acts[k] * g[k])) for k in g)
 
-    def step(state, batch, grads):
+
+def train_step_fn(emb: je.Embedding) -> Callable:
+    """Jitted (donated) lookup + loss gradient + apply_gradients; returns the loss too."""
+
+    def step(state, batch, g):
         acts = emb.lookup(state, batch)
-        loss = sum(jnp.vdot(acts[k], grads[k]) for k in grads)
+        loss, grads = jax.value_and_grad(model_loss)(acts, g)
         return emb.apply_gradients(state, batch, grads), loss
 
     return jax.jit(step, donate_argnums=0)
@@ -200,7 +207,7 @@ def tf_train_fn(tf_tables: dict, tf_features: dict, optimizer: str, grads: dict)
     def step(inputs):
         with tf.GradientTape() as tape:
             acts = TF_EMB.serving_embedding_lookup(inputs, None, tf_tables, tf_features)
-            loss = tf.add_n([tf.reduce_sum(acts[f] * g[f]) for f in features])
+            loss = tf.add_n([tf.reduce_sum(tf.nn.softplus(acts[f] * g[f])) for f in features])
         for i, grad in enumerate(tape.gradient(loss, variables)):
             rows, index = tf.unique(grad.indices)
             summed = tf.math.unsorted_segment_sum(grad.values, index, tf.size(rows))
@@ -246,7 +253,7 @@ def naive_stepper(args: argparse.Namespace, inputs: Inputs, grads: dict) -> Step
         total = 0.0
         for table, i, s, gf in zip(tables, ids, segs, g, strict=True):
             act = jax.ops.segment_sum(jnp.take(table, i, axis=0), s, num_segments=args.batch)
-            total = total + jnp.vdot(act, gf)
+            total = total + jnp.sum(jax.nn.softplus(act * gf))
         return total
 
     def step(state, ids, segs):

@@ -8,10 +8,10 @@ dense model.
 ``preprocess`` (host, numpy) validates the inputs with TF's rules and turns them into a ``Batch``
 of static-shape arrays: per table, the distinct ids the batch touches (padded to a bucketed
 capacity), and per feature a ``LookupPlan`` whose slots index those distinct rows. ``lookup``
-gathers each table's touched rows once and combines them exactly as ``embedding_lookup`` does.
-``apply_gradients`` takes the VJP of that combination, which sums ``coeff * dL/dact`` over every
-use of a row in the global batch (TF's TPU gradient), and runs each table's optimizer once per
-touched row.
+sums each example's slots through those ids exactly as ``embedding_lookup`` does.
+``apply_gradients`` sums ``coeff * dL/dact`` over every use of a row in the global batch (TF's
+TPU gradient) and runs each table's optimizer once per touched row. On CPU both are kernels
+(``_kernels.py``) that read and update the touched rows in place; elsewhere they are JAX ops.
 """
 
 from __future__ import annotations
@@ -29,16 +29,16 @@ from jaxembed.configs import TableConfig
 from jaxembed.lookup import (
     LookupPlan,
     bucket,
-    combine_rows,
     feature_paths,
     flatten_features,
-    gather_rows,
+    lookup_rows,
     pad_axis,
     plan_feature,
     remap_plan,
     slot_bucket,
+    slot_cotangents,
 )
-from jaxembed.optimizers import Optimizer, apply_rows
+from jaxembed.optimizers import Optimizer, apply_slot_gradients
 from jaxembed.sharding import ShardingPlan, plan_sharding, to_logical, to_physical
 
 
@@ -369,17 +369,8 @@ class Embedding:
         return jax.device_put(batch)
 
     # -- device side (pure) --
-    def _combine(self, rows: dict[str, jax.Array], batch: Batch) -> Any:
-        outs = [
-            combine_rows(rows[self.table_names[self._features[path].table]], plan)
-            for path, plan in zip(batch.paths, batch.plans, strict=True)
-        ]
-        return jax.tree_util.tree_unflatten(batch.treedef, outs)
-
-    def _touched_rows(self, state: EmbeddingState, batch: Batch) -> dict[str, jax.Array]:
-        return {
-            name: gather_rows(state.tables[name], ids) for name, ids in batch.unique_ids.items()
-        }
+    def _table_of(self, path: str) -> str:
+        return self.table_names[self._features[path].table]
 
     def lookup(self, state: EmbeddingState, batch: Batch) -> Any:
         """Activations for ``batch``, nested like its inputs; equal to ``embedding_lookup``."""
@@ -387,7 +378,12 @@ class Embedding:
             from jaxembed.sharded import lookup_sharded
 
             return lookup_sharded(self, state, batch)
-        return self._combine(self._touched_rows(state, batch), batch)
+        outs = [
+            lookup_rows(state.tables[name], batch.unique_ids[name], plan)
+            for path, plan in zip(batch.paths, batch.plans, strict=True)
+            for name in [self._table_of(path)]
+        ]
+        return jax.tree_util.tree_unflatten(batch.treedef, outs)
 
     def _cotangents(self, batch: Batch, grads: Any) -> Any:
         flat = dict(_nest.flatten_with_paths(grads))
@@ -422,6 +418,12 @@ class Embedding:
         Per row ``g = sum(coeff * dL/dact)`` over the global batch (sum, not mean; coeff = w,
         w/sum(w) or w/sqrt(sum(w^2)) for sum/mean/sqrtn, 1 for sequence positions and dense
         ids), then each table's optimizer runs once on each touched row.
+
+        Inside a jitted step with the state donated, the tables and slots are updated in place
+        (on CPU by one kernel pass over the touched rows), so a step costs the same at any
+        vocabulary size. XLA can do that only when the update is known to come after this
+        step's ``lookup``, which holds whenever ``grads`` depend on the activations (any
+        nonlinear model); with gradients that do not, XLA copies each table first.
         """
         missing = [n for n, opt in self.optimizers.items() if opt is None]
         if missing:
@@ -435,13 +437,13 @@ class Embedding:
 
             tables, slots = apply_gradients_sharded(self, state, batch, cotangents)
             return EmbeddingState(tables, slots, state.step + 1)
-        rows = self._touched_rows(state, batch)
-        _, vjp = jax.vjp(lambda r: self._combine(r, batch), rows)
-        (row_grads,) = vjp(jax.tree_util.tree_unflatten(batch.treedef, cotangents))
+        parts: dict[str, list] = {name: [] for name in batch.unique_ids}
+        for path, plan, cot in zip(batch.paths, batch.plans, cotangents, strict=True):
+            parts[self._table_of(path)].append(slot_cotangents(plan, cot))
         tables, slots = dict(state.tables), dict(state.slots)
         for name, ids in batch.unique_ids.items():
-            tables[name], slots[name] = apply_rows(
-                self.optimizers[name], state.tables[name], state.slots[name], ids,
-                row_grads[name], state.step,
+            tables[name], slots[name] = apply_slot_gradients(
+                self.optimizers[name], state.tables[name], state.slots[name], ids, parts[name],
+                state.step,
             )  # fmt: skip
         return EmbeddingState(tables, slots, state.step + 1)

@@ -18,7 +18,6 @@ past the end of a row point at an all-zero row, and adding ``0.0`` changes nothi
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import warnings
 from collections.abc import Mapping
@@ -28,12 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxembed import _nest
+from jaxembed import _kernels, _nest
 from jaxembed.configs import FeatureConfig, TableConfig
 from jaxembed.inputs import Ragged, Sparse, is_traced
 
 _BLOCK = 8
-_UNROLL = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -414,62 +412,8 @@ def remap_plan(
 # Device side: gather and sum in TF's order.
 
 
-def _sequential_sum(x: jax.Array, axis: int, weights: Any = None) -> jax.Array:
-    """Sums ``x`` (times ``weights``, if given) along ``axis`` strictly left to right.
-
-    Unweighted sums are unrolled: XLA keeps the order of float additions. Weighted sums run as a
-    ``lax.scan`` over the precomputed products, because in an unrolled chain XLA:CPU fuses each
-    ``w * e`` into its add as an FMA, which rounds differently from TF (TF rounds the product to
-    float32 first).
-    """
-    if weights is not None:
-        x = x * jnp.asarray(weights, x.dtype)[..., None]
-    x = jnp.moveaxis(x, axis, 0)
-    if x.shape[0] == 0:
-        return jnp.zeros(x.shape[1:], x.dtype)
-    return _ordered_sum(x, weights is None and x.shape[0] <= _UNROLL)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _ordered_sum(x: jax.Array, unroll: bool) -> jax.Array:
-    """``x.sum(0)`` added strictly in order.
-
-    Its derivative is declared as a plain ``sum`` of the tangents, whose transpose (the
-    gradient) is a broadcast of the cotangent to every slice: the transposes XLA would otherwise
-    build for the ordered sum cost far more than the sum itself (one padded copy per unrolled
-    slice, or a reversed scan). Forward mode works too.
-    """
-    if unroll:
-        acc = x[0]
-        for j in range(1, x.shape[0]):
-            acc = acc + x[j]
-        return acc
-    # Starting from 0 (as TF's segment sums do) keeps at least one loop trip for every row
-    # length: XLA inlines a one-trip loop, and 0 + w * e is exact even as an FMA.
-    acc, _ = jax.lax.scan(lambda a, v: (a + v, None), jnp.zeros(x.shape[1:], x.dtype), x)
-    return acc
-
-
-@_ordered_sum.defjvp
-def _ordered_sum_jvp(unroll: bool, primals: tuple, tangents: tuple) -> tuple[jax.Array, jax.Array]:
-    (x,), (dx,) = primals, tangents
-    return _ordered_sum(x, unroll), dx.sum(0)
-
-
-def combine_rows(rows: jax.Array, plan: LookupPlan) -> jax.Array:
-    """Places or combines gathered ``rows`` (``[N, dim]``, one per ``plan.ids``) per ``plan``.
-
-    Pure and differentiable in ``rows``: its VJP gives each gathered row ``coeff * dL/dact``
-    summed over the slots that use it, the gradient TF's TPU embedding applies.
-    """
-    dim = rows.shape[1]
-    padded = jnp.concatenate([rows, jnp.zeros((1, dim), rows.dtype)])
-    if plan.mode != "combine":
-        return padded[plan.positions].reshape(*plan.shape, dim)
-    acc = _sequential_sum(padded[plan.positions], 1, plan.weights)
-    if plan.blocks.shape[1]:
-        block_sums = _sequential_sum(padded[plan.blocks], 2, plan.block_weights)
-        acc = _sequential_sum(jnp.concatenate([acc[:, None], block_sums], axis=1), axis=1)
+def _finish(acc: jax.Array, plan: LookupPlan) -> jax.Array:
+    """A combined plan's slot sums ``[R, dim]`` scaled and divided, in the output shape."""
     if plan.scale is not None:
         acc = acc * jnp.asarray(plan.scale, acc.dtype)[:, None]
     if plan.divisor is not None:
@@ -481,12 +425,59 @@ def combine_rows(rows: jax.Array, plan: LookupPlan) -> jax.Array:
             jnp.broadcast_to(jnp.where(empty, 1, divisor), acc.shape)
         )
         acc = jnp.where(empty, jnp.zeros((), acc.dtype), acc / safe)
-    return acc.reshape(*plan.shape, dim)
+    return acc.reshape(*plan.shape, acc.shape[-1])
+
+
+def lookup_rows(table: jax.Array, ids: Any, plan: LookupPlan) -> jax.Array:
+    """``combine_rows(gather_rows(table, ids), plan)``, without the gathered copy on CPU.
+
+    ``ids`` (``[N]``) are the table rows the plan's slots refer to; an id outside the table (the
+    padding id ``vocabulary_size``) reads zeros. Linear in ``table``.
+    """
+    ids = jnp.asarray(ids)
+    dim = table.shape[1]
+    if plan.mode != "combine":  # slot N (no entry) reads id -1: a zero row
+        padded = jnp.concatenate([ids, jnp.full((1,), -1, ids.dtype)])
+        rows = gather_rows(table, padded[jnp.asarray(plan.positions).reshape(-1)])
+        return rows.reshape(*plan.shape, dim)
+    p = plan
+    acc = _kernels.slot_sums(table, p.positions, p.weights, p.blocks, p.block_weights, ids=ids)
+    return _finish(acc, plan)
+
+
+def combine_rows(rows: jax.Array, plan: LookupPlan) -> jax.Array:
+    """Places or combines gathered ``rows`` (``[N, dim]``, one per ``plan.ids``) per ``plan``.
+
+    Pure and differentiable in ``rows``: its VJP gives each gathered row ``coeff * dL/dact``
+    summed over the slots that use it, the gradient TF's TPU embedding applies.
+    """
+    dim = rows.shape[1]
+    if plan.mode != "combine":  # slot N (no entry) is out of range: a zero row
+        return gather_rows(rows, jnp.asarray(plan.positions).reshape(-1)).reshape(*plan.shape, dim)
+    p = plan
+    return _finish(_kernels.slot_sums(rows, p.positions, p.weights, p.blocks, p.block_weights), p)
+
+
+def slot_cotangents(plan: LookupPlan, cot: jax.Array) -> tuple[Any, ...]:
+    """``dL/d(activation)`` of ``plan`` as ``(cot, head, head_w, blocks, block_w)``: the row
+    gradient of gathered row ``p`` is the sum of ``(w *) cot[r]`` over the slots holding ``p``
+    (``_kernels.slot_grads``); sequence and dense positions are slots of their own."""
+    dim = cot.shape[-1]
+    if plan.mode != "combine":
+        head = jnp.asarray(plan.positions).reshape(-1, 1)
+        blocks = jnp.zeros((head.shape[0], 0, _BLOCK), jnp.int32)
+        return cot.reshape(-1, dim), head, None, blocks, None
+    rows = math.prod(plan.shape)
+    # _finish is linear in the sums: its VJP does not depend on their values.
+    _, vjp = jax.vjp(lambda acc: _finish(acc, plan), jnp.zeros((rows, dim), cot.dtype))
+    (cot_sums,) = vjp(cot)
+    return cot_sums, plan.positions, plan.weights, plan.blocks, plan.block_weights
 
 
 def gather_rows(table: jax.Array, ids: Any) -> jax.Array:
-    """``table[ids]``; an id equal to ``vocabulary_size`` (padding) gives a zero row."""
-    return jnp.take(table, jnp.asarray(ids), axis=0, mode="fill", fill_value=0)
+    """``table[ids]``; an id outside ``[0, vocabulary_size)`` (e.g. the padding id
+    ``vocabulary_size``) gives a zero row. A CPU kernel on CPU, ``jnp.take`` elsewhere."""
+    return _kernels.gather_rows(table, ids)
 
 
 @jax.jit
@@ -495,7 +486,7 @@ def apply_plan(table: jax.Array, plan: LookupPlan) -> jax.Array:
 
     Compiled once per plan shape: one XLA program instead of one dispatch per operation.
     """
-    return combine_rows(gather_rows(table, plan.ids), plan)
+    return lookup_rows(table, plan.ids, plan)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -589,7 +580,8 @@ def embedding_lookup(
 
     ``inputs`` (and ``weights``) are read on the host, so sparse and ragged inputs must be
     concrete arrays; ``tables`` may be traced, so ``jax.jit`` and ``jax.grad`` over the tables
-    work. Dense ids may also be traced; traced ids that are out of range give NaN rows.
+    work. Dense ids may also be traced; traced ids outside ``[0, vocabulary_size)`` give zero
+    rows (they cannot be checked on the host).
 
     Args:
         inputs: Nested structure (dicts, lists, tuples) of integer arrays, ``Sparse`` or

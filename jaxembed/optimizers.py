@@ -40,6 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxembed import _kernels
+
 LearningRate = float | Callable[[jax.Array], jax.Array]
 Slots = Any  # a pytree: {slot name: array} for TF optimizers, the optax state for from_optax
 
@@ -142,6 +144,27 @@ class Optimizer:
     def _rule(self, w, slots, g, lr):
         raise NotImplementedError
 
+    # Kernel kinds and flags: csrc/cpu_kernels.cc (OptimizerKind, Flags); None: no kernel.
+    _kernel_kind: ClassVar[int | None] = None
+
+    def _kernel_constants(self) -> tuple[list[float], int]:
+        """The rule's own constants for the CPU kernel, and its flags."""
+        return [], 0
+
+    def kernel_rule(self) -> tuple[int, int, list[float]] | None:
+        """``(kind, flags, constants)``: this optimizer for the CPU kernel (see
+        ``csrc/cpu_kernels.cc``), constants rounded to float32 as ``apply`` rounds them."""
+        if self._kernel_kind is None:
+            return None
+        lo, hi = self.clip_gradient_min, self.clip_gradient_max
+        flags = (lo is not None) * 1 + (hi is not None) * 2
+        if self.weight_decay_factor:
+            flags |= 4 | (8 if self.multiply_weight_decay_factor_by_learning_rate else 0)
+        flags |= (self.clip_weight_min is not None) * 16 + (self.clip_weight_max is not None) * 32
+        constants, own_flags = self._kernel_constants()
+        common = [lo, hi, self.weight_decay_factor, self.clip_weight_min, self.clip_weight_max]
+        return self._kernel_kind, flags | own_flags, [c or 0.0 for c in common] + constants
+
     def apply(self, w: jax.Array, slots: Slots, g: jax.Array, step: jax.Array):
         """Updates rows ``w`` (``[U, dim]``) and their ``slots`` with summed gradients ``g``."""
         lr = self.learning_rate_at(step)
@@ -179,6 +202,8 @@ class SGD(Optimizer):
 
     def __post_init__(self) -> None:
         self._validate_common()
+
+    _kernel_kind: ClassVar[int | None] = 0
 
     def _rule(self, w, slots, g, lr):
         return w - lr * g, slots
@@ -219,6 +244,8 @@ class Adagrad(Optimizer):
 
     def _initial_values(self):
         return {"accumulators": self.initial_accumulator_value}
+
+    _kernel_kind: ClassVar[int | None] = 1
 
     def _rule(self, w, slots, g, lr):
         acc = slots["accumulators"] + g * g
@@ -273,6 +300,18 @@ class AdagradMomentum(Optimizer):
 
     def _initial_values(self):
         return {"accumulators": 0.0, "momenta": 0.0}
+
+    _kernel_kind: ClassVar[int | None] = 2
+
+    def _kernel_constants(self):
+        flags = (64 if self.use_nesterov else 0) | (128 if self.beta2 == 1 else 0)
+        return [
+            self.beta2,
+            1 - self.beta2,
+            self.epsilon,
+            -1.0 / self.exponent,
+            self.momentum,
+        ], flags
 
     def _rule(self, w, slots, g, lr):
         acc = slots["accumulators"]
@@ -339,6 +378,19 @@ class Adam(Optimizer):
     def _initial_values(self):
         return {"momenta": 0.0, "velocities": 0.0}
 
+    _kernel_kind: ClassVar[int | None] = 3
+
+    def _kernel_constants(self):
+        constants = [
+            self.beta_1,
+            1 - self.beta_1,
+            self.beta_2,
+            1 - self.beta_2,
+            self.epsilon,
+            self.epsilon**2,
+        ]
+        return constants, 256 if self.sum_inside_sqrt else 0
+
     def _rule(self, w, slots, g, lr):
         m = self.beta_1 * slots["momenta"] + (1 - self.beta_1) * g
         v = self.beta_2 * slots["velocities"] + (1 - self.beta_2) * g * g
@@ -403,6 +455,18 @@ class FTRL(Optimizer):
 
     def _initial_values(self):
         return {"accumulators": self.initial_accumulator_value, "linears": 0.0}
+
+    _kernel_kind: ClassVar[int | None] = 4
+
+    def _kernel_constants(self):
+        constants = [
+            -self.learning_rate_power,
+            self.l1_regularization_strength,
+            self.l2_regularization_strength,
+            self.beta,
+            2 * self.l2_regularization_strength,
+        ]
+        return constants, 512 if self.multiply_linear_by_learning_rate else 0
 
     def _rule(self, w, slots, g, lr):
         power = -self.learning_rate_power
@@ -512,10 +576,6 @@ def from_optax(tx: optax.GradientTransformation) -> OptaxOptimizer:
 # Row-sparse application
 
 
-def _is_row_leaf(leaf: Any, table: jax.Array) -> bool:
-    return tuple(np.shape(leaf)) == tuple(table.shape)
-
-
 def apply_rows(
     optimizer: Optimizer,
     table: jax.Array,
@@ -527,6 +587,10 @@ def apply_rows(
     """Applies ``optimizer`` to the rows ``ids`` of ``table`` (and of its slots).
 
     Shapes: V = vocabulary size, D = dim, U = touched rows (padded).
+
+    On CPU the TF optimizers run in place, one pass over the touched rows (donate the state to
+    the enclosing ``jit``); elsewhere, and for ``from_optax``, the rows are gathered, updated
+    and written back.
 
     Args:
         optimizer: The table's optimizer.
@@ -542,24 +606,30 @@ def apply_rows(
     if not optimizer.lazy:
         dense = jnp.zeros_like(table).at[ids].add(grads, mode="drop")
         return optimizer.apply(table, slots, dense, step)
-    w = jnp.take(table, ids, axis=0, mode="fill", fill_value=0)
-    rows = jax.tree.map(
-        lambda s: (
-            jnp.take(s, ids, axis=0, mode="fill", fill_value=0) if _is_row_leaf(s, table) else s
-        ),
-        slots,
-    )
-    new_w, new_rows = optimizer.apply(w, rows, grads, step)
+    return _kernels.apply_rows(optimizer, table, slots, ids, grads, step)
 
-    def scatter(full, part):
-        return full.at[ids].set(part, mode="drop", unique_indices=True)
 
-    new_slots = jax.tree.map(
-        lambda s, r: scatter(s, r.astype(s.dtype)) if _is_row_leaf(s, table) else r,
-        slots,
-        new_rows,
-    )
-    return scatter(table, new_w), new_slots
+def apply_slot_gradients(
+    optimizer: Optimizer,
+    table: jax.Array,
+    slots: Slots,
+    ids: jax.Array,
+    parts: list[tuple[Any, ...]],
+    step: jax.Array,
+) -> tuple[jax.Array, Slots]:
+    """``apply_rows`` with each row's gradient summed from slot cotangents.
+
+    ``parts``: one ``(cot, head, head_w, blocks, block_w)`` per feature of the table (see
+    ``lookup.slot_cotangents``): row ``i``'s gradient is the sum of ``(w *) cot[r]`` over the
+    slots holding ``i``. With one part, the CPU kernel sums each row's gradient right before
+    updating the row, with no ``[U, D]`` gradient array.
+    """
+    if len(parts) == 1 and optimizer.lazy:
+        return _kernels.apply_slots(optimizer, table, slots, ids, *parts[0], step)
+    grads = jnp.zeros((ids.shape[0], table.shape[1]), table.dtype)
+    for part in parts:
+        grads = grads + _kernels.slot_grads(*part, num_rows=ids.shape[0])
+    return apply_rows(optimizer, table, slots, ids, grads, step)
 
 
 __all__ = [
@@ -571,5 +641,6 @@ __all__ = [
     "Optimizer",
     "OptaxOptimizer",
     "apply_rows",
+    "apply_slot_gradients",
     "from_optax",
 ]

@@ -1,0 +1,632 @@
+"""Row primitives: gathers, writes and TF-ordered slot sums, with CPU kernels where they help.
+
+An embedding step is mostly row traffic: gather the touched rows, sum each example's slots,
+scatter gradients back onto rows, write updated rows. XLA:CPU does these one 64-float row at a
+time, well below memory speed. This module defines them as JAX primitives with two lowerings:
+
+* on CPU, custom calls into ``csrc/cpu_kernels.cc`` (compiled into ``jaxembed/_cpu_kernels*.so``
+  when the package is installed): whole-row copies, vectorised sums in TF's order, XLA's
+  intra-op thread pool;
+* everywhere else (TPU, GPU), and on CPU for dtypes the kernels do not cover, the pure-JAX
+  functions below (``_take``, ``_slot_sums_jax``, ...), which give the same bits.
+
+Each primitive is linear in its float operand and has JVP, transpose and batching rules, so
+``jit``, ``grad``, ``jvp``/``jacfwd`` and ``vmap`` work on either lowering. The kernels are used
+when the library loaded and ``JAXEMBED_CPU_KERNELS`` is not ``0``; ``status()`` says which, and
+``use_kernels(False)`` switches them off in a scope (the pure-JAX functions are then called
+directly, as on a machine without the library).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import importlib.machinery
+import os
+import pathlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+_TARGETS = ("gather_rows", "scatter_rows", "combine", "combine_grad", "apply_rows", "apply_slots")
+_LIBRARY = "_cpu_kernels"
+_BLOCK = 8  # slots per tail block (TF's sparse_segment_* kernels)
+_UNROLL = 64  # ordered sums up to this many slots are unrolled
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading the CPU kernels.
+
+
+def _find_library() -> pathlib.Path | None:
+    here = pathlib.Path(__file__).resolve().parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"{_LIBRARY}{suffix}"
+        if path.exists():
+            return path
+    return None
+
+
+@functools.cache
+def _load() -> tuple[bool, str]:
+    """Loads the library and registers its FFI targets, once per process: (ok, what happened)."""
+    path = _find_library()
+    if path is None:
+        return False, (
+            "the compiled CPU kernels are missing (was a C++ compiler available when jaxembed "
+            "was installed?); reinstall with g++ on the PATH to get them"
+        )
+    try:
+        library = ctypes.CDLL(str(path))
+        for name in _TARGETS:
+            capsule = jax.ffi.pycapsule(getattr(library, f"jaxembed_{name}"))
+            jax.ffi.register_ffi_target(f"jaxembed_{name}", capsule, platform="cpu")
+    except (OSError, AttributeError, RuntimeError, ValueError) as err:
+        return False, f"loading {path.name} failed: {err}"
+    return True, f"loaded {path.name}"
+
+
+_enabled = os.environ.get("JAXEMBED_CPU_KERNELS", "1") != "0"
+
+
+def enabled() -> bool:
+    """Whether lookups and updates traced now use the CPU kernels when they run on CPU."""
+    return _enabled and _load()[0]
+
+
+def status() -> str:
+    """One line: whether the CPU kernels are in use, and why (not).
+
+    Example:
+        >>> status().startswith("CPU kernels")
+        True
+    """
+    if not _enabled:
+        return "CPU kernels off (JAXEMBED_CPU_KERNELS=0 or use_kernels(False)): pure JAX"
+    ok, why = _load()
+    return f"CPU kernels on ({why})" if ok else f"CPU kernels off: {why}; pure JAX"
+
+
+@contextlib.contextmanager
+def use_kernels(on: bool) -> Iterator[None]:
+    """Turns the CPU kernels on or off inside the ``with`` block (clears JAX's caches)."""
+    global _enabled
+    before = _enabled
+    _enabled = on
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        _enabled = before
+        jax.clear_caches()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure-JAX implementations: the lowering off CPU, and the reference the kernels must equal.
+
+
+def _as_index(ids: Any) -> jax.Array:
+    ids = jnp.asarray(ids)
+    return ids if ids.dtype in (jnp.int32, jnp.int64) else ids.astype(jnp.int32)
+
+
+def _take(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """``table[ids]``, a zero row for ids outside ``[0, len(table))``."""
+    rows = table.shape[0]
+    if rows == 0:
+        return jnp.zeros((*ids.shape, *table.shape[1:]), table.dtype)
+    valid = (ids >= 0) & (ids < rows)
+    return jnp.take(table, jnp.where(valid, ids, rows), axis=0, mode="fill", fill_value=0)
+
+
+def _add_at(cot: jax.Array, ids: jax.Array, num_rows: int) -> jax.Array:
+    """``out[ids[i]] += cot[i]`` into ``num_rows`` zero rows; ids outside them are dropped."""
+    out = jnp.zeros((num_rows, *cot.shape[ids.ndim :]), cot.dtype)
+    valid = (ids >= 0) & (ids < num_rows)
+    return out.at[jnp.where(valid, ids, num_rows)].add(cot, mode="drop")
+
+
+def _set_at(table: jax.Array, ids: jax.Array, rows: jax.Array) -> jax.Array:
+    """``table[ids[i]] = rows[i]`` for distinct ids; ids outside the table are dropped."""
+    valid = (ids >= 0) & (ids < table.shape[0])
+    idx = jnp.where(valid, ids, table.shape[0])
+    return table.at[idx].set(rows.astype(table.dtype), mode="drop", unique_indices=True)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _ordered_sum(x: jax.Array, unroll: bool) -> jax.Array:
+    """``x.sum(0)`` added strictly in order.
+
+    Its derivative is declared as a plain ``sum`` of the tangents, whose transpose (the
+    gradient) is a broadcast of the cotangent to every slice: the transposes XLA would otherwise
+    build for the ordered sum cost far more than the sum itself (one padded copy per unrolled
+    slice, or a reversed scan).
+    """
+    if unroll:
+        acc = x[0]
+        for j in range(1, x.shape[0]):
+            acc = acc + x[j]
+        return acc
+    # Starting from 0 (as TF's segment sums do) keeps at least one loop trip for every row
+    # length: XLA inlines a one-trip loop, and 0 + w * e is exact even as an FMA.
+    acc, _ = jax.lax.scan(lambda a, v: (a + v, None), jnp.zeros(x.shape[1:], x.dtype), x)
+    return acc
+
+
+@_ordered_sum.defjvp
+def _ordered_sum_jvp(unroll: bool, primals: tuple, tangents: tuple) -> tuple[jax.Array, jax.Array]:
+    (x,), (dx,) = primals, tangents
+    return _ordered_sum(x, unroll), dx.sum(0)
+
+
+def _sequential_sum(x: jax.Array, axis: int, weights: Any = None) -> jax.Array:
+    """Sums ``x`` (times ``weights``, if given) along ``axis`` strictly left to right.
+
+    Unweighted sums are unrolled: XLA keeps the order of float additions. Weighted sums run as a
+    ``lax.scan`` over the precomputed products, because in an unrolled chain XLA:CPU fuses each
+    ``w * e`` into its add as an FMA, which rounds differently from TF (TF rounds the product to
+    float32 first).
+    """
+    if weights is not None:
+        x = x * jnp.asarray(weights, x.dtype)[..., None]
+    x = jnp.moveaxis(x, axis, 0)
+    if x.shape[0] == 0:
+        return jnp.zeros(x.shape[1:], x.dtype)
+    return _ordered_sum(x, weights is None and x.shape[0] <= _UNROLL)
+
+
+def _slot_sums_jax(rows: jax.Array, head: Any, head_w: Any, blocks: Any, block_w: Any) -> jax.Array:
+    """Per output row: head slots summed in order, then each block of 8 summed and added.
+
+    A slot outside ``[0, len(rows))`` (the plans use ``len(rows)``) reads an all-zero row, and
+    adding ``+0.0`` changes nothing.
+    """
+    padded = jnp.concatenate([rows, jnp.zeros((1, rows.shape[1]), rows.dtype)])
+    n = rows.shape[0]
+
+    def at(slots):
+        slots = jnp.asarray(slots)
+        return padded[jnp.where((slots >= 0) & (slots < n), slots, n)]
+
+    acc = _sequential_sum(at(head), 1, head_w)
+    if blocks.shape[1]:
+        block_sums = _sequential_sum(at(blocks), 2, block_w)
+        acc = _sequential_sum(jnp.concatenate([acc[:, None], block_sums], axis=1), axis=1)
+    return acc
+
+
+def _slot_grads_jax(cot, head, head_w, blocks, block_w, num_rows: int) -> jax.Array:
+    """The transpose of ``_slot_sums_jax``: ``grads[slot] += (w *) cot[row]``."""
+    zeros = jnp.zeros((num_rows, cot.shape[1]), cot.dtype)
+    _, vjp = jax.vjp(lambda r: _slot_sums_jax(r, head, head_w, blocks, block_w), zeros)
+    return vjp(cot)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel calls (CPU), in terms of the FFI targets.
+
+
+def _ffi(name: str, out: jax.ShapeDtypeStruct, *args: jax.Array, **kw: Any) -> jax.Array:
+    return jax.ffi.ffi_call(f"jaxembed_{name}", out, **kw)(*args)
+
+
+def _gather_kernel(table: jax.Array, ids: jax.Array) -> jax.Array:
+    out = jax.ShapeDtypeStruct((*ids.shape, *table.shape[1:]), table.dtype)
+    return _ffi("gather_rows", out, table, ids)
+
+
+def _add_at_kernel(cot: jax.Array, ids: jax.Array, num_rows: int) -> jax.Array:
+    row_shape = cot.shape[ids.ndim :]
+    flat = cot.reshape(ids.size, -1)
+    head = jnp.asarray(ids, jnp.int32).reshape(-1, 1)
+    slots = _slot_operands(flat, head, None, jnp.zeros((ids.size, 0, _BLOCK), jnp.int32), None)
+    out = jax.ShapeDtypeStruct((num_rows, flat.shape[1]), jnp.float32)
+    return _ffi("combine_grad", out, flat, *slots).reshape(num_rows, *row_shape)
+
+
+def _set_at_kernel(table: jax.Array, ids: jax.Array, rows: jax.Array) -> jax.Array:
+    out = jax.ShapeDtypeStruct(table.shape, table.dtype)
+    rows = rows.astype(table.dtype)
+    return _ffi("scatter_rows", out, table, ids, rows, input_output_aliases={0: 0})
+
+
+def _slot_sums_kernel(rows, head, head_w, blocks, block_w, weighted: bool) -> jax.Array:
+    no_ids = jnp.zeros((0,), jnp.int32)
+    return _lookup_kernel(rows, no_ids, head, head_w, blocks, block_w, weighted)
+
+
+def _lookup_kernel(table, ids, head, head_w, blocks, block_w, weighted: bool) -> jax.Array:
+    out = jax.ShapeDtypeStruct((head.shape[0], table.shape[1]), jnp.float32)
+    return _ffi("combine", out, table, ids, head, head_w, blocks, block_w)
+
+
+def _slot_grads_kernel(cot, head, head_w, blocks, block_w, weighted: bool, num_rows: int):
+    out = jax.ShapeDtypeStruct((num_rows, cot.shape[1]), jnp.float32)
+    return _ffi("combine_grad", out, cot, head, head_w, blocks, block_w)
+
+
+# ---------------------------------------------------------------------------------------------
+# Primitives: abstract evaluation, lowerings, and the AD and batching rules.
+
+
+def _primitive(
+    name: str,
+    abstract: Callable[..., jax.core.ShapedArray],
+    pure: Callable[..., jax.Array],
+    kernel: Callable[..., jax.Array],
+    kernel_ok: Callable[..., bool] = lambda *avals, **params: True,
+    multiple_results: bool = False,
+) -> Primitive:
+    """A primitive lowered to ``kernel`` on CPU (where ``kernel_ok(*avals_in)``) and to
+    ``pure`` elsewhere; batched by ``vmap`` of ``pure``."""
+    prim = Primitive(f"jaxembed_{name}")
+    prim.multiple_results = multiple_results
+    prim.def_abstract_eval(abstract)
+
+    @functools.cache
+    def compiled(**params):
+        return jax.jit(functools.partial(prim.bind, **params))
+
+    prim.def_impl(lambda *args, **params: compiled(**params)(*args))
+    pure_lowering = mlir.lower_fun(pure, multiple_results=multiple_results)
+    kernel_lowering = mlir.lower_fun(kernel, multiple_results=multiple_results)
+
+    def cpu_lowering(ctx, *args, **params):
+        use_kernel = _load()[0] and kernel_ok(*ctx.avals_in, **params)
+        return (kernel_lowering if use_kernel else pure_lowering)(ctx, *args, **params)
+
+    mlir.register_lowering(prim, pure_lowering)
+    mlir.register_lowering(prim, cpu_lowering, platform="cpu")
+
+    def batch(args, dims, **params):
+        axes = [d if isinstance(d, int) else None for d in dims]
+        out = jax.vmap(functools.partial(pure, **params), in_axes=axes)(*args)
+        return out, ([0] * len(out) if multiple_results else 0)
+
+    batching.primitive_batchers[prim] = batch
+    return prim
+
+
+def _f32(aval) -> bool:
+    return aval.dtype == jnp.float32 and aval.ndim == 2
+
+
+def _shaped(shape: tuple, dtype: Any) -> jax.core.ShapedArray:
+    return jax.core.ShapedArray(tuple(shape), dtype)
+
+
+def _gather_abstract(table, ids):
+    return _shaped((*ids.shape, *table.shape[1:]), table.dtype)
+
+
+def _add_at_abstract(cot, ids, num_rows):
+    return _shaped((num_rows, *cot.shape[ids.ndim :]), cot.dtype)
+
+
+def _set_at_abstract(table, ids, rows):
+    return _shaped(table.shape, table.dtype)
+
+
+def _slot_sums_abstract(rows, head, head_w, blocks, block_w, weighted):
+    return _shaped((head.shape[0], rows.shape[1]), rows.dtype)
+
+
+def _slot_grads_abstract(cot, head, head_w, blocks, block_w, weighted, num_rows):
+    return _shaped((num_rows, cot.shape[1]), cot.dtype)
+
+
+def _lookup_abstract(table, ids, head, head_w, blocks, block_w, weighted):
+    return _shaped((head.shape[0], table.shape[1]), table.dtype)
+
+
+def _pure_lookup(table, ids, head, head_w, blocks, block_w, weighted):
+    return _pure_slot_sums(_take(table, ids), head, head_w, blocks, block_w, weighted)
+
+
+def _pure_slot_sums(rows, head, head_w, blocks, block_w, weighted):
+    return _slot_sums_jax(
+        rows, head, head_w if weighted else None, blocks, block_w if weighted else None
+    )
+
+
+def _pure_slot_grads(cot, head, head_w, blocks, block_w, weighted, num_rows):
+    hw, bw = (head_w, block_w) if weighted else (None, None)
+    return _slot_grads_jax(cot, head, hw, blocks, bw, num_rows)
+
+
+def _first_f32(aval, *rest, **params) -> bool:
+    """The kernels sum float32 ``[N, D]`` rows; other dtypes take the pure path."""
+    return _f32(aval)
+
+
+def _first_f32_any_rank(aval, *rest, **params) -> bool:
+    return aval.dtype == jnp.float32
+
+
+gather_p = _primitive("gather_rows", _gather_abstract, _take, _gather_kernel)
+add_at_p = _primitive("add_at", _add_at_abstract, _add_at, _add_at_kernel, _first_f32_any_rank)
+set_at_p = _primitive("set_at", _set_at_abstract, _set_at, _set_at_kernel)
+slot_sums_p = _primitive(
+    "slot_sums", _slot_sums_abstract, _pure_slot_sums, _slot_sums_kernel, _first_f32
+)
+lookup_p = _primitive("lookup", _lookup_abstract, _pure_lookup, _lookup_kernel, _first_f32)
+slot_grads_p = _primitive(
+    "slot_grads", _slot_grads_abstract, _pure_slot_grads, _slot_grads_kernel, _first_f32
+)
+
+
+def _linear(prim: Primitive, transpose: Callable[..., jax.Array]) -> None:
+    """Rules for a primitive linear in its first operand (the others are indices/weights)."""
+
+    def jvp(primals, tangents, **params):
+        out = prim.bind(*primals, **params)
+        t = tangents[0]
+        if type(t) is ad.Zero:
+            return out, ad.Zero(jax.core.get_aval(out).to_tangent_aval())
+        return out, prim.bind(t, *primals[1:], **params)
+
+    def transpose_rule(ct, x, *rest, **params):
+        if type(ct) is ad.Zero:
+            return [None] * (1 + len(rest))
+        return [transpose(ct, x.aval, *rest, **params)] + [None] * len(rest)
+
+    ad.primitive_jvps[prim] = jvp
+    ad.primitive_transposes[prim] = transpose_rule
+
+
+_linear(gather_p, lambda ct, table, ids: add_at_p.bind(ct, ids, num_rows=table.shape[0]))
+_linear(add_at_p, lambda ct, cot, ids, num_rows: gather_p.bind(ct, ids))
+_linear(
+    slot_sums_p,
+    lambda ct, rows, *slots, weighted: slot_grads_p.bind(
+        ct, *slots, weighted=weighted, num_rows=rows.shape[0]
+    ),
+)
+_linear(
+    lookup_p,
+    lambda ct, table, ids, *slots, weighted: add_at_p.bind(
+        slot_grads_p.bind(ct, *slots, weighted=weighted, num_rows=ids.shape[0]),
+        ids,
+        num_rows=table.shape[0],
+    ),
+)
+_linear(
+    slot_grads_p,
+    lambda ct, cot, *slots, weighted, num_rows: slot_sums_p.bind(ct, *slots, weighted=weighted),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions.
+
+
+def gather_rows(table: jax.Array, ids: Any) -> jax.Array:
+    """``table[ids]`` along axis 0, with a zero row for every id outside ``[0, len(table))``.
+
+    Differentiable in ``table`` (the gradient adds each cotangent row onto its id's row).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> gather_rows(jnp.arange(6.0).reshape(3, 2), jnp.array([2, 3, 0])).tolist()
+        [[4.0, 5.0], [0.0, 0.0], [0.0, 1.0]]
+    """
+    ids = _as_index(ids)
+    return gather_p.bind(table, ids) if enabled() else _take(table, ids)
+
+
+def scatter_rows(table: jax.Array, ids: Any, rows: jax.Array) -> jax.Array:
+    """``table`` with row ``ids[i]`` replaced by ``rows[i]``; ids must be distinct (ids outside
+    the table, e.g. padding, are skipped). In place when ``table`` is donated.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> scatter_rows(jnp.zeros((3, 2)), jnp.array([2, 3]), jnp.ones((2, 2))).tolist()
+        [[0.0, 0.0], [0.0, 0.0], [1.0, 1.0]]
+    """
+    ids = _as_index(ids)
+    return set_at_p.bind(table, ids, rows) if enabled() else _set_at(table, ids, rows)
+
+
+def _slot_operands(rows: jax.Array, head, head_w, blocks, block_w) -> list[jax.Array]:
+    weighted = head_w is not None
+    if weighted and block_w is None:
+        block_w = jnp.zeros(jnp.shape(blocks), jnp.float32)
+    empty = jnp.zeros((0,), rows.dtype)
+    return [
+        jnp.asarray(head, jnp.int32),
+        jnp.asarray(head_w, rows.dtype) if weighted else empty,
+        jnp.asarray(blocks, jnp.int32),
+        jnp.asarray(block_w, rows.dtype) if weighted else empty,
+    ]
+
+
+def slot_sums(
+    rows: jax.Array, head: Any, head_w: Any, blocks: Any, block_w: Any, ids: Any = None
+) -> jax.Array:
+    """Per output row: its head slots summed left to right, then each block of 8 slots summed
+    and added in turn (TF's CPU order). Slots outside ``[0, len(rows))`` are empty.
+
+    Shapes: ``rows`` ``[N, D]``; ``head`` ``[R, H]``; ``blocks`` ``[R, T, 8]``; ``head_w`` and
+    ``block_w`` of the slots' shapes, or None (all 1). Returns ``[R, D]``. Linear in ``rows``.
+    With ``ids`` (``[N]``), slot ``p`` reads ``rows[ids[p]]`` instead (an id outside ``rows``
+    reads zeros): the same as ``slot_sums(gather_rows(rows, ids), ...)`` without the copy.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> rows = jnp.array([[1.0], [2.0], [4.0]])
+        >>> slot_sums(rows, jnp.array([[0, 2], [1, 3]]), None, jnp.zeros((2, 0, 8), int), None)
+        Array([[5.],
+               [2.]], dtype=float32)
+    """
+    weighted = head_w is not None
+    if not enabled():
+        if ids is not None:
+            rows = _take(rows, _as_index(ids))
+        return _slot_sums_jax(rows, head, head_w, blocks, block_w)
+    slots = _slot_operands(rows, head, head_w, blocks, block_w)
+    if ids is None:
+        return slot_sums_p.bind(rows, *slots, weighted=weighted)
+    return lookup_p.bind(rows, _as_index(ids), *slots, weighted=weighted)
+
+
+def slot_grads(cot: jax.Array, head: Any, head_w: Any, blocks: Any, block_w: Any, num_rows: int):
+    """The transpose of ``slot_sums``: ``[num_rows, D]`` with row ``p`` the sum of ``(w *)
+    cot[r]`` over the slots holding ``p``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> cot = jnp.array([[1.0], [10.0]])
+        >>> slot_grads(cot, jnp.array([[0, 2], [0, 3]]), None, jnp.zeros((2, 0, 8), int), None, 3)
+        Array([[11.],
+               [ 0.],
+               [ 1.]], dtype=float32)
+    """
+    if not enabled():
+        return _slot_grads_jax(cot, head, head_w, blocks, block_w, num_rows)
+    slots = _slot_operands(cot, head, head_w, blocks, block_w)
+    return slot_grads_p.bind(cot, *slots, weighted=head_w is not None, num_rows=num_rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer updates of the touched rows.
+#
+# ``optimizer`` is a jaxembed optimizer: ``apply(w, slots, g, step)`` gives the new rows and
+# slot rows; ``kernel_rule()`` gives ``(kind, flags, constants)`` for the CPU kernel's copy of
+# its equations, or None (then the pure path runs everywhere). Operands: the table, its slot
+# arrays in ``slot_names`` order, the step count, the row ids, then the gradients (``grads``
+# ``[U, D]``) or the slot cotangents and slots they come from.
+
+
+def _apply_generic(optimizer: Any, table, slots, ids, grads, step):
+    """Gathers the touched rows, runs ``optimizer.apply`` on them and writes them back."""
+    is_row = functools.partial(_same_shape, table)
+    w = _take(table, ids)
+    rows = jax.tree.map(lambda x: _take(x, ids) if is_row(x) else x, slots)
+    new_w, new_rows = optimizer.apply(w, rows, grads, step)
+    new_slots = jax.tree.map(lambda x, r: _set_at(x, ids, r) if is_row(x) else r, slots, new_rows)
+    return _set_at(table, ids, new_w), new_slots
+
+
+def _same_shape(table: jax.Array, leaf: Any) -> bool:
+    return tuple(jnp.shape(leaf)) == tuple(table.shape)
+
+
+def _split(optimizer: Any, operands: tuple) -> tuple[jax.Array, dict, tuple]:
+    k = len(optimizer.slot_names)
+    table, slot_arrays, rest = operands[0], operands[1 : 1 + k], operands[1 + k :]
+    return table, dict(zip(optimizer.slot_names, slot_arrays, strict=True)), rest
+
+
+def _apply_rows_pure(*operands, optimizer):
+    table, slots, (step, ids, grads) = _split(optimizer, operands)
+    new_table, new_slots = _apply_generic(optimizer, table, slots, ids, grads, step)
+    return [new_table, *(new_slots[n] for n in optimizer.slot_names)]
+
+
+def _apply_slots_pure(*operands, optimizer, weighted):
+    table, slots, (step, ids, cot, head, head_w, blocks, block_w) = _split(optimizer, operands)
+    hw, bw = (head_w, block_w) if weighted else (None, None)
+    grads = _slot_grads_jax(cot, head, hw, blocks, bw, ids.shape[0])
+    new_table, new_slots = _apply_generic(optimizer, table, slots, ids, grads, step)
+    return [new_table, *(new_slots[n] for n in optimizer.slot_names)]
+
+
+def _apply_call(name: str, optimizer, lr, operands: list, table, slots: dict) -> list:
+    kind, flags, constants = optimizer.kernel_rule()
+    arrays = [table, *(slots[n] for n in optimizer.slot_names)]
+    first = 1 + len(operands)  # lr, operands, then the arrays updated in place
+    call = jax.ffi.ffi_call(
+        f"jaxembed_{name}",
+        [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays],
+        input_output_aliases={first + i: i for i in range(len(arrays))},
+    )
+    return call(
+        lr,
+        *operands,
+        *arrays,
+        optimizer=np.int32(kind),
+        flags=np.int32(flags),
+        hyper=np.asarray(constants, np.float32),
+    )
+
+
+def _apply_rows_kernel(*operands, optimizer):
+    table, slots, (step, ids, grads) = _split(optimizer, operands)
+    lr = optimizer.learning_rate_at(step)
+    return _apply_call("apply_rows", optimizer, lr, [ids, grads], table, slots)
+
+
+def _apply_slots_kernel(*operands, optimizer, weighted):
+    table, slots, (step, ids, cot, *slot_ops) = _split(optimizer, operands)
+    lr = optimizer.learning_rate_at(step)
+    return _apply_call("apply_slots", optimizer, lr, [ids, cot, *slot_ops], table, slots)
+
+
+def _apply_abstract(*avals, optimizer, **params):
+    return list(avals[: 1 + len(optimizer.slot_names)])
+
+
+def _all_f32(*avals, optimizer, **params) -> bool:
+    return all(_f32(a) for a in avals[: 1 + len(optimizer.slot_names)])
+
+
+apply_rows_p = _primitive(
+    "apply_rows", _apply_abstract, _apply_rows_pure, _apply_rows_kernel, _all_f32, True
+)
+apply_slots_p = _primitive(
+    "apply_slots", _apply_abstract, _apply_slots_pure, _apply_slots_kernel, _all_f32, True
+)
+
+
+def _kernel_rule(optimizer: Any, slots: Any) -> bool:
+    """Whether the kernels can run ``optimizer`` on these slots."""
+    rule = getattr(optimizer, "kernel_rule", lambda: None)()
+    return (
+        enabled()
+        and rule is not None
+        and isinstance(slots, dict)
+        and tuple(slots) == tuple(optimizer.slot_names)
+    )
+
+
+def apply_rows(optimizer: Any, table, slots, ids, grads, step):
+    """``optimizer`` on rows ``ids`` (distinct; ids outside the table are padding) of ``table``
+    and its ``slots``, with gradients ``grads`` ``[U, D]``: ``(new table, new slots)``.
+
+    On CPU, TF's optimizers run in place in one pass over the rows (the arrays should be donated
+    to the enclosing ``jit``); otherwise the rows are gathered, updated and written back.
+    """
+    ids = _as_index(ids)
+    if not _kernel_rule(optimizer, slots):
+        return _apply_generic(optimizer, table, slots, ids, grads, step)
+    arrays = [table, *(slots[n] for n in optimizer.slot_names)]
+    out = apply_rows_p.bind(*arrays, jnp.asarray(step), ids, grads, optimizer=optimizer)
+    return out[0], dict(zip(optimizer.slot_names, out[1:], strict=True))
+
+
+def apply_slots(optimizer: Any, table, slots, ids, cot, head, head_w, blocks, block_w, step):
+    """``apply_rows`` with ``grads = slot_grads(cot, head, head_w, blocks, block_w, len(ids))``,
+    fused on CPU: each row's gradient is summed right before its update, with no ``[U, D]``
+    gradient array."""
+    ids = _as_index(ids)
+    if not _kernel_rule(optimizer, slots):
+        grads = slot_grads(cot, head, head_w, blocks, block_w, ids.shape[0])
+        return _apply_generic(optimizer, table, slots, ids, grads, step)
+    arrays = [table, *(slots[n] for n in optimizer.slot_names)]
+    slot_ops = _slot_operands(cot, head, head_w, blocks, block_w)
+    out = apply_slots_p.bind(
+        *arrays,
+        jnp.asarray(step),
+        ids,
+        cot,
+        *slot_ops,
+        optimizer=optimizer,
+        weighted=head_w is not None,
+    )
+    return out[0], dict(zip(optimizer.slot_names, out[1:], strict=True))
