@@ -19,7 +19,8 @@ timed interleaved (one call of each, in rotating order, per repeat) and reported
 * ``serving``: ``export.save_serving_model`` reloaded vs TF's recipe (a ``tf.Module`` holding
   ``TPUEmbeddingForServing``) saved and reloaded, both ``serving_default`` signatures;
 * ``vocab``: the ``train`` step at ``--vocab-small`` and ``--vocab-large`` rows
-  (``--vocab-features`` tables, default 2, to bound memory).
+  (``--vocab-features`` tables, default 2, to bound memory): the same batch on both sizes, and
+  a batch drawn over the large vocabulary (which touches more distinct rows).
 
 Prints one JSON object: medians (seconds), ids/s (ids in the batch / median) and the ratios
 (see ``ratio_definitions`` in the output).
@@ -416,27 +417,37 @@ def phase_serving(args, work: Workload, out: dict, tmp: str) -> None:
 
 
 def phase_vocab(args, work: Workload, out: dict) -> None:
-    """The jaxembed train step at two vocabulary sizes, same batch shape, interleaved."""
+    """The jaxembed train step at two vocabulary sizes, same batch shape, interleaved.
+
+    ``train_V{small}`` and ``train_V{large}_same_ids`` run the same batch (Zipf over the small
+    vocabulary): the same rows touched, only the table size differs. ``train_V{large}`` draws
+    its ids by Zipf over the large vocabulary, so its batch touches more distinct rows (the long
+    tail); ``distinct_rows`` records how many, and the ratios include the step time per row.
+    """
     n = min(args.vocab_features, args.features)
-    grads = fixed_grads(n, args.batch, args.dim)
-    g = {k: jnp.asarray(v) for k, v in grads.items()}
-    cases = {}
-    ids = 0
-    for vocab in (args.vocab_small, args.vocab_large):
-        inputs = work.inputs(vocab, n)
-        ids = total_ids(inputs)
+    g = {k: jnp.asarray(v) for k, v in fixed_grads(n, args.batch, args.dim).items()}
+    small = work.inputs(args.vocab_small, n)
+    runs = {
+        f"train_V{args.vocab_small}": (args.vocab_small, small),
+        f"train_V{args.vocab_large}_same_ids": (args.vocab_large, small),
+        f"train_V{args.vocab_large}": (args.vocab_large, work.inputs(args.vocab_large, n)),
+    }
+    cases, distinct, ids = {}, {}, {}
+    for name, (vocab, inputs) in runs.items():
         emb = make_embedding(n, vocab, args.dim, args.optimizer)
         batch = emb.preprocess(je_inputs(inputs))
-        state = emb.init(jax.random.key(0))
-        cases[f"train_V{vocab}"] = Stepper(train_step_fn(emb), state, batch, g)
-        del state
+        cases[name] = Stepper(train_step_fn(emb), emb.init(jax.random.key(0)), batch, g)
+        distinct[name] = sum(int(np.unique(i).shape[0]) for i, _ in inputs.values())
+        ids[name] = total_ids(inputs)
     times = interleaved(cases, args.repeats, args.warmup)
     out["vocab_features"] = n
+    out["distinct_rows"] = distinct
     for name, t in times.items():
         med = float(np.median(t))
         out["seconds"][name] = round(med, 6)
         out["seconds_min"][name] = round(float(np.min(t)), 6)
-        out["ids_per_s"][name] = round(ids / med)
+        out["ids_per_s"][name] = round(ids[name] / med)
+        out.setdefault("us_per_distinct_row", {})[name] = round(med / distinct[name] * 1e6, 4)
     out["peak_rss_gb_after_vocab"] = peak_rss_gb()
 
 
@@ -449,7 +460,12 @@ def ratios(s: dict[str, float], args) -> dict[str, float]:
         "lookup_vs_tf_lookup_eager": ratio("tf_lookup_eager", "lookup"),
         "train_vs_tf_adagrad": ratio("tf_adagrad", "train"),
         "train_vs_naive": ratio("naive_scaled_to_all_features", "train"),
-        "step_4M_over_100k": ratio(f"train_V{args.vocab_large}", f"train_V{args.vocab_small}"),
+        "step_4M_over_100k_same_ids": ratio(
+            f"train_V{args.vocab_large}_same_ids", f"train_V{args.vocab_small}"
+        ),
+        "step_4M_over_100k_own_ids": ratio(
+            f"train_V{args.vocab_large}", f"train_V{args.vocab_small}"
+        ),
         "preprocess_vs_step": ratio("preprocess", "train"),
         "served_vs_tf_served": ratio("tf_served", "served"),
     }
@@ -461,9 +477,14 @@ RATIO_DEFINITIONS = {
     "lookup_vs_tf_lookup_eager": "tf_lookup_eager s / lookup s (> 1: jaxembed faster)",
     "train_vs_tf_adagrad": "tf_adagrad s / train s (> 1: jaxembed faster)",
     "train_vs_naive": "naive_scaled_to_all_features s / train s (> 1: jaxembed faster)",
-    "step_4M_over_100k": "train s at --vocab-large / at --vocab-small (ideal 1.0)",
+    "step_4M_over_100k_same_ids": "train s at --vocab-large / at --vocab-small, the same batch "
+    "(the same rows touched; ideal 1.0)",
+    "step_4M_over_100k_own_ids": "train s at --vocab-large with ids drawn over it (more "
+    "distinct rows: see distinct_rows, us_per_distinct_row) / at --vocab-small",
     "preprocess_vs_step": "preprocess s / train s (host cost per batch relative to the step)",
     "served_vs_tf_served": "tf_served s / served s (> 1: jaxembed's SavedModel faster)",
+    "per_row_4M_over_100k_own_ids": "us_per_distinct_row at --vocab-large (own ids) / at "
+    "--vocab-small",
 }
 
 
@@ -527,6 +548,10 @@ def main() -> None:
         phase_vocab(args, work, out)
         free()
     out["ratios"] = ratios(out["seconds"], args)
+    per_row = out.get("us_per_distinct_row", {})
+    small, large = f"train_V{args.vocab_small}", f"train_V{args.vocab_large}"
+    if small in per_row and large in per_row:
+        out["ratios"]["per_row_4M_over_100k_own_ids"] = round(per_row[large] / per_row[small], 3)
     out["ratio_definitions"] = {k: RATIO_DEFINITIONS[k] for k in out["ratios"]}
     out["notes"] = [
         "ids_per_s = ids in the batch (all features) / median seconds; medians of interleaved "

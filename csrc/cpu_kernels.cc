@@ -277,7 +277,9 @@ inline void SumSlots(float* __restrict acc, const Slots& s, int64_t r, int64_t k
   for (int64_t k = k0; k < k1; ++k) {
     if (k + kAhead < k1) {
       const float* next = src.row(s.slot(r, k + kAhead));
-      if (next != nullptr) __builtin_prefetch(next);
+      if (next != nullptr) {
+        for (int64_t off = 0; off < src.d; off += 16) __builtin_prefetch(next + off);
+      }
     }
     const float* e = src.row(s.slot(r, k));
     if (e == nullptr) continue;

@@ -29,9 +29,18 @@ def check_ids(path: str, ids: tf.Tensor, vocabulary_size: int) -> tf.Tensor:
 
 
 def _reduce(table, ragged: tf.RaggedTensor, weights: tf.RaggedTensor | None, combiner: str):
-    """TF's ``_ragged_embedding_lookup_with_reduce``: the same ops in the same order."""
+    """TF's ``_ragged_embedding_lookup_with_reduce``: the same ops in the same order.
+
+    Without weights TF multiplies every row by a weight of 1 and sums the ones; both are exact,
+    so the rows are summed as gathered and the denominators are the row lengths: the same bits,
+    one pass over the gathered rows fewer.
+    """
     if weights is None:
-        weights = tf.ones_like(ragged, dtype=table.dtype)
+        rows = tf.reduce_sum(tf.nn.embedding_lookup(table, ragged), axis=1)
+        if combiner == "sum":
+            return rows
+        count = tf.cast(ragged.row_lengths(), table.dtype)[:, None]
+        return tf.math.divide_no_nan(rows, count if combiner == "mean" else tf.sqrt(count))
     weights = tf.expand_dims(weights, axis=2)
     rows = tf.reduce_sum(tf.nn.embedding_lookup(table, ragged) * weights, axis=1)
     if combiner == "mean":
