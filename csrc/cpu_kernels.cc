@@ -644,51 +644,52 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxembed_scatter_rows, ScatterRows,
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>());
 
+// The slot operands shared by the slot-sum handlers: head [R, H] int32, its weights (float32,
+// empty when unweighted), blocks [R, T, 8] int32, their weights.
+template <typename Binding>
+auto WithSlots(Binding binding) {
+  return std::move(binding)
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Arg<ffi::Buffer<ffi::F32>>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Arg<ffi::Buffer<ffi::F32>>();
+}
+
+// The in-place optimizer handlers end with the table and its slots (in and out, aliased) and
+// the rule: its kind, flags and float32 constants.
+template <typename Binding>
+auto WithRule(Binding binding) {
+  return std::move(binding)
+      .RemainingArgs()
+      .RemainingRets()
+      .template Attr<int32_t>("optimizer")
+      .template Attr<int32_t>("flags")
+      .template Attr<ffi::Span<const float>>("hyper");
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxembed_combine, Combine,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                              WithSlots(ffi::Ffi::Bind()
+                                            .Ctx<ffi::ThreadPool>()
+                                            .Arg<ffi::Buffer<ffi::F32>>()
+                                            .Arg<ffi::AnyBuffer>())
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxembed_combine_grad, CombineGrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                              WithSlots(ffi::Ffi::Bind()
+                                            .Ctx<ffi::ThreadPool>()
+                                            .Arg<ffi::Buffer<ffi::F32>>())
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxembed_apply_rows, ApplyRows,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .RemainingArgs()
-                                  .RemainingRets()
-                                  .Attr<int32_t>("optimizer")
-                                  .Attr<int32_t>("flags")
-                                  .Attr<ffi::Span<const float>>("hyper"));
+                              WithRule(ffi::Ffi::Bind()
+                                           .Ctx<ffi::ThreadPool>()
+                                           .Arg<ffi::Buffer<ffi::F32>>()
+                                           .Arg<ffi::AnyBuffer>()
+                                           .Arg<ffi::Buffer<ffi::F32>>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxembed_apply_slots, ApplySlots,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .RemainingArgs()
-                                  .RemainingRets()
-                                  .Attr<int32_t>("optimizer")
-                                  .Attr<int32_t>("flags")
-                                  .Attr<ffi::Span<const float>>("hyper"));
+                              WithRule(WithSlots(ffi::Ffi::Bind()
+                                                     .Ctx<ffi::ThreadPool>()
+                                                     .Arg<ffi::Buffer<ffi::F32>>()
+                                                     .Arg<ffi::AnyBuffer>()
+                                                     .Arg<ffi::Buffer<ffi::F32>>())));
