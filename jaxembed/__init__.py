@@ -9,12 +9,14 @@ Public API (see README.md for a tour):
 * ``optimizers``: TF's TPU embedding optimizers, row-sparse; ``optimizers.from_optax``.
 * ``checkpoint``: orbax checkpoints in logical row order; restore onto any mesh.
 * ``prefetch``: ``emb.preprocess`` in a background thread, overlapping the device step.
+* ``cpu_kernels_status``: whether the CPU kernels (compiled at install) are in use, and why.
 
 ``import jaxembed`` never imports TensorFlow; the TF bridge lives in ``jaxembed.export``.
 """
 
 from jaxembed import checkpoint as checkpoint
 from jaxembed import optimizers as optimizers
+from jaxembed._kernels import status as cpu_kernels_status
 from jaxembed.configs import FeatureConfig as FeatureConfig
 from jaxembed.configs import TableConfig as TableConfig
 from jaxembed.embedding import Batch as Batch
@@ -36,6 +38,7 @@ __all__ = [
     "Sparse",
     "TableConfig",
     "checkpoint",
+    "cpu_kernels_status",
     "embedding_lookup",
     "optimizers",
     "prefetch",

@@ -83,8 +83,11 @@ def enabled() -> bool:
 def status() -> str:
     """One line: whether the CPU kernels are in use, and why (not).
 
+    Public as ``jaxembed.cpu_kernels_status()``.
+
     Example:
-        >>> status().startswith("CPU kernels")
+        >>> import jaxembed
+        >>> jaxembed.cpu_kernels_status().startswith("CPU kernels")
         True
     """
     if not _enabled:

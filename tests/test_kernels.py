@@ -46,6 +46,7 @@ def slots_case(rng, rows: int, out: int, head: int, tail: int, weighted: bool):
 def test_kernels_are_built_and_loaded():
     assert k.enabled(), k.status()
     assert k.status().startswith("CPU kernels on")
+    assert je.cpu_kernels_status() == k.status()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.int32, jnp.bfloat16])

@@ -169,6 +169,8 @@ def run(config: DemoConfig, console: Console | None = None) -> dict[str, Any]:
         f"impressions; vocabularies {train.vocab}"
     )
     console.print(f"{len(devices)} {devices[0].platform.upper()} devices; batch {batch_size}")
+    if devices[0].platform == "cpu":
+        console.print(je.cpu_kernels_status())
 
     features = model.feature_config(train.vocab, config.dim, config.history_length)
     optimizer = je.optimizers.Adagrad(config.embedding_learning_rate)
