@@ -29,9 +29,9 @@ from jaxembed.configs import TableConfig
 from jaxembed.lookup import (
     LookupPlan,
     bucket,
+    combine_rows,
     feature_paths,
     flatten_features,
-    lookup_rows,
     pad_axis,
     plan_feature,
     remap_plan,
@@ -379,7 +379,7 @@ class Embedding:
 
             return lookup_sharded(self, state, batch)
         outs = [
-            lookup_rows(state.tables[name], batch.unique_ids[name], plan)
+            combine_rows(state.tables[name], plan, ids=batch.unique_ids[name])
             for path, plan in zip(batch.paths, batch.plans, strict=True)
             for name in [self._table_of(path)]
         ]

@@ -428,34 +428,27 @@ def _finish(acc: jax.Array, plan: LookupPlan) -> jax.Array:
     return acc.reshape(*plan.shape, acc.shape[-1])
 
 
-def lookup_rows(table: jax.Array, ids: Any, plan: LookupPlan) -> jax.Array:
-    """``combine_rows(gather_rows(table, ids), plan)``, without the gathered copy on CPU.
+def combine_rows(rows: jax.Array, plan: LookupPlan, ids: Any = None) -> jax.Array:
+    """Places or combines ``rows`` (``[N, dim]``, one per ``plan.ids``) per ``plan``.
 
-    ``ids`` (``[N]``) are the table rows the plan's slots refer to; an id outside the table (the
-    padding id ``vocabulary_size``) reads zeros. Linear in ``table``.
-    """
-    ids = jnp.asarray(ids)
-    dim = table.shape[1]
-    if plan.mode != "combine":  # slot N (no entry) reads id -1: a zero row
-        padded = jnp.concatenate([ids, jnp.full((1,), -1, ids.dtype)])
-        rows = gather_rows(table, padded[jnp.asarray(plan.positions).reshape(-1)])
-        return rows.reshape(*plan.shape, dim)
-    p = plan
-    acc = _kernels.slot_sums(table, p.positions, p.weights, p.blocks, p.block_weights, ids=ids)
-    return _finish(acc, plan)
+    With ``ids`` (``[N]``), row ``i`` is ``rows[ids[i]]`` instead: the lookup reads a table
+    through the distinct ids of a batch, with no gathered copy on CPU (an id outside the table,
+    such as the padding id ``vocabulary_size``, reads zeros).
 
-
-def combine_rows(rows: jax.Array, plan: LookupPlan) -> jax.Array:
-    """Places or combines gathered ``rows`` (``[N, dim]``, one per ``plan.ids``) per ``plan``.
-
-    Pure and differentiable in ``rows``: its VJP gives each gathered row ``coeff * dL/dact``
-    summed over the slots that use it, the gradient TF's TPU embedding applies.
+    Pure and linear in ``rows``: its VJP gives each row ``coeff * dL/dact`` summed over the
+    slots that use it, the gradient TF's TPU embedding applies.
     """
     dim = rows.shape[1]
-    if plan.mode != "combine":  # slot N (no entry) is out of range: a zero row
-        return gather_rows(rows, jnp.asarray(plan.positions).reshape(-1)).reshape(*plan.shape, dim)
-    p = plan
-    return _finish(_kernels.slot_sums(rows, p.positions, p.weights, p.blocks, p.block_weights), p)
+    if plan.mode != "combine":  # slot N (no entry) reads a zero row
+        slots = jnp.asarray(plan.positions).reshape(-1)
+        if ids is not None:
+            ids = jnp.asarray(ids)
+            slots = jnp.concatenate([ids, jnp.full((1,), -1, ids.dtype)])[slots]
+        return gather_rows(rows, slots).reshape(*plan.shape, dim)
+    sums = _kernels.slot_sums(
+        rows, plan.positions, plan.weights, plan.blocks, plan.block_weights, ids=ids
+    )
+    return _finish(sums, plan)
 
 
 def slot_cotangents(plan: LookupPlan, cot: jax.Array) -> tuple[Any, ...]:
@@ -486,7 +479,7 @@ def apply_plan(table: jax.Array, plan: LookupPlan) -> jax.Array:
 
     Compiled once per plan shape: one XLA program instead of one dispatch per operation.
     """
-    return lookup_rows(table, plan.ids, plan)
+    return combine_rows(table, plan, ids=plan.ids)
 
 
 # ---------------------------------------------------------------------------------------------
