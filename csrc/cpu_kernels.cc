@@ -557,62 +557,83 @@ inline void PrefetchRow(const Params& t, int64_t r) {
   }
 }
 
-// Rows ids[i] get gradient grads[i]; ids are distinct, and ids outside the table are skipped.
+// One optimizer update: the arrays, the rows to update and the rule.
+struct Update {
+  Params t;
+  Indices index;  // ids[i]: distinct rows; ids outside the table are skipped
+  int64_t n;
+  Rule rule;
+};
+
+ffi::Error PrepareUpdate(ffi::Buffer<ffi::F32> lr, ffi::AnyBuffer ids, ffi::RemainingArgs arrays,
+                         ffi::RemainingRets results, int32_t kind, int32_t flags,
+                         ffi::Span<const float> hyper, Update* u) {
+  if (ffi::Error e = AsParams(arrays, results, kind, &u->t); e.failure()) return e;
+  if (ffi::Error e = AsIndices(ids, &u->index); e.failure()) return e;
+  u->n = static_cast<int64_t>(ids.element_count());
+  u->rule = Rule{kind, flags, hyper.begin(), *lr.typed_data()};
+  return ffi::Error::Success();
+}
+
+// Runs the rule on rows ids[i], with row i's gradient grad_of(i, scratch): D floats, which it
+// may compute into `scratch` (D floats of its own per thread).
+template <typename GradOf>
+void UpdateRows(ffi::ThreadPool& pool, const Update& u, GradOf grad_of) {
+  const Params& t = u.t;
+  ParallelFor(pool, u.n, RowGrain(t.d * 4 * 3), [&](int64_t lo, int64_t hi) {
+    std::vector<float> scratch(t.d);
+    for (int64_t i = lo; i < hi; ++i) {
+      if (i + kAhead < hi) PrefetchRow(t, u.index[i + kAhead]);
+      const int64_t r = u.index[i];
+      if (r >= 0 && r < t.num_rows) UpdateRow(u.rule, t, r, grad_of(i, scratch.data()));
+    }
+  });
+}
+
+// Row ids[i] gets gradient grads[i].
 ffi::Error ApplyRows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lr, ffi::AnyBuffer ids,
                      ffi::Buffer<ffi::F32> grads, ffi::RemainingArgs arrays,
                      ffi::RemainingRets results, int32_t kind, int32_t flags,
                      ffi::Span<const float> hyper) {
-  Params t;
-  if (ffi::Error e = AsParams(arrays, results, kind, &t); e.failure()) return e;
-  Indices index;
-  if (ffi::Error e = AsIndices(ids, &index); e.failure()) return e;
-  const int64_t n = static_cast<int64_t>(ids.element_count());
-  if (grads.element_count() != static_cast<size_t>(n * t.d)) {
+  Update u;
+  if (ffi::Error e = PrepareUpdate(lr, ids, arrays, results, kind, flags, hyper, &u);
+      e.failure()) {
+    return e;
+  }
+  if (grads.element_count() != static_cast<size_t>(u.n * u.t.d)) {
     return ffi::Error::InvalidArgument("apply_rows: grads must be [len(ids), D]");
   }
-  const Rule rule{kind, flags, hyper.begin(), *lr.typed_data()};
   const float* g = grads.typed_data();
-  ParallelFor(pool, n, RowGrain(t.d * 4 * 3), [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      if (i + kAhead < hi) PrefetchRow(t, index[i + kAhead]);
-      const int64_t r = index[i];
-      if (r >= 0 && r < t.num_rows) UpdateRow(rule, t, r, g + i * t.d);
-    }
-  });
+  const int64_t d = u.t.d;
+  UpdateRows(pool, u, [=](int64_t i, float*) { return g + i * d; });
   return ffi::Error::Success();
 }
 
-// As ApplyRows, with row i's gradient the transposed slot sum of cot (no [len(ids), D] copy).
+// Row ids[i] gets the transposed slot sum of cot: summed right before its update, with no
+// [len(ids), D] gradient array.
 ffi::Error ApplySlots(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lr, ffi::AnyBuffer ids,
                       ffi::Buffer<ffi::F32> cot, ffi::Buffer<ffi::S32> head,
                       ffi::Buffer<ffi::F32> head_w, ffi::Buffer<ffi::S32> blocks,
                       ffi::Buffer<ffi::F32> block_w, ffi::RemainingArgs arrays,
                       ffi::RemainingRets results, int32_t kind, int32_t flags,
                       ffi::Span<const float> hyper) {
-  Params t;
-  if (ffi::Error e = AsParams(arrays, results, kind, &t); e.failure()) return e;
-  Indices index;
-  if (ffi::Error e = AsIndices(ids, &index); e.failure()) return e;
+  Update u;
+  if (ffi::Error e = PrepareUpdate(lr, ids, arrays, results, kind, flags, hyper, &u);
+      e.failure()) {
+    return e;
+  }
   Slots s;
   if (ffi::Error e = AsSlots(head, head_w, blocks, block_w, &s); e.failure()) return e;
   auto cd = cot.dimensions();
-  if (cd.size() != 2 || cd[0] != s.num_out || cd[1] != t.d) {
+  if (cd.size() != 2 || cd[0] != s.num_out || cd[1] != u.t.d) {
     return ffi::Error::InvalidArgument("apply_slots: cot must be [R, D]");
   }
-  const int64_t n = static_cast<int64_t>(ids.element_count());
-  const Uses uses = BucketSlots(s, n);
-  const Rule rule{kind, flags, hyper.begin(), *lr.typed_data()};
+  const Uses uses = BucketSlots(s, u.n);
   const float* c = cot.typed_data();
-  const int64_t d = t.d;
-  ParallelFor(pool, n, RowGrain(d * 4 * 3), [&](int64_t lo, int64_t hi) {
-    std::vector<float> g(d);
-    for (int64_t i = lo; i < hi; ++i) {
-      if (i + kAhead < hi) PrefetchRow(t, index[i + kAhead]);
-      const int64_t r = index[i];
-      if (r < 0 || r >= t.num_rows) continue;
-      RowGrad(g.data(), uses, i, c, d);
-      UpdateRow(rule, t, r, g.data());
-    }
+  const int64_t d = u.t.d;
+  UpdateRows(pool, u, [&](int64_t i, float* scratch) {
+    RowGrad(scratch, uses, i, c, d);
+    return static_cast<const float*>(scratch);
   });
   return ffi::Error::Success();
 }
