@@ -529,7 +529,7 @@ def _split(optimizer: Any, operands: tuple) -> tuple[jax.Array, dict, tuple]:
 def _apply_rows_pure(*operands, optimizer):
     table, slots, (step, ids, grads) = _split(optimizer, operands)
     new_table, new_slots = _apply_generic(optimizer, table, slots, ids, grads, step)
-    return [new_table, *(new_slots[n] for n in optimizer.slot_names)]
+    return _arrays(optimizer, new_table, new_slots)
 
 
 def _apply_slots_pure(*operands, optimizer, weighted):
@@ -537,12 +537,21 @@ def _apply_slots_pure(*operands, optimizer, weighted):
     hw, bw = (head_w, block_w) if weighted else (None, None)
     grads = _slot_grads_jax(cot, head, hw, blocks, bw, ids.shape[0])
     new_table, new_slots = _apply_generic(optimizer, table, slots, ids, grads, step)
-    return [new_table, *(new_slots[n] for n in optimizer.slot_names)]
+    return _arrays(optimizer, new_table, new_slots)
+
+
+def _arrays(optimizer: Any, table: jax.Array, slots: dict) -> list[jax.Array]:
+    """The arrays an update rewrites: the table, then its slots in ``slot_names`` order."""
+    return [table, *(slots[n] for n in optimizer.slot_names)]
+
+
+def _unpack(optimizer: Any, arrays: list) -> tuple[jax.Array, dict]:
+    return arrays[0], dict(zip(optimizer.slot_names, arrays[1:], strict=True))
 
 
 def _apply_call(name: str, optimizer, lr, operands: list, table, slots: dict) -> list:
     kind, flags, constants = optimizer.kernel_rule()
-    arrays = [table, *(slots[n] for n in optimizer.slot_names)]
+    arrays = _arrays(optimizer, table, slots)
     first = 1 + len(operands)  # lr, operands, then the arrays updated in place
     call = jax.ffi.ffi_call(
         f"jaxembed_{name}",
@@ -587,7 +596,7 @@ apply_slots_p = _primitive(
 )
 
 
-def _kernel_rule(optimizer: Any, slots: Any) -> bool:
+def _on_kernels(optimizer: Any, slots: Any) -> bool:
     """Whether the kernels can run ``optimizer`` on these slots."""
     rule = getattr(optimizer, "kernel_rule", lambda: None)()
     return (
@@ -606,11 +615,12 @@ def apply_rows(optimizer: Any, table, slots, ids, grads, step):
     to the enclosing ``jit``); otherwise the rows are gathered, updated and written back.
     """
     ids = _as_index(ids)
-    if not _kernel_rule(optimizer, slots):
+    if not _on_kernels(optimizer, slots):
         return _apply_generic(optimizer, table, slots, ids, grads, step)
-    arrays = [table, *(slots[n] for n in optimizer.slot_names)]
-    out = apply_rows_p.bind(*arrays, jnp.asarray(step), ids, grads, optimizer=optimizer)
-    return out[0], dict(zip(optimizer.slot_names, out[1:], strict=True))
+    out = apply_rows_p.bind(
+        *_arrays(optimizer, table, slots), jnp.asarray(step), ids, grads, optimizer=optimizer
+    )
+    return _unpack(optimizer, out)
 
 
 def apply_slots(optimizer: Any, table, slots, ids, cot, head, head_w, blocks, block_w, step):
@@ -618,13 +628,12 @@ def apply_slots(optimizer: Any, table, slots, ids, cot, head, head_w, blocks, bl
     fused on CPU: each row's gradient is summed right before its update, with no ``[U, D]``
     gradient array."""
     ids = _as_index(ids)
-    if not _kernel_rule(optimizer, slots):
+    if not _on_kernels(optimizer, slots):
         grads = slot_grads(cot, head, head_w, blocks, block_w, ids.shape[0])
         return _apply_generic(optimizer, table, slots, ids, grads, step)
-    arrays = [table, *(slots[n] for n in optimizer.slot_names)]
     slot_ops = _slot_operands(cot, head, head_w, blocks, block_w)
     out = apply_slots_p.bind(
-        *arrays,
+        *_arrays(optimizer, table, slots),
         jnp.asarray(step),
         ids,
         cot,
@@ -632,4 +641,4 @@ def apply_slots(optimizer: Any, table, slots, ids, cot, head, head_w, blocks, bl
         optimizer=optimizer,
         weighted=head_w is not None,
     )
-    return out[0], dict(zip(optimizer.slot_names, out[1:], strict=True))
+    return _unpack(optimizer, out)
