@@ -279,7 +279,7 @@ def phase_main(args, sections: set[str], work: Workload, out: dict) -> None:
     out["distinct_ids_per_table"] = [
         int(np.unique(inputs[f][0]).shape[0]) for f in sorted(inputs, key=lambda f: int(f[1:]))
     ]
-    out["capacity_per_table"] = [int(u.shape[0]) for u in batch.unique_ids.values()]
+    out["capacity_per_table"] = [int(u.shape[-1]) for u in batch.requests.values()]
     cases: dict[str, Callable[[], Any]] = {}
     tf_in = tf_ragged(inputs) if sections & {"tf_lookup", "tf_lookup_eager", "tf_adagrad"} else None
     tf_tables = tf_features = None

@@ -28,7 +28,7 @@ def tf_optimizer(optimizer: Optimizer | None, step: int = 0) -> Any:
     """
     if optimizer is None or isinstance(optimizer, OptaxOptimizer):
         return None
-    args = {f.name: getattr(optimizer, f.name) for f in dataclasses.fields(optimizer)}
+    args = {f.name: getattr(optimizer, f.name) for f in dataclasses.fields(optimizer)}  # type: ignore[arg-type]
     if callable(args["learning_rate"]):
         args["learning_rate"] = float(args["learning_rate"](step))
     if "slot_variable_creation_fn" in args:

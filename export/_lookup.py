@@ -70,7 +70,7 @@ def ragged_lookup(
         return _reduce(table, ragged, weights, combiner)
     # output_shape: the batch decides at run time between combining (prod == batch) and
     # sequence mode (prod == k * batch), as TF's eager path decides it from the static batch.
-    shape = [int(d) for d in feature.output_shape] + [dim]
+    shape = [int(d or 0) for d in feature.output_shape] + [dim]  # fully defined (validated)
     total = math.prod(shape[:-1])
     batch = tf.cast(ragged.nrows(), tf.int64)
     check = tf.debugging.assert_equal(

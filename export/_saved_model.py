@@ -278,7 +278,9 @@ def _example_activations(emb: Embedding) -> Any:
 
 def _sample_batches(features: Mapping[str, FeatureConfig], sizes: Sequence[int]) -> list[int]:
     """Batch sizes valid for every feature: ``output_shape`` features need divisors of it."""
-    totals = [math.prod(f.output_shape) for f in features.values() if f.output_shape is not None]
+    totals = [
+        math.prod(d or 0 for d in f.output_shape) for f in features.values() if f.output_shape
+    ]
     if not totals:
         return list(sizes)
     g = math.gcd(*totals)

@@ -101,7 +101,7 @@ def run(cases: dict[str, dict], workdir: str, timeout: float = 600) -> dict[str,
             requests[f"{case}|offsets"] = np.cumsum([0] + [len(e) for e in serialized])
     request_path = os.path.join(workdir, "requests.npz")
     out_path = os.path.join(workdir, "outputs.npz")
-    np.savez(request_path, **requests)
+    np.savez(request_path, **requests)  # type: ignore[arg-type]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run(
         [sys.executable, SCRIPT, request_path, out_path],

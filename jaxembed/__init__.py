@@ -17,9 +17,9 @@ Public API (see README.md for a tour):
 from jaxembed import checkpoint as checkpoint
 from jaxembed import optimizers as optimizers
 from jaxembed._kernels import status as cpu_kernels_status
+from jaxembed.batch import Batch as Batch
 from jaxembed.configs import FeatureConfig as FeatureConfig
 from jaxembed.configs import TableConfig as TableConfig
-from jaxembed.embedding import Batch as Batch
 from jaxembed.embedding import Embedding as Embedding
 from jaxembed.embedding import EmbeddingState as EmbeddingState
 from jaxembed.inputs import Ragged as Ragged

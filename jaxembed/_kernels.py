@@ -549,7 +549,7 @@ def _unpack(optimizer: Any, arrays: list) -> tuple[jax.Array, dict]:
     return arrays[0], dict(zip(optimizer.slot_names, arrays[1:], strict=True))
 
 
-def _apply_call(name: str, optimizer, lr, operands: list, table, slots: dict) -> list:
+def _apply_call(name: str, optimizer, lr, operands: list, table, slots: dict) -> Any:
     kind, flags, constants = optimizer.kernel_rule()
     arrays = _arrays(optimizer, table, slots)
     first = 1 + len(operands)  # lr, operands, then the arrays updated in place

@@ -56,7 +56,7 @@ def pack_like(structure: Any, leaves: list[Any]) -> Any:
         if isinstance(x, Mapping):
             built = {k: build(x[k]) for k in sorted(x)}  # consume leaves in sorted-key order
             ordered = [(k, built[k]) for k in x]  # but keep the caller's key order
-            return dict(ordered) if type(x) is dict else type(x)(ordered)
+            return dict(ordered) if type(x) is dict else type(x)(ordered)  # type: ignore[call-arg]
         if _is_namedtuple(x):
             return type(x)(*(build(v) for v in x))
         if isinstance(x, (list, tuple)):

@@ -72,7 +72,7 @@ def config_metadata(emb: Embedding) -> dict:
             "output_shape": None if feature.output_shape is None else list(feature.output_shape),
             "name": feature.name,
         }
-        for path, feature in emb._features.items()
+        for path, feature in emb.features.items()
     ]
     return {
         "format": "jaxembed/1",
@@ -91,7 +91,7 @@ def _encode_structure(tree: Any, path: str = "") -> Any:
     if isinstance(tree, Mapping):
         return {"dict": {str(k): _encode_structure(v, sub(str(k))) for k, v in tree.items()}}
     if isinstance(tree, tuple) and hasattr(type(tree), "_fields"):
-        fields = list(type(tree)._fields)
+        fields = list(getattr(type(tree), "_fields"))  # noqa: B009
         values = [_encode_structure(v, sub(f)) for f, v in zip(fields, tree, strict=True)]
         return {"namedtuple": fields, "values": values}
     if isinstance(tree, (list, tuple)):
@@ -106,7 +106,7 @@ def _decode_structure(node: dict, leaf: Any) -> Any:
     if "dict" in node:
         return {k: _decode_structure(v, leaf) for k, v in node["dict"].items()}
     if "namedtuple" in node:
-        cls = collections.namedtuple("Features", node["namedtuple"])
+        cls = collections.namedtuple("Features", list(node["namedtuple"]))  # type: ignore[misc]
         return cls(*(_decode_structure(v, leaf) for v in node["values"]))
     kind = "list" if "list" in node else "tuple"
     return (list if kind == "list" else tuple)(_decode_structure(v, leaf) for v in node[kind])
@@ -312,7 +312,7 @@ class CheckpointManager:
     def __init__(
         self,
         directory: str | os.PathLike,
-        emb: Embedding,
+        emb: Embedding | None,
         *,
         max_to_keep: int | None = 3,
         save_interval_steps: int = 1,
@@ -335,8 +335,8 @@ class CheckpointManager:
     def save(self, step: int, state: EmbeddingState, *, extra: Any = None, force: bool = False):
         """Saves ``state`` (and ``extra``) as ``step``; returns whether a save was started."""
         items = {
-            "embedding": ocp.args.PyTreeSave(_logical_tree(self.emb, state)),
-            "config": ocp.args.JsonSave(config_metadata(self.emb)),
+            "embedding": ocp.args.PyTreeSave(_logical_tree(self._embedding(), state)),
+            "config": ocp.args.JsonSave(config_metadata(self._embedding())),
         }
         if extra is not None:
             items["extra"] = ocp.args.PyTreeSave(extra)
@@ -360,8 +360,8 @@ class CheckpointManager:
         step = self._resolve_step(step)
         saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
         fresh = tables_only or reinit_slots
-        _check_config(saved["config"], self.emb, slots_needed=not fresh)
-        target = _restore_target(self.emb)
+        _check_config(saved["config"], self._embedding(), slots_needed=not fresh)
+        target = _restore_target(self._embedding())
         if fresh:  # slots are not read, so their structure may differ from the checkpoint's
             target = {"tables": target["tables"], "step": target["step"]}
         items = {
@@ -378,8 +378,16 @@ class CheckpointManager:
         restored = manager.restore(step, args=ocp.args.Composite(**items))
         host = jax.tree.map(np.asarray, restored["embedding"])
         slots = None if fresh else host["slots"]
-        state = self.emb.state_from_logical(host["tables"], slots, host["step"])
+        state = self._embedding().state_from_logical(host["tables"], slots, host["step"])
         return state, restored["extra"] if extra is not None else None
+
+    def _embedding(self) -> Embedding:
+        if self.emb is None:
+            raise ValueError(
+                "This CheckpointManager was opened without an Embedding (metadata only); pass "
+                "the Embedding to save or restore tables."
+            )
+        return self.emb
 
     def _resolve_step(self, step: int | None) -> int:
         """``step``, or the latest; FileNotFoundError if it is not a complete step."""

@@ -5,91 +5,72 @@ method that touches arrays is a pure function of its arguments, so ``lookup`` an
 ``apply_gradients`` run inside the user's own ``jax.jit`` step beside an Optax update of the
 dense model.
 
-``preprocess`` (host, numpy) validates the inputs with TF's rules and turns them into a ``Batch``
-of static-shape arrays: per table, the distinct ids the batch touches (padded to a bucketed
-capacity), and per feature a ``LookupPlan`` whose slots index those distinct rows. ``lookup``
-sums each example's slots through those ids exactly as ``embedding_lookup`` does.
-``apply_gradients`` sums ``coeff * dL/dact`` over every use of a row in the global batch (TF's
-TPU gradient) and runs each table's optimizer once per touched row. On CPU both are kernels
-(``_kernels.py``) that read and update the touched rows in place; elsewhere they are JAX ops.
+One path for every placement. The tables live on a mesh (a one-device mesh without ``mesh=``),
+each physical array with the ``Layout`` the plan gave it (``layouts.py``). ``preprocess``
+(``batch.py``, host) splits the batch over the mesh's devices and routes each device's ids;
+``lookup`` runs one ``shard_map`` in which each layout brings the requested rows (in place when
+nothing travels) and each device combines its own examples exactly as ``embedding_lookup`` does;
+``apply_gradients`` runs one ``shard_map`` in which each layout sums ``coeff * dL/dact`` per
+requested row (the transpose of the combination), takes the sums to the rows' owners and runs
+the table's optimizer once per touched row (TF's TPU gradient). On CPU the row traffic runs in
+the kernels of ``_kernels.py``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxembed import _nest
-from jaxembed.configs import TableConfig
-from jaxembed.lookup import (
-    LookupPlan,
-    bucket,
-    combine_rows,
-    feature_paths,
-    flatten_features,
-    pad_axis,
-    plan_feature,
-    remap_plan,
-    slot_bucket,
-    slot_cotangents,
-)
-from jaxembed.optimizers import Optimizer, apply_slot_gradients
-from jaxembed.sharding import ShardingPlan, plan_sharding, to_logical, to_physical
+from jaxembed import batch as _batch
+from jaxembed.batch import Batch
+from jaxembed.configs import FeatureConfig, TableConfig
+from jaxembed.layouts import Layout
+from jaxembed.lookup import combine_rows, feature_paths, slot_cotangents
+from jaxembed.optimizers import Optimizer
+from jaxembed.sharding import ShardingPlan, plan_sharding
 
 
 class EmbeddingState(NamedTuple):
-    """Training state: tables and slots keyed by table name, and the step count.
+    """Training state: one physical array per layout, its optimizer slots, the step count.
+
+    The fields mean the same on any mesh; ``emb.embedding_tables(state)`` and
+    ``emb.logical_slots(state)`` give logical row order.
 
     Attributes:
-        tables: ``{table name: [vocabulary_size, dim] array}``, logical row order.
-        slots: ``{table name: slots}``: ``{slot name: array}`` for TF optimizers, the Optax state
-            for ``from_optax``, ``{}`` without an optimizer.
+        tables: ``{array name: physical array}``: the array name is the table's name, or for
+            table-wise tables stacked together the name of their group; the array is laid out
+            as ``emb.plan.layout(name)`` says (the logical ``[vocabulary_size, dim]`` table
+            itself for a row-wise or replicated table on one device) and sharded on the mesh.
+        slots: ``{array name: slots}``: ``{slot name: array}`` for TF optimizers, the Optax
+            state for ``from_optax``, ``{}`` without an optimizer; table-shaped leaves are laid
+            out like the array.
         step: int32 scalar, the number of ``apply_gradients`` calls so far.
     """
 
-    tables: dict[str, jax.Array]
+    tables: dict[str, Any]  # jax.Array, or jax.ShapeDtypeStruct from abstract_state
     slots: dict[str, Any]
-    step: jax.Array
+    step: Any
 
 
-@dataclasses.dataclass(frozen=True)
-class Batch:
-    """A preprocessed batch: static-shape arrays, ready for ``lookup``/``apply_gradients``.
-
-    Attributes:
-        unique_ids: the rows to fetch. Without a mesh: ``{table name: [C] int32}`` distinct
-            ids touched, padded with ``vocabulary_size`` to a bucketed capacity ``C``. With a
-            mesh: ``{group: [devices, N, K]}`` local rows each device requests of each owner
-            (``[devices, C]`` ids for replicated tables); see ``sharded.py``.
-        plans: one ``LookupPlan`` per input leaf; slots index the fetched rows of its table
-            (``C`` = no entry); with a mesh, every array has a leading device axis.
-        paths: the input paths, in the order of ``plans`` (static).
-        treedef: the inputs' nested structure (static), to pack the activations.
-    """
-
-    unique_ids: dict[str, jax.Array]
-    plans: tuple[LookupPlan, ...]
-    paths: tuple[str, ...]
-    treedef: Any
+def _one_device_mesh() -> jax.sharding.Mesh:
+    """The trivial mesh: this process's default device."""
+    return jax.sharding.Mesh(
+        np.asarray(jax.local_devices()[:1]), ("devices",), (jax.sharding.AxisType.Auto,)
+    )
 
 
-jax.tree_util.register_dataclass(
-    Batch, data_fields=["unique_ids", "plans"], meta_fields=["paths", "treedef"]
-)
-
-
-def _remap(plan: LookupPlan, index: np.ndarray, capacity: int) -> LookupPlan:
-    """``remap_plan`` with the head and tail of this plan rounded up to bucketed sizes."""
-    head = tail = 0
-    if plan.mode == "combine":
-        head = slot_bucket(plan.positions.shape[1])
-        tail = bucket(plan.blocks.shape[1]) if plan.blocks.shape[1] else 0
-    return remap_plan(plan, index, capacity, head, tail)
+def _constrain(x: jax.Array, sharding: NamedSharding) -> jax.Array:
+    """``x`` laid out as ``sharding`` inside a traced function (the layout shard_map expects)."""
+    if all(t == jax.sharding.AxisType.Explicit for t in sharding.mesh.axis_types):
+        return jax.sharding.reshard(x, sharding)
+    return jax.lax.with_sharding_constraint(x, sharding)
 
 
 class Embedding:
@@ -103,9 +84,12 @@ class Embedding:
         feature_config: Nested structure (dicts, lists, tuples) of ``FeatureConfig``.
         optimizer: Global optimizer from ``jaxembed.optimizers`` (or ``from_optax``); None allows
             lookups only.
-        mesh: A 1-D ``jax.sharding.Mesh`` to shard tables (and the batch) over, or None for the
-            default device. ``emb.plan`` is then the ``ShardingPlan``.
-        sharding: ``{table name: "row" | "replicated"}`` overrides of the plan's choice.
+        mesh: Any ``jax.sharding.Mesh``: the batch is split over all its devices and the tables
+            over ``table_axes``. None: this process's default device (a one-device mesh).
+        sharding: ``{table name: "row" | "table" | "column" | "replicated"}`` overrides of the
+            plan's choice (``emb.plan``).
+        table_axes: The mesh axes the tables are split over (None: all); tables are replicated
+            over the other axes.
 
     Example:
         >>> import jax, numpy as np, jaxembed as je
@@ -127,14 +111,14 @@ class Embedding:
         optimizer: Optimizer | None = None,
         mesh: jax.sharding.Mesh | None = None,
         sharding: Mapping[str, str] | None = None,
+        table_axes: Sequence[str] | None = None,
     ):
         self.feature_config = feature_config
-        self.mesh = mesh
-        self._features = feature_paths(feature_config)
-        if not self._features:
+        self.features: dict[str, FeatureConfig] = feature_paths(feature_config)
+        if not self.features:
             raise ValueError("feature_config has no FeatureConfig leaves.")
         self.table_configs: tuple[TableConfig, ...] = tuple(
-            dict.fromkeys(f.table for f in self._features.values())
+            dict.fromkeys(f.table for f in self.features.values())
         )
         self.table_names: dict[TableConfig, str] = {}
         for i, table in enumerate(self.table_configs):
@@ -145,7 +129,6 @@ class Embedding:
                     "Give each TableConfig a distinct name."
                 )
             self.table_names[table] = name
-        self._configs = {name: table for table, name in self.table_names.items()}
         self.optimizers: dict[str, Optimizer | None] = {}
         for table, name in self.table_names.items():
             opt = table.optimizer if table.optimizer is not None else optimizer
@@ -160,18 +143,17 @@ class Embedding:
                     f"an instance of one of the optimizer classes under jaxembed.optimizers.{hint}"
                 )
             self.optimizers[name] = opt
-        self.plan: ShardingPlan | None = None
-        if mesh is not None:
-            self.plan = plan_sharding(self.table_names, mesh, sharding, optimizers=self.optimizers)
-        elif sharding:
-            raise ValueError("`sharding` needs a `mesh`; pass mesh=jax.make_mesh(...).")
+        self.mesh: jax.sharding.Mesh = mesh if mesh is not None else _one_device_mesh()
+        self.plan: ShardingPlan = plan_sharding(
+            self.table_names, self.mesh, sharding, optimizers=self.optimizers, table_axes=table_axes
+        )
 
     def __repr__(self) -> str:
         tables = ", ".join(
             f"{n}[{t.vocabulary_size}x{t.dim}]:{type(self.optimizers[n]).__name__}"
             for t, n in self.table_names.items()
         )
-        return f"Embedding(features={len(self._features)}, tables=({tables}))"
+        return f"Embedding(features={len(self.features)}, tables=({tables}))"
 
     # -- state --
     def init(self, key: jax.Array) -> EmbeddingState:
@@ -182,6 +164,18 @@ class Embedding:
             for k, (table, name) in zip(keys, self.table_names.items(), strict=True)
         }
         return self.state_from_logical(tables)
+
+    def optimizer_of(self, array: str) -> Optimizer | None:
+        """The optimizer of a physical array (a table, or a group of stacked tables)."""
+        return self.optimizers[self.plan.layout(array).tables[0].name]
+
+    def _specs(self, tree: Mapping[str, Any]) -> dict[str, Any]:
+        """PartitionSpecs of a ``{array name: pytree}`` of tables or slots, per its layout."""
+        specs = {}
+        for name, sub in tree.items():
+            layout = self.plan.layout(name)
+            specs[name] = jax.tree.map(lambda leaf, lay=layout: lay.spec(np.shape(leaf)), sub)
+        return specs
 
     def state_from_logical(
         self,
@@ -198,47 +192,32 @@ class Embedding:
             step: the step count.
         """
         tables = {n: jnp.asarray(t, jnp.float32) for n, t in tables.items()}
-        if self.plan is not None:  # one physical array per group, whatever the mesh size
-            groups = self.plan.groups
+        physical, physical_slots = {}, {}
+        for layout in self.plan.layouts:
+            physical[layout.name] = layout.to_physical(tables)
+            opt = self.optimizer_of(layout.name)
             if slots is not None:
-                slots = {g: self._physical_slots(m, slots) for g, m in groups.items()}
-            tables = {g: to_physical(tables, m) for g, m in groups.items()}
-        if slots is None:
-            slots = {}
-            for name, array in tables.items():
-                opt = self._optimizer_of(name)
-                slots[name] = opt.init_slots(array) if opt is not None else {}
-        # Dict comprehensions (not tree.map) keep the tables in TF's table order.
-        slots = {name: jax.tree.map(jnp.asarray, sub) for name, sub in slots.items()}
-        state = EmbeddingState(tables, slots, jnp.asarray(step, jnp.int32))
-        if self.plan is None:
-            return state
-        from jaxembed.sharded import partition_specs
+                physical_slots[layout.name] = _physical_slots(layout, slots)
+            else:
+                physical_slots[layout.name] = (
+                    opt.init_slots(physical[layout.name]) if opt is not None else {}
+                )
+        physical_slots = {n: jax.tree.map(jnp.asarray, sub) for n, sub in physical_slots.items()}
 
         def put(x, spec):  # host value -> global array (works across processes)
+            sharding = NamedSharding(self.mesh, spec)
+            if isinstance(x, jax.core.Tracer):  # e.g. jax.jit(emb.init)
+                return _constrain(x, sharding)
             host = np.asarray(x)
-            sharding = jax.sharding.NamedSharding(self.mesh, spec)
             return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
-        def place(tree):
-            specs = partition_specs(self, tree)
+        def place(tree):  # a comprehension (not tree.map) keeps the tables in TF's order
+            specs = self._specs(tree)
             return {name: jax.tree.map(put, sub, specs[name]) for name, sub in tree.items()}
 
         return EmbeddingState(
-            place(state.tables), place(state.slots), put(state.step, jax.sharding.PartitionSpec())
+            place(physical), place(physical_slots), put(jnp.asarray(step, jnp.int32), P())
         )
-
-    @staticmethod
-    def _physical_slots(members, slots: Mapping[str, Any]) -> Any:
-        """One group's slot pytree from its members' logical slot pytrees."""
-        names = [m.name for m in members]
-
-        def combine(*leaves):
-            if np.ndim(leaves[0]) != 2:  # scalar state (e.g. an optax count): shared
-                return leaves[0]
-            return to_physical(dict(zip(names, leaves, strict=True)), members)
-
-        return jax.tree.map(combine, *[slots[n] for n in names])
 
     def logical_slots(self, state: EmbeddingState) -> dict[str, Any]:
         """``{table name: slots}`` with every table-shaped slot leaf in logical row order.
@@ -248,13 +227,14 @@ class Embedding:
         """
         out = {}
         for name in self.table_names.values():
-            array = self._array_of(name)
-            shape = np.shape(state.tables[array])
+            layout = self.plan.layout(name)
 
-            def logical(leaf, name=name, shape=shape):
-                return self._logical(name, leaf) if np.shape(leaf) == shape else leaf
+            def logical(leaf, name=name, layout=layout):
+                if tuple(np.shape(leaf)) != layout.physical_shape:
+                    return leaf
+                return layout.to_logical(leaf, name)
 
-            out[name] = jax.tree.map(logical, state.slots[array])
+            out[name] = jax.tree.map(logical, state.slots[layout.name])
         return out
 
     def abstract_state(self) -> EmbeddingState:
@@ -262,71 +242,50 @@ class Embedding:
 
         Useful to compile a step ahead of time or as a restore target.
         """
-        if self.plan is None:
-            shapes = {n: (t.vocabulary_size, t.dim) for t, n in self.table_names.items()}
-        else:
-            shapes = {g: (m[0].physical_rows, m[0].dim) for g, m in self.plan.groups.items()}
         tables, slots = {}, {}
-        for name, shape in shapes.items():
-            tables[name] = jax.ShapeDtypeStruct(shape, jnp.float32)
-            opt = self._optimizer_of(name)
-            slots[name] = jax.eval_shape(opt.init_slots, tables[name]) if opt is not None else {}
-        state = EmbeddingState(tables, slots, jax.ShapeDtypeStruct((), jnp.int32))
-        if self.plan is None:
-            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-            shardings = jax.tree.map(lambda _: device, state)
-        else:
-            from jaxembed.sharded import partition_specs
-
-            def named(spec):
-                return jax.sharding.NamedSharding(self.mesh, spec)
-
-            shardings = EmbeddingState(
-                jax.tree.map(named, partition_specs(self, tables)),
-                jax.tree.map(named, partition_specs(self, slots)),
-                named(jax.sharding.PartitionSpec()),
+        for layout in self.plan.layouts:
+            tables[layout.name] = jax.ShapeDtypeStruct(layout.physical_shape, jnp.float32)
+            opt = self.optimizer_of(layout.name)
+            slots[layout.name] = (
+                jax.eval_shape(opt.init_slots, tables[layout.name]) if opt is not None else {}
             )
-        return jax.tree.map(
-            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, shardings
-        )
 
-    def _optimizer_of(self, array_name: str) -> Optimizer | None:
-        """The optimizer of a state array (a table, or a group of stacked tables)."""
-        if self.plan is not None:
-            array_name = self.plan.groups[array_name][0].name
-        return self.optimizers[array_name]
+        def placed(tree):
+            specs = self._specs(tree)
 
-    def _array_of(self, name: str) -> str:
-        """The state key holding table ``name`` (its group's name with a mesh)."""
-        return name if self.plan is None else self.plan[name].group
+            def struct(x, spec):
+                return jax.ShapeDtypeStruct(
+                    x.shape, x.dtype, sharding=NamedSharding(self.mesh, spec)
+                )
+
+            return {name: jax.tree.map(struct, sub, specs[name]) for name, sub in tree.items()}
+
+        step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(self.mesh, P()))
+        return EmbeddingState(placed(tables), placed(slots), step)
 
     def embedding_tables(self, state: EmbeddingState) -> dict[TableConfig, jax.Array]:
         """``{TableConfig: [vocabulary_size, dim] array}``, in logical row order."""
-        return {
-            table: self._logical(name, state.tables[self._array_of(name)])
-            for table, name in self.table_names.items()
-        }
-
-    def _logical(self, name: str, array: jax.Array) -> jax.Array:
-        if self.plan is None:
-            return array
-        return to_logical(array, self.plan[name])
+        out = {}
+        for table, name in self.table_names.items():
+            layout = self.plan.layout(name)
+            out[table] = layout.to_logical(state.tables[layout.name], name)
+        return out
 
     def slot_variables(self, state: EmbeddingState) -> dict[TableConfig, dict[str, jax.Array]]:
         """``{TableConfig: {slot name: array}}``; Optax state leaves are named by their path."""
         out = {}
         for table, name in self.table_names.items():
-            array = self._array_of(name)
-            slots, shape = state.slots[array], np.shape(state.tables[array])
+            layout = self.plan.layout(name)
+            slots = state.slots[layout.name]
             if isinstance(slots, Mapping) and all(isinstance(k, str) for k in slots):
                 named = dict(slots)
             else:
                 named = {
                     jax.tree_util.keystr(path): leaf
                     for path, leaf in jax.tree_util.tree_leaves_with_path(slots)
-                    if np.shape(leaf) == shape
+                    if tuple(np.shape(leaf)) == layout.physical_shape
                 }
-            out[table] = {k: self._logical(name, v) for k, v in named.items()}
+            out[table] = {k: layout.to_logical(v, name) for k, v in named.items()}
         return out
 
     # -- host side --
@@ -334,58 +293,47 @@ class Embedding:
         """Validates ``inputs`` (and ``weights``) on the host and builds a static-shape ``Batch``.
 
         Same input rules and errors as ``embedding_lookup`` (out-of-range ids name the feature,
-        the id and the range). Sizes that vary between batches (distinct ids per table, ids per
-        example) are padded to powers of two, so a jitted step compiles once per bucket.
+        the id and the range). Each feature's examples are split evenly over the mesh's devices
+        (in a multi-process run, pass this process's slice of the global batch). Sizes that
+        vary between batches (distinct ids per table, ids per example) are padded to bucketed
+        sizes, so a jitted step compiles once per bucket.
         """
-        if self.plan is not None:
-            from jaxembed.sharded import preprocess_sharded
-
-            return preprocess_sharded(self, inputs, weights)
-        leaves = flatten_features(inputs, weights, self.feature_config)
-        plans = {
-            path: plan_feature(path, inp, weight, feature) for path, inp, weight, feature in leaves
-        }
-        unique_ids, index = {}, {}
-        for table, name in self.table_names.items():
-            paths = [p for p in plans if self._features[p].table is table]
-            ids = [np.asarray(plans[p].ids, np.int64) for p in paths]
-            flat = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-            distinct, inverse = np.unique(flat, return_inverse=True)
-            capacity = bucket(distinct.shape[0])
-            unique_ids[name] = pad_axis(distinct, 0, capacity, table.vocabulary_size).astype(
-                np.int32
-            )
-            splits = np.cumsum([0] + [i.shape[0] for i in ids])
-            for p, lo, hi in zip(paths, splits[:-1], splits[1:], strict=True):
-                index[p] = (inverse[lo:hi], capacity)
-        skeleton = _nest.pack_like(inputs, [path for path, *_ in leaves])
-        ordered_paths, treedef = jax.tree_util.tree_flatten(skeleton)
-        batch = Batch(
-            unique_ids=unique_ids,
-            plans=tuple(_remap(plans[p], *index[p]) for p in ordered_paths),
-            paths=tuple(ordered_paths),
-            treedef=treedef,
+        return _batch.preprocess(
+            inputs, weights, self.feature_config, self.plan, self.table_names, self.mesh
         )
-        return jax.device_put(batch)
 
     # -- device side (pure) --
-    def _table_of(self, path: str) -> str:
-        return self.table_names[self._features[path].table]
+    def _layout_of_path(self, path: str) -> Layout:
+        return self.plan.layout(self.table_names[self.features[path].table])
+
+    def _batch_spec(self) -> P:
+        return P(self.plan.batch_axes)
 
     def lookup(self, state: EmbeddingState, batch: Batch) -> Any:
         """Activations for ``batch``, nested like its inputs; equal to ``embedding_lookup``."""
-        if self.plan is not None:
-            from jaxembed.sharded import lookup_sharded
 
-            return lookup_sharded(self, state, batch)
-        outs = [
-            combine_rows(state.tables[name], plan, ids=batch.unique_ids[name])
-            for path, plan in zip(batch.paths, batch.plans, strict=True)
-            for name in [self._table_of(path)]
-        ]
+        def body(tables, requests, plans):
+            sources = {
+                name: self.plan.layout(name).rows(tables[name], req[0])
+                for name, req in requests.items()
+            }
+            return [
+                combine_rows(rows, _batch.local(plan), ids=ids)
+                for path, plan in zip(batch.paths, plans, strict=True)
+                for rows, ids in [sources[self._layout_of_path(path).name]]
+            ]
+
+        spec = self._batch_spec()
+        outs = jax.shard_map(
+            body,
+            mesh=self.mesh,
+            in_specs=(self._specs(state.tables), spec, spec),
+            out_specs=[spec] * len(batch.paths),
+            check_vma=False,
+        )(state.tables, batch.requests, batch.plans)
         return jax.tree_util.tree_unflatten(batch.treedef, outs)
 
-    def _cotangents(self, batch: Batch, grads: Any) -> Any:
+    def _cotangents(self, batch: Batch, grads: Any) -> list[jax.Array]:
         flat = dict(_nest.flatten_with_paths(grads))
         if set(flat) != set(batch.paths):
             raise ValueError(
@@ -394,22 +342,20 @@ class Embedding:
                 "by jax.grad with respect to the output of Embedding.lookup."
             )
         cots = []
-        shards = 1 if self.plan is None else self.plan.num_shards
+        devices = self.mesh.size
+        sharding = NamedSharding(self.mesh, self._batch_spec())
         for path, plan in zip(batch.paths, batch.plans, strict=True):
-            table = self._features[path].table
-            shape = (
-                (plan.shape[0] * shards, *plan.shape[1:], table.dim) if plan.shape else (table.dim,)
-            )
+            dim = self.features[path].table.dim
+            shape = (plan.shape[0] * devices, *plan.shape[1:], dim)
             g = flat[path]
             if g is None:  # TF: a missing gradient is a zero gradient
-                cots.append(jnp.zeros(shape, jnp.float32))
-                continue
-            if tuple(np.shape(g)) != shape:
+                g = jnp.zeros(shape, jnp.float32)
+            elif tuple(np.shape(g)) != shape:
                 raise ValueError(
                     f"Gradient for feature {path!r} has shape {tuple(np.shape(g))}, but its "
                     f"activation has shape {shape}."
                 )
-            cots.append(jnp.asarray(g, jnp.float32))
+            cots.append(_constrain(jnp.asarray(g, jnp.float32), sharding))
         return cots
 
     def apply_gradients(self, state: EmbeddingState, batch: Batch, grads: Any) -> EmbeddingState:
@@ -432,18 +378,41 @@ class Embedding:
                 "or set TableConfig.optimizer."
             )
         cotangents = self._cotangents(batch, grads)
-        if self.plan is not None:
-            from jaxembed.sharded import apply_gradients_sharded
 
-            tables, slots = apply_gradients_sharded(self, state, batch, cotangents)
-            return EmbeddingState(tables, slots, state.step + 1)
-        parts: dict[str, list] = {name: [] for name in batch.unique_ids}
-        for path, plan, cot in zip(batch.paths, batch.plans, cotangents, strict=True):
-            parts[self._table_of(path)].append(slot_cotangents(plan, cot))
-        tables, slots = dict(state.tables), dict(state.slots)
-        for name, ids in batch.unique_ids.items():
-            tables[name], slots[name] = apply_slot_gradients(
-                self.optimizers[name], state.tables[name], state.slots[name], ids, parts[name],
-                state.step,
-            )  # fmt: skip
+        def body(tables, slots, step, requests, plans, cots):
+            parts: dict[str, list] = {name: [] for name in requests}
+            for path, plan, cot in zip(batch.paths, plans, cots, strict=True):
+                parts[self._layout_of_path(path).name].append(
+                    slot_cotangents(_batch.local(plan), cot)
+                )
+            new_tables, new_slots = dict(tables), dict(slots)
+            for name, req in requests.items():
+                optimizer = self.optimizer_of(name)
+                assert optimizer is not None
+                new_tables[name], new_slots[name] = self.plan.layout(name).apply_gradients(
+                    optimizer, tables[name], slots[name], step, req[0], parts[name]
+                )
+            return new_tables, new_slots
+
+        spec = self._batch_spec()
+        table_specs, slot_specs = self._specs(state.tables), self._specs(state.slots)
+        tables, slots = jax.shard_map(
+            body,
+            mesh=self.mesh,
+            in_specs=(table_specs, slot_specs, P(), spec, spec, [spec] * len(cotangents)),
+            out_specs=(table_specs, slot_specs),
+            check_vma=False,
+        )(state.tables, state.slots, state.step, batch.requests, batch.plans, cotangents)
         return EmbeddingState(tables, slots, state.step + 1)
+
+
+def _physical_slots(layout: Layout, slots: Mapping[str, Any]) -> Any:
+    """One array's slot pytree from its tables' logical slot pytrees."""
+    names = [t.name for t in layout.tables]
+
+    def combine(*leaves):
+        if np.ndim(leaves[0]) != 2:  # scalar state (e.g. an optax count): shared
+            return leaves[0]
+        return layout.to_physical(dict(zip(names, leaves, strict=True)))
+
+    return jax.tree.map(combine, *[slots[n] for n in names])

@@ -299,6 +299,7 @@ def _plan_ragged(path: str, feature: FeatureConfig, rg: Ragged, w: Ragged | None
                 f"output_shape {out_shape} of {_name(path, feature)} must be fully defined for "
                 "ragged inputs."
             )
+        out_shape = tuple(int(d or 0) for d in out_shape)  # fully defined, checked above
         size = math.prod(out_shape)
         if size == batch:
             return _combine_plan(

@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +59,17 @@ class Optimizer:
 
     slot_names: ClassVar[tuple[str, ...]] = ()
     lazy: ClassVar[bool] = True  # False: every row is updated (non-lazy Adam)
+
+    # TF's common arguments: fields of every subclass (declared here for the type checker).
+    if TYPE_CHECKING:
+        learning_rate: LearningRate
+        use_gradient_accumulation: bool
+        low_dimensional_packing_status: bool
+        clipvalue: Any
+        clip_weight_min: float | None
+        clip_weight_max: float | None
+        weight_decay_factor: float | None
+        multiply_weight_decay_factor_by_learning_rate: bool | None
 
     # -- validation shared by all TF optimizers (tf_semantics §3.1, §3.5) --
     def _validate_common(self) -> None:
@@ -172,7 +183,7 @@ class Optimizer:
             g = jnp.clip(g, self.clip_gradient_min, self.clip_gradient_max)
         new_w, new_slots = self._rule(w, slots, g, lr)
         if self.weight_decay_factor:
-            decay = self.weight_decay_factor
+            decay: Any = self.weight_decay_factor
             if self.multiply_weight_decay_factor_by_learning_rate:
                 decay = decay * lr
             new_w = new_w - decay * w
@@ -524,11 +535,12 @@ class OptaxOptimizer(Optimizer):
 
     tx: optax.GradientTransformation
 
-    learning_rate: ClassVar[float] = 0.0
-    clipvalue: ClassVar[Any] = None
-    weight_decay_factor: ClassVar[Any] = None
-    clip_weight_min: ClassVar[Any] = None
-    clip_weight_max: ClassVar[Any] = None
+    # Not fields: the TF options do not apply (optax has its own).
+    learning_rate = 0.0
+    clipvalue = None
+    weight_decay_factor = None
+    clip_weight_min = None
+    clip_weight_max = None
 
     def init_slots(self, table: jax.Array) -> Slots:
         state = self.tx.init(table)
@@ -625,10 +637,13 @@ def apply_slot_gradients(
     updating the row, with no ``[U, D]`` gradient array.
     """
     if len(parts) == 1 and optimizer.lazy:
-        return _kernels.apply_slots(optimizer, table, slots, ids, *parts[0], step)
+        cot, head, head_w, blocks, block_w = parts[0]
+        return _kernels.apply_slots(
+            optimizer, table, slots, ids, cot, head, head_w, blocks, block_w, step
+        )
     grads = jnp.zeros((ids.shape[0], table.shape[1]), table.dtype)
-    for part in parts:
-        grads = grads + _kernels.slot_grads(*part, num_rows=ids.shape[0])
+    for cot, head, head_w, blocks, block_w in parts:
+        grads = grads + _kernels.slot_grads(cot, head, head_w, blocks, block_w, ids.shape[0])
     return apply_rows(optimizer, table, slots, ids, grads, step)
 
 

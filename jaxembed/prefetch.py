@@ -12,7 +12,8 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from jaxembed.embedding import Batch, Embedding
+from jaxembed.batch import Batch
+from jaxembed.embedding import Embedding
 
 _DONE = object()
 

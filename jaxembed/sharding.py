@@ -1,97 +1,71 @@
-"""Sharding plan: where each table lives on a ``jax.sharding.Mesh``, as plain data.
+"""Sharding plan: which layout each table gets on a ``jax.sharding.Mesh``, as plain data.
 
-Strategies, per table:
+``plan_sharding`` picks a strategy per table and builds one ``Layout`` (``layouts.py``) per
+physical array. Any mesh works: the batch is split over all of its devices (in the mesh's device
+order), tables are split over ``table_axes`` (default: all axes) and replicated over the other
+axes. One device is the trivial mesh: every layout then has one shard and one replica.
 
-* ``"row"`` (default for every table that is not tiny): row ``r`` lives on shard ``r mod N`` at
-  local row ``r div N``, as TPUs place rows. Hot ids of frequency-sorted vocabularies (small
-  ids) land on different shards. The table is one global array of ``N * ceil(V / N)`` physical
-  rows sharded over the mesh axis; shard ``s`` holds logical rows ``s, s + N, s + 2N, ...``.
-* ``"table"``: the whole table on one device. Table-wise tables of the same dim and optimizer are
-  stacked into one array (a *group*) of ``N * S`` rows sharded over the axis: each device holds
-  the tables assigned to it (largest first, onto the least loaded device) at row offsets, padded
-  to the busiest device's ``S`` rows.
-* ``"replicated"``: the whole table on every device (tiny tables, or a table with fewer rows than
-  shards). Lookups are local; gradients are all-gathered and every device applies the same
-  update.
+Default strategy: ``"replicated"`` for tables up to 256 KiB or with fewer rows than shards,
+``"row"`` otherwise; ``sharding={name: strategy}`` overrides it (``"row"``, ``"table"``,
+``"column"``, ``"replicated"``).
 
-Every placement names its ``group``: the physical array that holds it (the table's own name for
-row and replicated tables). The batch is data-parallel over the same axis: each device holds
-``batch / N`` examples. Checkpoints and ``Embedding.embedding_tables`` always see tables in
-logical row order.
+Choosing ``table_axes``: tables over all axes (the default) spread the rows over every device:
+the most memory for tables, but every lookup's ``all_to_all`` spans the whole mesh. Tables over
+the model axis only (``table_axes=("model",)``) keep the ``all_to_all`` inside each row of the
+mesh (e.g. one host, or one ICI ring) and replicate the tables over ``"data"``: each table copy
+takes ``1/model`` of the memory of one device per copy, and the gradients are all-gathered over
+``"data"`` (every replica applies the same update). Pick the smallest set of axes whose devices
+hold the tables and their slots.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from jax.sharding import PartitionSpec as P
 
 from jaxembed.configs import TableConfig
+from jaxembed.layouts import (
+    STRATEGIES,
+    ColumnLayout,
+    Layout,
+    ReplicatedLayout,
+    RowLayout,
+    TableLayout,
+    TablePlacement,
+    ceil_div,
+)
 
-STRATEGIES = ("row", "table", "replicated")
 REPLICATE_MAX_BYTES = 256 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
-class TablePlacement:
-    """Where one table lives.
+class ShardingPlan:
+    """Placement of every table on a mesh; printable, holds no arrays.
 
     Attributes:
-        name: table name.
-        strategy: ``"row"``, ``"table"`` or ``"replicated"``.
-        vocabulary_size, dim: the logical table shape.
-        num_shards: number of devices on the mesh axis.
-        rows_per_shard: physical rows per device of the table's group (``ceil(V / N)`` for row
-            sharding, the busiest device's load for a table-wise group, ``V`` if replicated).
-        group: name of the physical array holding the table.
-        shard: the device of a table-wise table (None otherwise).
-        offset: the table's first row on that device (table-wise; 0 otherwise).
-    """
-
-    name: str
-    strategy: str
-    vocabulary_size: int
-    dim: int
-    num_shards: int
-    rows_per_shard: int
-    group: str = ""
-    shard: int | None = None
-    offset: int = 0
-
-    @property
-    def physical_rows(self) -> int:
-        """Rows of the group's global (physical) array."""
-        if self.strategy == "replicated":
-            return self.vocabulary_size
-        return self.num_shards * self.rows_per_shard
-
-    def bytes_per_device(self, slots: int = 0) -> int:
-        """float32 bytes one device holds for the table (or its group) and ``slots`` slots."""
-        return (1 + slots) * self.rows_per_shard * self.dim * 4
-
-
-@dataclasses.dataclass(frozen=True)
-class ShardingPlan:
-    """Placement of every table on a 1-D mesh axis; printable, holds no arrays.
+        mesh_shape: ``((axis name, size), ...)`` of the mesh, in its order.
+        table_axes: the axes tables are split over (the others replicate them).
+        tables: one ``TablePlacement`` per table, in table order.
+        layouts: one ``Layout`` per physical array, in table order.
 
     Example (8 devices: a large table, two table-wise tables stacked, a tiny table)::
 
-        ShardingPlan(axis='x', devices=8)
-          table       strategy    logical       per device    MiB/device  group
+        ShardingPlan(mesh={'x': 8}, table_axes=('x',))
+          table       strategy    logical       per device    MiB/device  array
           items       row         1000000x64    125000x64     30.5        items
-          ads         table       50000x16      50000x16      3.1         ads_shops (device 0)
-          shops       table       20000x16      50000x16      3.1         ads_shops (device 1)
+          ads         table       50000x16      50000x16      3.1         ads_shops (shard 0)
+          shops       table       20000x16      50000x16      3.1         ads_shops (shard 1)
           country     replicated  200x8         200x8         0.0         country
     """
 
-    axis: str
-    num_shards: int
+    mesh_shape: tuple[tuple[str, int], ...]
+    table_axes: tuple[str, ...]
     tables: tuple[TablePlacement, ...]
+    layouts: tuple[Layout, ...]
 
     def __getitem__(self, name: str) -> TablePlacement:
         for t in self.tables:
@@ -99,28 +73,70 @@ class ShardingPlan:
                 return t
         raise KeyError(name)
 
+    def layout(self, name: str) -> Layout:
+        """The layout of a physical array, or of the array holding table ``name``."""
+        for layout in self.layouts:
+            if layout.name == name or any(t.name == name for t in layout.tables):
+                return layout
+        raise KeyError(name)
+
+    @property
+    def batch_axes(self) -> tuple[str, ...]:
+        """The mesh axes the batch is split over: all of them."""
+        return tuple(a for a, _ in self.mesh_shape)
+
+    @property
+    def axis(self) -> str | tuple[str, ...]:
+        """The batch axis of a 1-D mesh (its name), else all axes."""
+        axes = self.batch_axes
+        return axes[0] if len(axes) == 1 else axes
+
+    @property
+    def num_devices(self) -> int:
+        return math.prod(n for _, n in self.mesh_shape)
+
+    @property
+    def num_shards(self) -> int:
+        """Devices a table split over ``table_axes`` spans."""
+        sizes = dict(self.mesh_shape)
+        return math.prod(sizes[a] for a in self.table_axes)
+
     @property
     def groups(self) -> dict[str, tuple[TablePlacement, ...]]:
-        """``{group name: member placements}``, in table order."""
-        out: dict[str, list[TablePlacement]] = {}
-        for t in self.tables:
-            out.setdefault(t.group, []).append(t)
-        return {g: tuple(m) for g, m in out.items()}
+        """``{array name: placements of its tables}``, in table order."""
+        return {layout.name: layout.tables for layout in self.layouts}
 
     def __str__(self) -> str:
         lines = [
-            f"ShardingPlan(axis={self.axis!r}, devices={self.num_shards})",
+            f"ShardingPlan(mesh={dict(self.mesh_shape)}, table_axes={self.table_axes})",
             f"  {'table':<12}{'strategy':<12}{'logical':<14}{'per device':<14}"
-            f"{'MiB/device':<12}group",
+            f"{'MiB/device':<12}array",
         ]
         for t in self.tables:
-            where = f" (device {t.shard})" if t.shard is not None else ""
+            where = f" (shard {t.shard})" if t.shard is not None else ""
             lines.append(
                 f"  {t.name:<12}{t.strategy:<12}{f'{t.vocabulary_size}x{t.dim}':<14}"
-                f"{f'{t.rows_per_shard}x{t.dim}':<14}{t.bytes_per_device() / 2**20:<12.1f}"
-                f"{t.group}{where}"
+                f"{f'{t.rows_per_shard}x{t.cols_per_shard}':<14}"
+                f"{t.bytes_per_device() / 2**20:<12.1f}{t.group}{where}"
             )
         return "\n".join(lines)
+
+
+def _table_axes(mesh: jax.sharding.Mesh, table_axes: Sequence[str] | None) -> tuple[str, ...]:
+    names = tuple(mesh.axis_names)
+    if table_axes is None:
+        return names
+    if isinstance(table_axes, str):
+        table_axes = (table_axes,)
+    axes = tuple(table_axes)
+    unknown = [a for a in axes if a not in names]
+    if unknown or len(set(axes)) != len(axes):
+        raise ValueError(
+            f"table_axes={axes} must name distinct axes of the mesh {names}; e.g. "
+            f"table_axes=({names[-1]!r},) shards the tables over {names[-1]!r} and replicates "
+            "them over the other axes, table_axes=None over all axes."
+        )
+    return tuple(a for a in names if a in axes)  # the mesh's order: its devices' order
 
 
 def plan_sharding(
@@ -129,26 +145,23 @@ def plan_sharding(
     overrides: Mapping[str, str] | None = None,
     replicate_max_bytes: int = REPLICATE_MAX_BYTES,
     optimizers: Mapping[str, Any] | None = None,
+    table_axes: Sequence[str] | None = None,
 ) -> ShardingPlan:
-    """Chooses a strategy per table: replicated if tiny or shorter than the mesh, else row.
+    """Chooses a strategy per table and builds the layouts.
 
     Args:
         tables: ``{TableConfig: name}`` in table order.
-        mesh: a 1-D ``jax.sharding.Mesh`` (its one axis carries both the batch and the rows).
-        overrides: ``{table name: "row" | "table" | "replicated"}``.
+        mesh: any ``jax.sharding.Mesh`` (a one-device mesh for a single device).
+        overrides: ``{table name: "row" | "table" | "column" | "replicated"}``.
         replicate_max_bytes: tables up to this size (float32) are replicated by default.
         optimizers: ``{table name: optimizer}``; table-wise tables are stacked only with tables
             of the same dim and an equal optimizer.
+        table_axes: mesh axes the tables are split over; None for all axes.
 
     Raises:
-        ValueError: a mesh with more than one axis, an unknown table or strategy in
-            ``overrides``, or row sharding of a table with fewer rows than devices.
+        ValueError: an unknown table, strategy or axis, or row sharding of a table with fewer
+            rows than shards.
     """
-    if len(mesh.axis_names) != 1:
-        raise ValueError(
-            f"Embedding needs a 1-D mesh (one axis for both the batch and the table rows), got "
-            f"axes {mesh.axis_names}. Build one with jax.make_mesh(({mesh.size},), ('x',))."
-        )
     overrides = dict(overrides or {})
     optimizers = dict(optimizers or {})
     unknown = set(overrides) - set(tables.values())
@@ -157,8 +170,12 @@ def plan_sharding(
             f"sharding names tables {sorted(unknown)} that do not exist; tables are "
             f"{sorted(tables.values())}."
         )
-    n = mesh.size
-    placements: dict[str, TablePlacement] = {}
+    axes = _table_axes(mesh, table_axes)
+    sizes = dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
+    n = math.prod(sizes[a] for a in axes)
+    spread = (axes, tuple(a for a in mesh.axis_names if a not in axes), n, mesh.size // n)
+    everywhere = ((), tuple(mesh.axis_names), 1, mesh.size)
+    layouts: dict[str, Layout] = {}
     stacks: dict[tuple, list[tuple[str, int, int]]] = {}
     for table, name in tables.items():
         vocab, dim = table.vocabulary_size, table.dim
@@ -174,17 +191,32 @@ def plan_sharding(
         if strategy == "row" and vocab < n:
             raise ValueError(
                 f"Table {name!r} has {vocab} rows, fewer than the {n} devices it would be "
-                f"row-sharded over. Use sharding={{{name!r}: 'replicated'}} or 'table'."
+                f"row-sharded over. Use sharding={{{name!r}: 'replicated'}}, 'column' or 'table'."
             )
         if strategy == "table":
             key = (dim, _hashable(optimizers.get(name)))
             stacks.setdefault(key, []).append((name, vocab, dim))
             continue
-        rows = -(-vocab // n) if strategy == "row" else vocab
-        placements[name] = TablePlacement(name, strategy, vocab, dim, n, rows, group=name)
+        if strategy == "replicated":
+            placement = TablePlacement(name, strategy, vocab, dim, 1, vocab, dim, vocab, name)
+            layouts[name] = ReplicatedLayout(name, (placement,), *everywhere)
+        elif strategy == "row":
+            rows = ceil_div(vocab, n)
+            placement = TablePlacement(name, strategy, vocab, dim, n, rows, dim, n * rows, name)
+            layouts[name] = RowLayout(name, (placement,), *spread)
+        else:
+            cols = ceil_div(dim, n)
+            placement = TablePlacement(name, strategy, vocab, dim, n, vocab, cols, vocab, name)
+            layouts[name] = ColumnLayout(name, (placement,), *spread)
     for members in stacks.values():
-        placements.update(_stack_tables(members, n))
-    return ShardingPlan(mesh.axis_names[0], n, tuple(placements[name] for name in tables.values()))
+        layout = _stack_tables(members, spread)
+        layouts.update({t.name: layout for t in layout.tables})
+    order = list(tables.values())
+    placements = {t.name: t for layout in layouts.values() for t in layout.tables}
+    unique = list({id(layouts[name]): layouts[name] for name in order}.values())
+    return ShardingPlan(
+        tuple(sizes.items()), axes, tuple(placements[name] for name in order), tuple(unique)
+    )
 
 
 def _hashable(optimizer: Any) -> Any:
@@ -195,8 +227,9 @@ def _hashable(optimizer: Any) -> Any:
         return id(optimizer)
 
 
-def _stack_tables(members: list[tuple[str, int, int]], n: int) -> dict[str, TablePlacement]:
-    """Table-wise placement: largest table first onto the least loaded device."""
+def _stack_tables(members: list[tuple[str, int, int]], spread: tuple) -> TableLayout:
+    """Table-wise placement: largest table first onto the least loaded shard."""
+    n = spread[2]
     load = [0] * n
     where = {}
     for name, vocab, _ in sorted(members, key=lambda m: (-m[1], m[0])):
@@ -205,64 +238,11 @@ def _stack_tables(members: list[tuple[str, int, int]], n: int) -> dict[str, Tabl
         load[shard] += vocab
     group = "_".join(sorted(name for name, *_ in members))
     rows = max(max(load), 1)
-    return {
-        name: TablePlacement(name, "table", vocab, dim, n, rows, group, *where[name])
+    placements = tuple(
+        TablePlacement(name, "table", vocab, dim, n, rows, dim, n * rows, group, *where[name])
         for name, vocab, dim in members
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# Logical <-> physical row order for row sharding.
-
-
-def to_physical(tables: Mapping[str, jax.Array], members: Sequence[TablePlacement]) -> jax.Array:
-    """Logical ``[V, D]`` tables of one group -> the group's physical array."""
-    first = members[0]
-    if first.strategy == "replicated":
-        return tables[first.name]
-    if first.strategy == "row":
-        n, s = first.num_shards, first.rows_per_shard
-        padded = jnp.pad(tables[first.name], ((0, n * s - first.vocabulary_size), (0, 0)))
-        return padded.reshape(s, n, -1).transpose(1, 0, 2).reshape(n * s, -1)
-    physical = jnp.zeros((first.physical_rows, first.dim), tables[first.name].dtype)
-    for m in members:
-        start = m.shard * m.rows_per_shard + m.offset
-        physical = physical.at[start : start + m.vocabulary_size].set(tables[m.name])
-    return physical
-
-
-def _replicated(x: jax.Array) -> jax.Array:
-    """``x`` on every device of its mesh (explicit-axis meshes need this before a reshape)."""
-    sharding = getattr(jax.typeof(x), "sharding", None)  # arrays and tracers alike
-    if (
-        isinstance(sharding, jax.sharding.NamedSharding)
-        and any(axis is not None for axis in sharding.spec)
-        and any(t == jax.sharding.AxisType.Explicit for t in sharding.mesh.axis_types)
-    ):
-        return jax.sharding.reshard(x, jax.sharding.NamedSharding(sharding.mesh, P()))
-    return x
-
-
-def to_logical(physical: jax.Array, placement: TablePlacement) -> jax.Array:
-    """One table's logical ``[V, D]`` rows out of its group's physical array."""
-    if placement.strategy == "replicated":
-        return physical
-    physical = _replicated(physical)
-    if placement.strategy == "table":
-        start = placement.shard * placement.rows_per_shard + placement.offset
-        return physical[start : start + placement.vocabulary_size]
-    n, s = placement.num_shards, placement.rows_per_shard
-    logical = physical.reshape(n, s, -1).transpose(1, 0, 2).reshape(n * s, -1)
-    return logical[: placement.vocabulary_size]
-
-
-def owner_and_local_row(
-    ids: np.ndarray, placement: TablePlacement
-) -> tuple[np.ndarray, np.ndarray]:
-    """Shard and local row (within the group's shard) of logical ``ids``."""
-    if placement.strategy == "table":
-        return np.full_like(ids, placement.shard), ids + placement.offset
-    return ids % placement.num_shards, ids // placement.num_shards
+    )
+    return TableLayout(group, placements, *spread)
 
 
 def split_evenly(batch_size: int, num_shards: int, what: str = "batch") -> Sequence[int]:

@@ -41,13 +41,26 @@ def _mesh(n):
 SHARDING = {"a": "row", "b": "table"}
 
 
+# Other layouts: (mesh shape, axes, sharding, table_axes).
+LAYOUTS = {
+    "2d": ((2, 4), ("data", "model"), {"a": "column", "b": "table"}, None),
+    "2d_model": ((2, 4), ("data", "model"), {"a": "row", "b": "column"}, ("model",)),
+    "4_column": ((4,), ("x",), {"a": "column", "b": "replicated"}, None),
+}
+
+
 def _emb(devices, optimizer=None, optimizer_b=None):
+    features = _features(optimizer_b or je.optimizers.from_optax(optax.adam(0.01)))
+    optimizer = optimizer or je.optimizers.Adagrad(0.1)
+    if isinstance(devices, str):
+        shape, axes, sharding, table_axes = LAYOUTS[devices]
+        mesh = jax.sharding.Mesh(
+            np.array(jax.devices()[: int(np.prod(shape))]).reshape(shape), axes
+        )
+        return je.Embedding(features, optimizer, mesh, sharding, table_axes)
     mesh = _mesh(devices)
     return je.Embedding(
-        _features(optimizer_b or je.optimizers.from_optax(optax.adam(0.01))),
-        optimizer or je.optimizers.Adagrad(0.1),
-        mesh=mesh,
-        sharding=SHARDING if mesh is not None else None,
+        features, optimizer, mesh=mesh, sharding=SHARDING if mesh is not None else None
     )
 
 
@@ -80,7 +93,19 @@ def _assert_same(emb1, s1, emb2, s2, exact=True):
     assert int(s1.step) == int(s2.step)
 
 
-@pytest.mark.parametrize("saved_on,restored_on", [(8, 2), (8, None), (None, 8), (2, 8)])
+@pytest.mark.parametrize(
+    "saved_on,restored_on",
+    [
+        (8, 2),
+        (8, None),
+        (None, 8),
+        (2, 8),
+        ("2d", None),  # a 2-D mesh (column, table-wise) onto one device
+        ("2d", "4_column"),  # onto a 1-D mesh of 4 with other strategies
+        (None, "2d"),
+        ("2d_model", "2d"),  # tables over "model" (replicated over "data") onto all axes
+    ],
+)
 def test_restore_onto_another_device_count_is_bit_identical(tmp_path, saved_on, restored_on):
     saver = _emb(saved_on)
     state = _train(saver, saver.init(jax.random.key(0)), range(2))

@@ -1,6 +1,8 @@
 """Two processes x two CPU devices (jax.distributed on localhost, gloo collectives), each feeding
-half of the global batch, train exactly like one process with mesh=None; the checkpoint they
-write together restores onto one device."""
+half of the global batch, train exactly like one process with mesh=None, on a 1-D mesh (row,
+table-wise and replicated tables) and on a (2, 2) ("data", "model") mesh with the tables over
+"model" (row, column and replicated); the checkpoint they write together restores onto one
+device."""
 
 import os
 import socket
@@ -43,14 +45,15 @@ def _reference():
     return first, tables, slots
 
 
-def test_two_processes_match_single_process(tmp_path):
+@pytest.mark.parametrize("mesh", ["1d", "2d"])
+def test_two_processes_match_single_process(tmp_path, mesh):
     out = tmp_path / "result.npz"
     port = str(_free_port())
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), str(pid), "2", port, str(out)],
+            [sys.executable, str(WORKER), str(pid), "2", port, str(out), mesh],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

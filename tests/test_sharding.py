@@ -38,7 +38,7 @@ N = 8  # devices on the mesh axis
 B = 32  # batch size: 4 examples per device
 PER = B // N
 KEY = jax.random.key(7)
-STEPS = 3
+STEPS = 5
 
 
 @functools.cache
@@ -88,7 +88,33 @@ STRATEGIES = {
     "row": {name: "row" for name in TABLES},
     "replicated": {name: "replicated" for name in TABLES},
     "mixed": {name: ("row", "replicated")[i % 2] for i, name in enumerate(TABLES)},
+    "column": {name: "column" for name in TABLES},  # dims 2, 3, 4 over 8 devices: padded blocks
+    # Every strategy at once (tables of one strategy and dim share no optimizer: not stacked).
+    "all": {name: ("row", "table", "column", "replicated")[i % 4] for i, name in enumerate(TABLES)},
+    # The same on a (2, 4) ("data", "model") mesh, tables over both axes or over "model" only
+    # (replicated over "data"): column blocks of dims 2, 3, 4 over 8 and over 4 devices.
+    "2d_all": {
+        name: ("row", "table", "column", "replicated")[i % 4] for i, name in enumerate(TABLES)
+    },
+    "2d_model_all": {
+        name: ("column", "replicated", "row", "table")[i % 4] for i, name in enumerate(TABLES)
+    },
+    "2d_model_row": {name: "row" for name in TABLES},
 }
+
+
+@functools.cache
+def _mesh_2d() -> jax.sharding.Mesh:
+    return jax.make_mesh((2, 4), ("data", "model"))
+
+
+def _mesh_of(run: str) -> tuple[jax.sharding.Mesh, tuple[str, ...] | None]:
+    """The mesh and table_axes of a run."""
+    if run.startswith("2d_model"):
+        return _mesh_2d(), ("model",)
+    if run.startswith("2d"):
+        return _mesh_2d(), None
+    return _mesh(), None
 
 
 @functools.cache
@@ -378,19 +404,32 @@ def reference_run() -> Run:
 
 @functools.cache
 def sharded_run(strategy: str) -> Run:
-    return Run(je.Embedding(feature_config(), mesh=_mesh(), sharding=STRATEGIES[strategy]))
+    mesh, table_axes = _mesh_of(strategy)
+    return Run(
+        je.Embedding(
+            feature_config(), mesh=mesh, sharding=STRATEGIES[strategy], table_axes=table_axes
+        )
+    )
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_scenario_plan_uses_the_forced_strategies(strategy):
     emb = sharded_run(strategy).emb
-    assert emb.plan.num_shards == N and emb.plan.axis == "x"
+    mesh, table_axes = _mesh_of(strategy)
+    shards = 4 if table_axes == ("model",) else N
+    assert emb.plan.num_devices == N and emb.plan.num_shards == shards
+    assert emb.plan.batch_axes == mesh.axis_names
     for name, (vocab, dim, *_) in TABLES.items():
         placement = emb.plan[name]
         assert placement.strategy == STRATEGIES[strategy][name]
         assert (placement.vocabulary_size, placement.dim) == (vocab, dim)
-        rows = math.ceil(vocab / N) if placement.strategy == "row" else vocab
-        assert placement.rows_per_shard == rows
+        rows = {"row": math.ceil(vocab / shards), "table": vocab}.get(placement.strategy, vocab)
+        cols = math.ceil(dim / shards) if placement.strategy == "column" else dim
+        assert (placement.rows_per_shard, placement.cols_per_shard) == (rows, cols)
+        # Every device holds exactly its shard of the table: rows (or columns) of its own.
+        array = sharded_run(strategy).state.tables[emb.plan.layout(name).name]
+        for shard in array.addressable_shards:
+            assert shard.data.shape == (rows, cols)
 
 
 def _ids_per_device(inputs: dict) -> dict[str, list[set[int]]]:
@@ -649,8 +688,10 @@ def test_plan_overrides():
     t = je.TableConfig(8, 2, name="eight")
     emb = je.Embedding({"a": je.FeatureConfig(t)}, mesh=_mesh(), sharding={"eight": "row"})
     assert emb.plan["eight"].rows_per_shard == 1
-    # Without a mesh there is no plan.
-    assert je.Embedding(fc).plan is None
+    # Without a mesh the plan is the one-device plan: one shard, nothing moved.
+    one = je.Embedding(fc).plan
+    assert one.num_devices == one.num_shards == 1
+    assert all(t.rows_per_shard == t.vocabulary_size for t in one.tables)
 
 
 def _fc_one(vocab: int = 64, dim: int = 4, **feature_kwargs) -> dict:
@@ -658,10 +699,14 @@ def _fc_one(vocab: int = 64, dim: int = 4, **feature_kwargs) -> dict:
     return {"items": je.FeatureConfig(table, **feature_kwargs)}
 
 
-def test_two_dimensional_mesh_raises():
+def test_table_axes_must_name_mesh_axes():
     mesh = jax.make_mesh((2, 4), ("a", "b"))
-    with pytest.raises(ValueError, match=r"1-D mesh.*\('a', 'b'\)"):
-        je.Embedding(_fc_one(), mesh=mesh)
+    with pytest.raises(
+        ValueError, match=r"table_axes=\('c',\) must name distinct axes.*\('a', 'b'\)"
+    ):
+        je.Embedding(_fc_one(), mesh=mesh, table_axes=("c",))
+    with pytest.raises(ValueError, match=r"distinct axes"):
+        je.Embedding(_fc_one(), mesh=mesh, table_axes=("a", "a"))
 
 
 def test_unknown_table_in_sharding_raises():
@@ -670,8 +715,8 @@ def test_unknown_table_in_sharding_raises():
 
 
 def test_unknown_strategy_raises():
-    with pytest.raises(ValueError, match=r"Unknown sharding strategy 'column' for table 'items'"):
-        je.Embedding(_fc_one(), mesh=_mesh(), sharding={"items": "column"})
+    with pytest.raises(ValueError, match=r"Unknown sharding strategy 'diagonal' for table 'items'"):
+        je.Embedding(_fc_one(), mesh=_mesh(), sharding={"items": "diagonal"})
 
 
 def test_row_strategy_on_table_with_fewer_rows_than_devices_raises():
@@ -682,9 +727,14 @@ def test_row_strategy_on_table_with_fewer_rows_than_devices_raises():
     assert emb.plan["items"].strategy == "replicated"
 
 
-def test_sharding_without_mesh_raises():
-    with pytest.raises(ValueError, match=r"`sharding` needs a `mesh`"):
-        je.Embedding(_fc_one(), sharding={"items": "row"})
+def test_sharding_without_mesh_is_the_one_device_plan():
+    emb = je.Embedding(_fc_one(), jeo.SGD(0.1), sharding={"items": "column"})
+    assert emb.plan["items"].strategy == "column" and emb.plan["items"].cols_per_shard == 4
+    plain = je.Embedding(_fc_one(), jeo.SGD(0.1))
+    inputs = {"items": je.Ragged.from_row_lengths(np.arange(12) % 64, [3, 0, 5, 4])}
+    got = emb.lookup(emb.init(KEY), emb.preprocess(inputs))["items"]
+    want = plain.lookup(plain.init(KEY), plain.preprocess(inputs))["items"]
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 @pytest.mark.parametrize("batch", [12, 4, 20])
@@ -697,23 +747,33 @@ def test_batch_not_divisible_by_devices_raises(batch):
         emb.preprocess({"items": je.Ragged.from_row_lengths(ids, np.ones(batch, np.int64))})
 
 
-def test_output_shape_with_mesh_raises():
-    emb = je.Embedding(_fc_one(output_shape=(8, 2)), jeo.SGD(0.1), mesh=_mesh())
+def test_output_shape_on_a_mesh_equals_one_device():
+    ragged = je.Ragged.from_row_lengths(np.arange(30) % 64, np.arange(16) % 5)
+    for shape in [(8, 2), (16,), (16, 3), (8, 2, 3)]:  # combined, and 3 positions per example
+        emb = je.Embedding(_fc_one(output_shape=shape), jeo.SGD(0.1), mesh=_mesh())
+        plain = je.Embedding(_fc_one(output_shape=shape), jeo.SGD(0.1))
+        got = emb.lookup(emb.init(KEY), emb.preprocess({"items": ragged}))["items"]
+        want = plain.lookup(plain.init(KEY), plain.preprocess({"items": ragged}))["items"]
+        assert got.shape == (*shape, 4)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=str(shape))
+
+
+def test_output_shape_not_divisible_by_devices_raises():
+    emb = je.Embedding(_fc_one(output_shape=(4, 4)), jeo.SGD(0.1), mesh=_mesh())
     ragged = je.Ragged.from_row_lengths(np.arange(16) % 64, np.ones(16, np.int64))
-    with pytest.raises(ValueError, match=r"output_shape is not supported with a mesh"):
+    with pytest.raises(ValueError, match=r"output_shape \(4, 4\) of feature 'items'.*8 devices"):
         emb.preprocess({"items": ragged})
-    # Without a mesh the same feature works.
-    plain = je.Embedding(_fc_one(output_shape=(8, 2)), jeo.SGD(0.1))
-    acts = plain.lookup(plain.init(KEY), plain.preprocess({"items": ragged}))
-    assert acts["items"].shape == (8, 2, 4)
 
 
-def test_inputs_with_different_batch_sizes_raise():
+def test_inputs_with_different_batch_sizes_equal_one_device():
     table = je.TableConfig(64, 4, name="items")
     fc = {"a": je.FeatureConfig(table), "b": je.FeatureConfig(table)}
-    emb = je.Embedding(fc, mesh=_mesh())
-    with pytest.raises(ValueError, match=r"same number of examples.*\[8, 16\]"):
-        emb.preprocess({"a": np.arange(16), "b": np.arange(8)})
+    emb, plain = je.Embedding(fc, mesh=_mesh()), je.Embedding(fc)
+    inputs = {"a": np.arange(16), "b": np.arange(8)}
+    got = emb.lookup(emb.init(KEY), emb.preprocess(inputs))
+    want = plain.lookup(plain.init(KEY), plain.preprocess(inputs))
+    for path in inputs:
+        np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(want[path]))
 
 
 # ---------------------------------------------------------------------------------------------

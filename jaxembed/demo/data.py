@@ -165,7 +165,7 @@ def movielens(path: str | os.PathLike, *, history_length: int = 8) -> ClickLog:
     # Order by (user, time) to read each user's previous movies, then restore the file order.
     order = np.lexsort((time, user))
     hist_values, hist_lengths = [], np.zeros(len(order), np.int64)
-    last_user, recent = -1, []
+    last_user, recent = -1, list[int]()
     for row in order:
         if user[row] != last_user:
             last_user, recent = user[row], []

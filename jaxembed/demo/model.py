@@ -54,7 +54,8 @@ class Tower(nn.Module):
 
 def predict(params: Any, acts: dict) -> dict:
     """Serving output: the click probability (a pure function, as ``save_serving_model`` wants)."""
-    return {"ctr": jax.nn.sigmoid(Tower().apply(params, acts))}
+    logits: jax.Array = Tower().apply(params, acts)  # type: ignore[assignment]
+    return {"ctr": jax.nn.sigmoid(logits)}
 
 
 def inputs(log: ClickLog) -> tuple[dict, dict]:
@@ -85,7 +86,7 @@ def serving_request(log: ClickLog) -> dict[str, np.ndarray]:
         "item_lengths": ones,
         "categories_ids": log.categories.values,
         "categories_lengths": log.categories.lengths,
-        "categories_weights": log.categories.weights.astype(np.float32),
+        "categories_weights": np.asarray(log.categories.weights, np.float32),
         "history_ids": log.history.values,
         "history_lengths": log.history.lengths,
     }

@@ -27,7 +27,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import jaxembed as je
 from jaxembed.demo import data, model
-from jaxembed.sharding import owner_and_local_row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,11 +98,9 @@ def _shard_counts(emb: je.Embedding, batch_log: data.ClickLog) -> dict[str, np.n
     }
     counts = {}
     for name, table_ids in ids.items():
-        placement = emb.plan[name]
-        if placement.strategy == "replicated":
-            continue
-        owners, _ = owner_and_local_row(table_ids, placement)
-        counts[name] = np.bincount(owners, minlength=placement.num_shards)
+        layout = emb.plan.layout(name)
+        if layout.num_shards > 1:
+            counts[name] = layout.shard_loads(name, np.asarray(table_ids, np.int64))
     return counts
 
 

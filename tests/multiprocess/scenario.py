@@ -8,6 +8,8 @@ import jaxembed as je
 BATCH = 16
 NUM_STEPS = 3
 SHARDING = {"big": "row", "mid": "table", "small": "replicated"}  # all three strategies
+# On a (2, 2) ("data", "model") mesh, tables over "model": row, column and replicated.
+SHARDING_2D = {"big": "row", "mid": "column", "small": "replicated"}
 
 
 def feature_config():

@@ -1,6 +1,6 @@
 """One process of the multi-process test: 2 CPU devices, gloo collectives, half the batch.
 
-Usage: python worker.py PROCESS_ID NUM_PROCESSES PORT OUT.npz
+Usage: python worker.py PROCESS_ID NUM_PROCESSES PORT OUT.npz [1d|2d]
 """
 
 import os
@@ -13,10 +13,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jax.experimental import multihost_utils  # noqa: E402
 
 import jaxembed as je  # noqa: E402
-from jaxembed.sharded import slice_examples  # noqa: E402
+from jaxembed.batch import slice_examples  # noqa: E402
 from multiprocess.scenario import (  # noqa: E402
     NUM_STEPS,
     SHARDING,
+    SHARDING_2D,
     batch_for,
     feature_config,
     optimizer,
@@ -31,9 +32,13 @@ def main() -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"localhost:{port}", num_processes=nproc, process_id=pid)
     assert jax.process_count() == nproc and jax.device_count() == 2 * nproc, jax.devices()
-    mesh = jax.make_mesh((jax.device_count(),), ("x",))
     fc = feature_config()
-    emb = je.Embedding(fc, optimizer(), mesh=mesh, sharding=SHARDING)
+    if len(sys.argv) > 5 and sys.argv[5] == "2d":  # ("data", "model"): one mesh row per process
+        mesh = jax.make_mesh((nproc, 2), ("data", "model"))
+        emb = je.Embedding(fc, optimizer(), mesh=mesh, sharding=SHARDING_2D, table_axes=("model",))
+    else:
+        mesh = jax.make_mesh((jax.device_count(),), ("x",))
+        emb = je.Embedding(fc, optimizer(), mesh=mesh, sharding=SHARDING)
     state = emb.init(jax.random.key(0))
 
     step = train_step(emb)

@@ -1,0 +1,210 @@
+"""``Batch``: a preprocessed batch, and the host-side preprocessing that builds it.
+
+Host (numpy), per process: the process's examples are split evenly over its devices of the mesh;
+each device's slice is validated and planned with TF's rules (``lookup.plan_feature``). Per
+physical array, every device's ids become the array's keys (``Layout.keys``), their distinct
+values become the device's request array (``Layout.requests``), and each feature's plan is
+re-pointed at the rows those requests will bring back. Sizes that vary from batch to batch
+(request capacity, slots per example) are padded to bucketed sizes agreed by every process, so a
+jitted step compiles once per bucket and every process traces the same shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxembed import _nest
+from jaxembed.configs import FeatureConfig, TableConfig
+from jaxembed.inputs import Ragged, Sparse
+from jaxembed.lookup import (
+    LookupPlan,
+    bucket,
+    flatten_features,
+    plan_feature,
+    remap_plan,
+    slot_bucket,
+)
+from jaxembed.sharding import ShardingPlan, split_evenly
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """A preprocessed batch: static-shape arrays, ready for ``lookup``/``apply_gradients``.
+
+    Every array has a leading axis of the mesh's devices (1 on one device), split over all of
+    them: device ``d`` holds ``[1, ...]`` of its own examples.
+
+    Attributes:
+        requests: ``{array name: [devices, T, K] int32}``: the rows each device requests of each
+            of the array's ``T`` shards (local row numbers; column-wise arrays ``[devices, 1,
+            K]``, the same ids for every shard), padded with the shard's row count; see
+            ``Layout.requests``.
+        plans: one ``LookupPlan`` per input leaf, for each device's examples; slots index the
+            rows its requests bring back (``Layout.fetched_rows``; that count = no entry).
+        paths: the input paths, in the order of ``plans`` (static).
+        treedef: the inputs' nested structure (static), to pack the activations.
+    """
+
+    requests: Mapping[str, jax.Array]
+    plans: tuple[LookupPlan, ...]
+    paths: tuple[str, ...]
+    treedef: Any
+
+
+jax.tree_util.register_dataclass(
+    Batch, data_fields=["requests", "plans"], meta_fields=["paths", "treedef"]
+)
+
+
+def _examples(path: str, inp: Any) -> int:
+    if isinstance(inp, Sparse):
+        return inp.dense_shape[0]
+    if isinstance(inp, Ragged):
+        return inp.nrows
+    shape = np.shape(inp)
+    if not shape:
+        raise ValueError(
+            f"Input {path!r} is a scalar; Embedding.preprocess needs a batch dimension (e.g. "
+            "ids[None]). je.embedding_lookup accepts any shape."
+        )
+    return shape[0]
+
+
+def slice_examples(inp: Any, lo: int, hi: int) -> Any:
+    """Examples ``[lo, hi)`` of a dense, ``Sparse`` or ``Ragged`` input (or weights)."""
+    if inp is None:
+        return None
+    if isinstance(inp, Sparse):
+        keep = (inp.indices[:, 0] >= lo) & (inp.indices[:, 0] < hi)
+        indices = inp.indices[keep] - np.array([lo] + [0] * (len(inp.dense_shape) - 1))
+        return Sparse(indices, inp.values[keep], (hi - lo, *inp.dense_shape[1:]))
+    if isinstance(inp, Ragged):
+        splits = np.asarray(inp.row_splits)
+        return Ragged(inp.values[splits[lo] : splits[hi]], splits[lo : hi + 1] - splits[lo])
+    return np.asarray(inp)[lo:hi]
+
+
+def _global_max(values: list[int]) -> list[int]:
+    """Element-wise max over all processes (capacities must agree for static shapes)."""
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils
+
+    gathered = multihost_utils.process_allgather(np.asarray(values, np.int64))
+    return [int(v) for v in np.max(gathered.reshape(-1, len(values)), axis=0)]
+
+
+def _local_feature(path: str, inp: Any, feature: FeatureConfig, devices: int) -> FeatureConfig:
+    """The feature as one device of ``devices`` sees it: a ragged ``output_shape`` covers the
+    whole batch, so each device's slice gets ``output_shape[0] / devices`` of it."""
+    shape = feature.output_shape
+    if shape is None or devices == 1 or not isinstance(inp, Ragged):
+        return feature
+    if not shape or shape[0] is None or shape[0] % devices:
+        raise ValueError(
+            f"output_shape {shape} of feature {path!r} must have a first dimension divisible by "
+            f"the {devices} devices the batch is split over (each device combines its own "
+            "examples), e.g. output_shape=(batch, ...) rather than (1, batch, ...)."
+        )
+    return dataclasses.replace(feature, output_shape=(shape[0] // devices, *shape[1:]))
+
+
+def preprocess(
+    inputs: Any,
+    weights: Any,
+    feature_config: Any,
+    plan: ShardingPlan,
+    table_names: Mapping[TableConfig, str],
+    mesh: jax.sharding.Mesh,
+) -> Batch:
+    """Builds this process's part of a ``Batch`` and places it on ``mesh``.
+
+    Args:
+        inputs, weights: this process's examples (see ``Embedding.preprocess``).
+        feature_config: the nested ``FeatureConfig`` structure.
+        plan: the sharding plan (its layouts route the ids).
+        table_names: ``{TableConfig: table name}``.
+        mesh: the mesh the batch is split over (all devices, in its device order).
+    """
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    leaves = flatten_features(inputs, weights, feature_config)
+    per_device: list[dict[str, LookupPlan]] = [{} for _ in local]
+    for path, inp, weight, feature in leaves:
+        bounds = split_evenly(_examples(path, inp), len(local), f"{path!r} batch")
+        part = _local_feature(path, inp, feature, mesh.size)
+        for d, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            local_inp, local_w = slice_examples(inp, lo, hi), slice_examples(weight, lo, hi)
+            per_device[d][path] = plan_feature(path, local_inp, local_w, part)
+
+    table_of = {path: table_names[feature.table] for path, _, _, feature in leaves}
+    routed: dict[
+        str, list
+    ] = {}  # array name -> per device: (paths, keys per path, distinct, inverse)
+    needed = []
+    for layout in plan.layouts:
+        paths = [p for p in table_of if plan.layout(table_of[p]) is layout]
+        routed[layout.name] = []
+        for plans in per_device:
+            keys = [layout.keys(table_of[p], np.asarray(plans[p].ids, np.int64)) for p in paths]
+            flat = np.concatenate(keys) if keys else np.zeros(0, np.int64)
+            distinct, inverse = np.unique(flat, return_inverse=True)
+            routed[layout.name].append((paths, keys, distinct, inverse))
+            needed.append(layout.capacity_needed(distinct))
+    # Slots per example, per feature: the largest over devices (and processes), bucketed.
+    leaf_paths = [path for path, *_ in leaves]
+    slots = []
+    for p in leaf_paths:
+        combined = [d[p] for d in per_device if d[p].mode == "combine"]
+        slots.append(max((c.positions.shape[1] for c in combined), default=0))
+        slots.append(max((c.blocks.shape[1] for c in combined), default=0))
+    maxima = _global_max([*needed, *slots])
+    heads = {p: slot_bucket(h) for p, h in zip(leaf_paths, maxima[len(needed) :: 2], strict=True)}
+    tails = {
+        p: bucket(t) if t else 0
+        for p, t in zip(leaf_paths, maxima[len(needed) + 1 :: 2], strict=True)
+    }
+
+    requests: dict[str, Any] = {}
+    index: list[dict[str, np.ndarray]] = [{} for _ in local]
+    fetched: dict[str, int] = {}
+    it = iter(maxima[: len(needed)])
+    for layout in plan.layouts:
+        capacity = bucket(max(next(it) for _ in local))
+        fetched[layout.name] = layout.fetched_rows(capacity)
+        reqs = []
+        for d, (paths, keys, distinct, inverse) in enumerate(routed[layout.name]):
+            req, where = layout.requests(distinct, capacity)
+            reqs.append(req)
+            splits = np.cumsum([0] + [k.shape[0] for k in keys])
+            for p, lo, hi in zip(paths, splits[:-1], splits[1:], strict=True):
+                index[d][p] = where[inverse[lo:hi]]
+        requests[layout.name] = np.stack(reqs)
+
+    skeleton = _nest.pack_like(inputs, leaf_paths)
+    ordered_paths, treedef = jax.tree_util.tree_flatten(skeleton)
+    stacked = []
+    for p in ordered_paths:
+        rows = fetched[plan.layout(table_of[p]).name]
+        remapped = [
+            remap_plan(per_device[d][p], index[d][p], rows, heads[p], tails[p])
+            for d in range(len(local))
+        ]
+        stacked.append(jax.tree.map(lambda *xs: np.stack(xs), *remapped))
+    batch = Batch(dict(requests), tuple(stacked), tuple(ordered_paths), treedef)
+    sharding = NamedSharding(mesh, P(plan.batch_axes))
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def local(tree: Any) -> Any:
+    """Inside ``shard_map``: a device's ``[1, ...]`` batch arrays without the device axis."""
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+__all__: Sequence[str] = ["Batch", "local", "preprocess", "slice_examples"]

@@ -1,0 +1,417 @@
+"""Layouts: where one physical array of tables lives, and how ids, rows and gradients reach it.
+
+Every table of an ``Embedding`` lives in a *physical array* (the table itself, or several
+table-wise tables stacked into one group), and every physical array has one ``Layout``. The
+layout is the only code that knows its strategy; ``Embedding``, checkpoints and export ask it:
+
+* **where rows live**: ``shard_shape``, ``physical_shape`` and ``spec`` (the ``PartitionSpec`` of
+  the array and of its table-shaped optimizer slots);
+* **logical order**: ``to_physical`` and ``to_logical`` map ``[vocabulary_size, dim]`` tables to
+  the physical array and back (checkpoints and exports always hold logical order);
+* **routing a batch** (host, numpy): ``keys`` names every id in the array's key space,
+  ``capacity_needed`` and ``requests`` turn a device's distinct keys into the ``[T, K]`` (or
+  ``[1, K]``) request array it sends to the array's ``T`` shards, and where each distinct key's
+  row will be among the ``fetched_rows(K)`` rows that come back;
+* **fetching** (device, inside ``shard_map``): ``rows`` returns this device's requested rows (or
+  the local shard itself plus the ids to read it through, when nothing travels);
+* **training** (device): ``apply_gradients`` sums each requested row's gradient over the slots
+  that used it, takes the sums to the rows' owners, adds up duplicates across devices and
+  replicas, and runs the optimizer once per touched row.
+
+Mesh axes split into the array's *shard axes* (``T`` devices, the product of their sizes) and
+its *replica axes* (``R`` copies). Every device of a replica group holds one shard; the ``R``
+replica groups hold the same values and apply the same updates (their gradient contributions are
+all-gathered, so every replica sums the same numbers in the same order). The batch is split
+over every device. One device is the trivial case: ``T = R = 1``, no collective, the lookup
+reads the table in place through the batch's distinct ids and the CPU kernels fuse the gradient
+sum into the optimizer update.
+
+Strategies:
+
+* ``RowLayout`` (``"row"``): row ``r`` on shard ``r mod T`` at local row ``r div T`` (as TPUs
+  place rows), so hot small ids spread over all shards. Physical ``[T * ceil(V / T), D]``.
+* ``TableLayout`` (``"table"``): whole tables on one shard each, tables of one dim and optimizer
+  stacked at row offsets, every shard padded to the busiest shard's rows. Physical ``[T * S, D]``.
+* ``ColumnLayout`` (``"column"``): the dim split into ``T`` blocks of ``ceil(D / T)`` columns
+  (the last ones zero-padded): every shard holds every row's block. Physical ``[V, T * B]``.
+  Elementwise optimizers split with the columns; a future optimizer with a per-row statistic
+  over the dim (a row-wise accumulator) must ``psum`` its partial statistic over the shard axes
+  before using it, so all blocks of a row see the whole row's statistic.
+* ``ReplicatedLayout`` (``"replicated"``): a row layout over no shard axes: the whole table on
+  every device; gradients all-gathered, every device applies the same update.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from jaxembed import _kernels
+from jaxembed.optimizers import Optimizer, Slots, apply_rows, apply_slot_gradients
+
+Part = tuple[Any, ...]  # one feature's slot cotangents: (cot, head, head_w, blocks, block_w)
+
+
+@dataclasses.dataclass(frozen=True)
+class TablePlacement:
+    """Where one table lives: plain data, printed by ``ShardingPlan``.
+
+    Attributes:
+        name: the table's name.
+        strategy: ``"row"``, ``"table"``, ``"column"`` or ``"replicated"``.
+        vocabulary_size, dim: the logical table shape.
+        num_shards: ``T``, the devices its array is split over (1 if replicated).
+        rows_per_shard: rows of its array on one device.
+        cols_per_shard: columns of its array on one device (``dim`` unless column-wise).
+        physical_rows: rows of its (global) physical array.
+        group: the name of its physical array (the table's own name unless stacked).
+        shard: the shard holding a table-wise table (None otherwise).
+        offset: the table's first row on that shard (table-wise; 0 otherwise).
+    """
+
+    name: str
+    strategy: str
+    vocabulary_size: int
+    dim: int
+    num_shards: int
+    rows_per_shard: int
+    cols_per_shard: int
+    physical_rows: int
+    group: str
+    shard: int | None = None
+    offset: int = 0
+
+    def bytes_per_device(self, slots: int = 0) -> int:
+        """float32 bytes one device holds for the table's array and ``slots`` slot arrays."""
+        return (1 + slots) * self.rows_per_shard * self.cols_per_shard * 4
+
+
+def _replicated(x: jax.Array) -> jax.Array:
+    """``x`` on every device of its mesh (explicit-axis meshes need this before a reshape)."""
+    sharding = getattr(jax.typeof(x), "sharding", None)  # arrays and tracers alike
+    if (
+        isinstance(sharding, jax.sharding.NamedSharding)
+        and any(axis is not None for axis in sharding.spec)
+        and any(t == jax.sharding.AxisType.Explicit for t in sharding.mesh.axis_types)
+    ):
+        return jax.sharding.reshard(x, jax.sharding.NamedSharding(sharding.mesh, P()))
+    return x
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """One physical array on the mesh: its tables, shard axes and replica axes.
+
+    Attributes:
+        name: the array's name (its key in ``EmbeddingState.tables``).
+        tables: placements of the tables it holds, in table order.
+        shard_axes: mesh axes the array is split over (``T`` devices in their row-major order).
+        replica_axes: mesh axes it is copied over (``R`` copies).
+        num_shards: ``T``.
+        num_replicas: ``R``.
+    """
+
+    name: str
+    tables: tuple[TablePlacement, ...]
+    shard_axes: tuple[str, ...]
+    replica_axes: tuple[str, ...]
+    num_shards: int
+    num_replicas: int
+
+    strategy: ClassVar[str] = ""
+
+    @property
+    def dim(self) -> int:
+        return self.tables[0].dim
+
+    @property
+    def shard_shape(self) -> tuple[int, int]:
+        """``(rows, columns)`` of the array on one device."""
+        return self.tables[0].rows_per_shard, self.tables[0].cols_per_shard
+
+    @property
+    def physical_shape(self) -> tuple[int, int]:
+        """Shape of the global physical array."""
+        raise NotImplementedError
+
+    def spec(self, shape: tuple[int, ...]) -> P:
+        """``PartitionSpec`` of an array leaf of this layout: the table and its table-shaped slots
+        are split like the table; anything else (e.g. an Optax step count) is replicated."""
+        dims: list[Any] = [None] * len(shape)
+        if tuple(shape) == self.physical_shape and self.shard_axes:
+            axes = self.shard_axes[0] if len(self.shard_axes) == 1 else self.shard_axes
+            dims[self._split_dim] = axes
+        return P(*dims)
+
+    _split_dim: ClassVar[int] = 0  # the dimension split over the shard axes
+
+    def table(self, name: str) -> TablePlacement:
+        for t in self.tables:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    # -- logical order --
+    def to_physical(self, logical: Mapping[str, Any]) -> jax.Array:
+        """The physical array from its tables' logical ``[V, D]`` arrays (``{name: array}``)."""
+        raise NotImplementedError
+
+    def to_logical(self, physical: jax.Array, name: str) -> jax.Array:
+        """Table ``name``'s logical ``[V, D]`` rows out of the physical array."""
+        raise NotImplementedError
+
+    def shard_loads(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """``[T]``: how many of table ``name``'s ``ids`` each shard serves (host, numpy)."""
+        keys = self.keys(name, ids)
+        return np.full(self.num_shards, keys.shape[0], np.int64)
+
+    # -- host: routing a device's ids --
+    def keys(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """The array's keys (int64) of table ``name``'s ``ids``; distinct keys are distinct rows."""
+        return np.asarray(ids, np.int64)
+
+    def capacity_needed(self, keys: np.ndarray) -> int:
+        """Request slots ``K`` one device needs for its distinct ``keys``."""
+        raise NotImplementedError
+
+    def requests(self, keys: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(requests, where)`` for a device's sorted distinct ``keys``: the int32 request array
+        it sends (padding: ``shard_shape[0]``, which reads a zero row) and, per key, its row among
+        the ``fetched_rows(capacity)`` rows that ``rows`` returns."""
+        raise NotImplementedError
+
+    def fetched_rows(self, capacity: int) -> int:
+        raise NotImplementedError
+
+    # -- device (inside shard_map; per-device arrays) --
+    def _all_to_all(self, x: jax.Array) -> jax.Array:
+        if self.num_shards == 1:
+            return x
+        return jax.lax.all_to_all(x, self.shard_axes, 0, 0, tiled=True)
+
+    def rows(self, shard: jax.Array, requests: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        """``(rows, ids)``: the rows a device asked for are ``rows[ids]`` (``ids`` None: ``rows``
+        themselves, fetched from their owners). With one shard nothing travels and the lookup
+        reads the local shard in place through the requested local rows."""
+        if self.num_shards == 1:
+            return shard, requests.reshape(-1)
+        return self._fetch(shard, requests), None
+
+    def _fetch(self, shard: jax.Array, requests: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def _to_owners(self, requests: jax.Array, grads: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(local rows, gradients)`` each owner receives for its shard."""
+        raise NotImplementedError
+
+    def apply_gradients(
+        self,
+        optimizer: Optimizer,
+        shard: jax.Array,
+        slots: Slots,
+        step: jax.Array,
+        requests: jax.Array,
+        parts: list[Part],
+    ) -> tuple[jax.Array, Slots]:
+        """The optimizer applied to the shard's touched rows.
+
+        ``parts``: one ``lookup.slot_cotangents`` tuple per feature of the array, pointing into
+        the ``fetched_rows`` rows. A row's gradient is the sum over every slot of every device
+        and replica that used it.
+        """
+        if self.num_shards * self.num_replicas == 1:  # one contributor: fused sum and update
+            return apply_slot_gradients(optimizer, shard, slots, requests.reshape(-1), parts, step)
+        fetched = self.fetched_rows(requests.shape[-1])
+        grads = jnp.zeros((fetched, self.dim), shard.dtype)
+        for cot, head, head_w, blocks, block_w in parts:
+            grads = grads + _kernels.slot_grads(cot, head, head_w, blocks, block_w, fetched)
+        ids, grads = self._to_owners(requests, grads)
+        if self.num_replicas > 1:
+            ids = jax.lax.all_gather(ids, self.replica_axes, tiled=True)
+            grads = jax.lax.all_gather(grads, self.replica_axes, tiled=True)
+        distinct, inverse = jnp.unique(
+            ids, size=ids.shape[0], fill_value=self.shard_shape[0], return_inverse=True
+        )
+        summed = jax.ops.segment_sum(grads, inverse.reshape(-1), num_segments=ids.shape[0])
+        return apply_rows(optimizer, shard, slots, distinct, summed, step)
+
+
+class _Owned(Layout):
+    """Layouts where each row has one owning shard: ids go to their owner, rows come back."""
+
+    def _locate(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Owning shard and local row of each key."""
+        raise NotImplementedError
+
+    def shard_loads(self, name: str, ids: np.ndarray) -> np.ndarray:
+        owner, _ = self._locate(self.keys(name, ids))
+        return np.bincount(owner, minlength=self.num_shards)
+
+    def capacity_needed(self, keys: np.ndarray) -> int:
+        owner, _ = self._locate(keys)
+        return int(np.bincount(owner, minlength=self.num_shards).max(initial=0))
+
+    def requests(self, keys: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+        owner, row = self._locate(keys)
+        req = np.full((self.num_shards, capacity), self.shard_shape[0], np.int32)
+        order = np.lexsort((row, owner))  # grouped by owner, then by row
+        slot = np.arange(keys.shape[0]) - np.searchsorted(owner[order], owner[order])
+        req[owner[order], slot] = row[order]
+        where = np.empty(keys.shape[0], np.int64)
+        where[order] = owner[order] * capacity + slot
+        return req, where
+
+    def fetched_rows(self, capacity: int) -> int:
+        return self.num_shards * capacity
+
+    def _fetch(self, shard: jax.Array, requests: jax.Array) -> jax.Array:
+        asked = self._all_to_all(requests)  # [T (requester), K] local rows
+        rows = _kernels.gather_rows(shard, asked)  # padding reads a zero row
+        return self._all_to_all(rows).reshape(-1, shard.shape[1])  # [T (owner) * K, D]
+
+    def _to_owners(self, requests: jax.Array, grads: jax.Array) -> tuple[jax.Array, jax.Array]:
+        ids = self._all_to_all(requests).reshape(-1)
+        grads = self._all_to_all(grads.reshape(*requests.shape, -1))
+        return ids, grads.reshape(ids.shape[0], -1)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowLayout(_Owned):
+    """Row-wise: row ``r`` on shard ``r mod T`` at local row ``r div T``."""
+
+    strategy: ClassVar[str] = "row"
+
+    @property
+    def physical_shape(self) -> tuple[int, int]:
+        return self.num_shards * self.shard_shape[0], self.dim
+
+    def _locate(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.divmod(keys, self.num_shards)[::-1]
+
+    def to_physical(self, logical: Mapping[str, Any]) -> jax.Array:
+        table = jnp.asarray(logical[self.name])
+        n, s = self.num_shards, self.shard_shape[0]
+        if n == 1:
+            return table
+        padded = jnp.pad(table, ((0, n * s - table.shape[0]), (0, 0)))
+        return padded.reshape(s, n, -1).transpose(1, 0, 2).reshape(n * s, -1)
+
+    def to_logical(self, physical: jax.Array, name: str) -> jax.Array:
+        n, s = self.num_shards, self.shard_shape[0]
+        if n == 1:
+            return physical
+        physical = _replicated(physical)
+        logical = physical.reshape(n, s, -1).transpose(1, 0, 2).reshape(n * s, -1)
+        return logical[: self.tables[0].vocabulary_size]
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicatedLayout(RowLayout):
+    """The whole table on every device: a row layout over no shard axes (``T = 1``)."""
+
+    strategy: ClassVar[str] = "replicated"
+
+
+@dataclasses.dataclass(frozen=True)
+class TableLayout(_Owned):
+    """Table-wise: each table on one shard, stacked with others of its dim and optimizer."""
+
+    strategy: ClassVar[str] = "table"
+
+    @property
+    def physical_shape(self) -> tuple[int, int]:
+        return self.num_shards * self.shard_shape[0], self.dim
+
+    def _start(self, name: str) -> int:
+        t = self.table(name)
+        assert t.shard is not None
+        return t.shard * t.rows_per_shard + t.offset
+
+    def keys(self, name: str, ids: np.ndarray) -> np.ndarray:
+        return np.asarray(ids, np.int64) + self._start(name)
+
+    def _locate(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.divmod(keys, self.shard_shape[0])
+
+    def to_physical(self, logical: Mapping[str, Any]) -> jax.Array:
+        first = jnp.asarray(logical[self.tables[0].name])
+        physical = jnp.zeros(self.physical_shape, first.dtype)
+        for t in self.tables:
+            start = self._start(t.name)
+            physical = physical.at[start : start + t.vocabulary_size].set(logical[t.name])
+        return physical
+
+    def to_logical(self, physical: jax.Array, name: str) -> jax.Array:
+        start = self._start(name)
+        return _replicated(physical)[start : start + self.table(name).vocabulary_size]
+
+
+@dataclasses.dataclass(frozen=True)
+class ColumnLayout(Layout):
+    """Column-wise: every shard holds a block of ``ceil(D / T)`` columns of every row.
+
+    A device sends its distinct ids to every shard (one ``all_gather``), each shard returns its
+    column block of those rows (one ``all_to_all``), and the blocks are put side by side. The
+    gradients travel back the same way, split into blocks.
+    """
+
+    strategy: ClassVar[str] = "column"
+
+    @property
+    def physical_shape(self) -> tuple[int, int]:
+        return self.shard_shape[0], self.num_shards * self.shard_shape[1]
+
+    _split_dim: ClassVar[int] = 1
+
+    def capacity_needed(self, keys: np.ndarray) -> int:
+        return int(keys.shape[0])
+
+    def requests(self, keys: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+        req = np.full((1, capacity), self.shard_shape[0], np.int32)
+        req[0, : keys.shape[0]] = keys
+        return req, np.arange(keys.shape[0], dtype=np.int64)
+
+    def fetched_rows(self, capacity: int) -> int:
+        return capacity
+
+    def to_physical(self, logical: Mapping[str, Any]) -> jax.Array:
+        table = jnp.asarray(logical[self.name])
+        return jnp.pad(table, ((0, 0), (0, self.physical_shape[1] - self.dim)))
+
+    def to_logical(self, physical: jax.Array, name: str) -> jax.Array:
+        if self.physical_shape[1] == self.dim:
+            return physical
+        return _replicated(physical)[:, : self.dim]
+
+    def _gather_ids(self, requests: jax.Array) -> jax.Array:
+        return jax.lax.all_gather(requests.reshape(-1), self.shard_axes, tiled=True)
+
+    def _fetch(self, shard: jax.Array, requests: jax.Array) -> jax.Array:
+        capacity, block = requests.shape[-1], shard.shape[1]
+        asked = self._gather_ids(requests).reshape(self.num_shards, capacity)
+        blocks = self._all_to_all(_kernels.gather_rows(shard, asked))  # [T (block), K, B]
+        rows = blocks.transpose(1, 0, 2).reshape(capacity, self.num_shards * block)
+        return rows[:, : self.dim]
+
+    def _to_owners(self, requests: jax.Array, grads: jax.Array) -> tuple[jax.Array, jax.Array]:
+        block = self.shard_shape[1]
+        padded = jnp.pad(grads, ((0, 0), (0, self.num_shards * block - self.dim)))
+        split = padded.reshape(grads.shape[0], self.num_shards, block).transpose(1, 0, 2)
+        ids = self._gather_ids(requests) if self.num_shards > 1 else requests.reshape(-1)
+        return ids, self._all_to_all(split).reshape(-1, block)
+
+
+LAYOUTS: dict[str, type[Layout]] = {
+    cls.strategy: cls for cls in (RowLayout, TableLayout, ColumnLayout, ReplicatedLayout)
+}
+STRATEGIES = tuple(LAYOUTS)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
