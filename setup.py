@@ -7,6 +7,7 @@ compiler the package still installs, and jaxembed runs its pure-JAX path on CPU 
 
 import importlib.util
 import pathlib
+import runpy
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -31,10 +32,14 @@ class OptionalBuildExt(build_ext):
             self.warn(f"jaxembed: CPU kernels not built ({err}); jaxembed will use pure JAX")
 
 
+# The optimizer kinds and flags, written once in jaxembed/_kernel_abi.py (read, not imported).
+ABI = runpy.run_path(str(pathlib.Path(__file__).parent / "jaxembed" / "_kernel_abi.py"))
+
 kernels = Extension(
     "jaxembed._cpu_kernels",
     sources=["csrc/cpu_kernels.cc"],
     language="c++",
+    define_macros=ABI["compile_definitions"](),
     # -ffp-contract=off: products are rounded before they are added, as TF's kernels do.
     extra_compile_args=["-std=c++17", "-O3", "-g0", "-ffp-contract=off", "-fvisibility=hidden"],
     optional=True,

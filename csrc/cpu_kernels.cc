@@ -410,19 +410,31 @@ ffi::Error CombineGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> cot,
 // rounded to float32 the same way), so the kernel and the pure-JAX update agree to the last
 // bit wherever XLA computes sqrt and pow exactly as the C library does.
 
-enum OptimizerKind : int32_t { kSgd = 0, kAdagrad = 1, kAdagradMomentum = 2, kAdam = 3, kFtrl = 4 };
+// Kinds and flags come from jaxembed/_kernel_abi.py, the one table both sides read (setup.py
+// passes them as -D definitions).
+#ifndef JAXEMBED_KIND_SGD
+#error "build with setup.py: the optimizer kinds and flags come from jaxembed/_kernel_abi.py"
+#endif
+
+enum OptimizerKind : int32_t {
+  kSgd = JAXEMBED_KIND_SGD,
+  kAdagrad = JAXEMBED_KIND_ADAGRAD,
+  kAdagradMomentum = JAXEMBED_KIND_ADAGRAD_MOMENTUM,
+  kAdam = JAXEMBED_KIND_ADAM,
+  kFtrl = JAXEMBED_KIND_FTRL,
+};
 
 enum Flags : int32_t {
-  kClipGradMin = 1,
-  kClipGradMax = 2,
-  kWeightDecay = 4,
-  kDecayTimesLr = 8,
-  kClipWeightMin = 16,
-  kClipWeightMax = 32,
-  kNesterov = 64,
-  kPlainAccumulator = 128,  // AdagradMomentum with beta2 == 1
-  kSumInsideSqrt = 256,     // Adam
-  kLinearTimesLr = 512,     // FTRL multiply_linear_by_learning_rate
+  kClipGradMin = JAXEMBED_FLAG_CLIP_GRAD_MIN,
+  kClipGradMax = JAXEMBED_FLAG_CLIP_GRAD_MAX,
+  kWeightDecay = JAXEMBED_FLAG_WEIGHT_DECAY,
+  kDecayTimesLr = JAXEMBED_FLAG_DECAY_TIMES_LR,
+  kClipWeightMin = JAXEMBED_FLAG_CLIP_WEIGHT_MIN,
+  kClipWeightMax = JAXEMBED_FLAG_CLIP_WEIGHT_MAX,
+  kNesterov = JAXEMBED_FLAG_NESTEROV,
+  kPlainAccumulator = JAXEMBED_FLAG_PLAIN_ACCUMULATOR,
+  kSumInsideSqrt = JAXEMBED_FLAG_SUM_INSIDE_SQRT,
+  kLinearTimesLr = JAXEMBED_FLAG_LINEAR_TIMES_LR,
 };
 
 // hyper: clip_grad_min, clip_grad_max, weight_decay, clip_weight_min, clip_weight_max, then the

@@ -41,9 +41,15 @@ import numpy as np
 import optax
 
 from jaxembed import _kernels
+from jaxembed._kernel_abi import FLAGS, KINDS
 
 LearningRate = float | Callable[[jax.Array], jax.Array]
 Slots = Any  # a pytree: {slot name: array} for TF optimizers, the optax state for from_optax
+
+
+def _flags(**on: bool) -> int:
+    """The CPU kernel's rule flags (``_kernel_abi.FLAGS``) that are on."""
+    return sum(FLAGS[name] for name, value in on.items() if value)
 
 
 def _real(x: Any) -> bool:
@@ -155,7 +161,7 @@ class Optimizer:
     def _rule(self, w, slots, g, lr):
         raise NotImplementedError
 
-    # Kernel kinds and flags: csrc/cpu_kernels.cc (OptimizerKind, Flags); None: no kernel.
+    # The CPU kernel's kind of this rule (``_kernel_abi.KINDS``); None: no kernel.
     _kernel_kind: ClassVar[int | None] = None
 
     def _kernel_constants(self) -> tuple[list[float], int]:
@@ -168,10 +174,17 @@ class Optimizer:
         if self._kernel_kind is None:
             return None
         lo, hi = self.clip_gradient_min, self.clip_gradient_max
-        flags = (lo is not None) * 1 + (hi is not None) * 2
-        if self.weight_decay_factor:
-            flags |= 4 | (8 if self.multiply_weight_decay_factor_by_learning_rate else 0)
-        flags |= (self.clip_weight_min is not None) * 16 + (self.clip_weight_max is not None) * 32
+        on = {
+            "CLIP_GRAD_MIN": lo is not None,
+            "CLIP_GRAD_MAX": hi is not None,
+            "WEIGHT_DECAY": bool(self.weight_decay_factor),
+            "DECAY_TIMES_LR": bool(
+                self.weight_decay_factor and self.multiply_weight_decay_factor_by_learning_rate
+            ),
+            "CLIP_WEIGHT_MIN": self.clip_weight_min is not None,
+            "CLIP_WEIGHT_MAX": self.clip_weight_max is not None,
+        }
+        flags = _flags(**on)
         constants, own_flags = self._kernel_constants()
         common = [lo, hi, self.weight_decay_factor, self.clip_weight_min, self.clip_weight_max]
         return self._kernel_kind, flags | own_flags, [c or 0.0 for c in common] + constants
@@ -214,7 +227,7 @@ class SGD(Optimizer):
     def __post_init__(self) -> None:
         self._validate_common()
 
-    _kernel_kind: ClassVar[int | None] = 0
+    _kernel_kind: ClassVar[int | None] = KINDS["SGD"]
 
     def _rule(self, w, slots, g, lr):
         return w - lr * g, slots
@@ -256,7 +269,7 @@ class Adagrad(Optimizer):
     def _initial_values(self):
         return {"accumulators": self.initial_accumulator_value}
 
-    _kernel_kind: ClassVar[int | None] = 1
+    _kernel_kind: ClassVar[int | None] = KINDS["ADAGRAD"]
 
     def _rule(self, w, slots, g, lr):
         acc = slots["accumulators"] + g * g
@@ -312,10 +325,10 @@ class AdagradMomentum(Optimizer):
     def _initial_values(self):
         return {"accumulators": 0.0, "momenta": 0.0}
 
-    _kernel_kind: ClassVar[int | None] = 2
+    _kernel_kind: ClassVar[int | None] = KINDS["ADAGRAD_MOMENTUM"]
 
     def _kernel_constants(self):
-        flags = (64 if self.use_nesterov else 0) | (128 if self.beta2 == 1 else 0)
+        flags = _flags(NESTEROV=self.use_nesterov, PLAIN_ACCUMULATOR=self.beta2 == 1)
         return [
             self.beta2,
             1 - self.beta2,
@@ -389,7 +402,7 @@ class Adam(Optimizer):
     def _initial_values(self):
         return {"momenta": 0.0, "velocities": 0.0}
 
-    _kernel_kind: ClassVar[int | None] = 3
+    _kernel_kind: ClassVar[int | None] = KINDS["ADAM"]
 
     def _kernel_constants(self):
         constants = [
@@ -400,7 +413,7 @@ class Adam(Optimizer):
             self.epsilon,
             self.epsilon**2,
         ]
-        return constants, 256 if self.sum_inside_sqrt else 0
+        return constants, _flags(SUM_INSIDE_SQRT=self.sum_inside_sqrt)
 
     def _rule(self, w, slots, g, lr):
         m = self.beta_1 * slots["momenta"] + (1 - self.beta_1) * g
@@ -467,7 +480,7 @@ class FTRL(Optimizer):
     def _initial_values(self):
         return {"accumulators": self.initial_accumulator_value, "linears": 0.0}
 
-    _kernel_kind: ClassVar[int | None] = 4
+    _kernel_kind: ClassVar[int | None] = KINDS["FTRL"]
 
     def _kernel_constants(self):
         constants = [
@@ -477,7 +490,7 @@ class FTRL(Optimizer):
             self.beta,
             2 * self.l2_regularization_strength,
         ]
-        return constants, 512 if self.multiply_linear_by_learning_rate else 0
+        return constants, _flags(LINEAR_TIMES_LR=self.multiply_linear_by_learning_rate)
 
     def _rule(self, w, slots, g, lr):
         power = -self.learning_rate_power
