@@ -233,17 +233,18 @@ def test_a_save_killed_part_way_leaves_the_previous_step(tmp_path):
 
     worker = Path(__file__).parent / "checkpoint_crash_worker.py"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.Popen(
+    with subprocess.Popen(  # the context closes the pipe
         [sys.executable, str(worker), str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env
-    )
-    assert proc.stdout.readline().strip() == "saved 1"
-    deadline = time.time() + 120
-    while time.time() < deadline:  # wait until step 2 is being written, then kill the process
-        if any("tmp" in p.name and p.name.startswith("2") for p in tmp_path.iterdir()):
-            break
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    ) as proc:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "saved 1"
+        deadline = time.time() + 120
+        while time.time() < deadline:  # wait until step 2 is being written, then kill it
+            if any("tmp" in p.name and p.name.startswith("2") for p in tmp_path.iterdir()):
+                break
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the save finished before it could be killed"
     assert not (tmp_path / "2").exists()
     table = je.TableConfig(2_000_000, 64, name="big")

@@ -23,16 +23,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jaxembed as je
-
-tf = pytest.importorskip("tensorflow")
-
-from tf_reference import (  # noqa: E402
+# TensorFlow is resolved on first use: the tests that need no TF run without it.
+from tf_reference import (
     assert_matches_tf,
     flatten_with_paths,
     map_structure,
     tf_lookup,
 )
+
+import jaxembed as je
 
 N_SEEDS = 240
 COMBINERS = ("sum", "mean", "sqrtn")

@@ -23,9 +23,30 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def _tf():
-    import tensorflow as tf
+    """TensorFlow, or a skip of the calling test where it is not installed."""
+    import pytest
 
-    return tf
+    return pytest.importorskip("tensorflow")
+
+
+class LazyTF:
+    """A TensorFlow module (``tf``, ``tf.tpu.experimental.embedding``) resolved on first
+    attribute use, so a test file imports without TF and only the tests that use TF skip."""
+
+    def __init__(self, path: tuple[str, ...] = ()):
+        self._path = path
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # pytest's collection probes objects for private names
+            raise AttributeError(name)
+        obj = _tf()
+        for part in self._path:
+            obj = getattr(obj, part)
+        return getattr(obj, name)
+
+
+tf = LazyTF()
+tf_embedding = LazyTF(("tpu", "experimental", "embedding"))
 
 
 # --------------------------------------------------------------------------------------------
