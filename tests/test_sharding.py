@@ -747,15 +747,34 @@ def test_batch_not_divisible_by_devices_raises(batch):
         emb.preprocess({"items": je.Ragged.from_row_lengths(ids, np.ones(batch, np.int64))})
 
 
-def test_output_shape_on_a_mesh_equals_one_device():
+def test_output_shape_on_1d_and_2d_meshes_equals_one_device():
     ragged = je.Ragged.from_row_lengths(np.arange(30) % 64, np.arange(16) % 5)
+    meshes = [(_mesh(), None), (_mesh_2d(), None), (_mesh_2d(), ("model",))]
     for shape in [(8, 2), (16,), (16, 3), (8, 2, 3)]:  # combined, and 3 positions per example
-        emb = je.Embedding(_fc_one(output_shape=shape), jeo.SGD(0.1), mesh=_mesh())
-        plain = je.Embedding(_fc_one(output_shape=shape), jeo.SGD(0.1))
-        got = emb.lookup(emb.init(KEY), emb.preprocess({"items": ragged}))["items"]
-        want = plain.lookup(plain.init(KEY), plain.preprocess({"items": ragged}))["items"]
-        assert got.shape == (*shape, 4)
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=str(shape))
+        plain = je.Embedding(_fc_one(output_shape=shape), jeo.Adagrad(0.1))
+        batch = plain.preprocess({"items": ragged})
+        want = plain.lookup(plain.init(KEY), batch)["items"]
+        grads = {"items": np.random.default_rng(0).normal(size=(*shape, 4)).astype(np.float32)}
+        trained = {
+            t.name: v
+            for t, v in plain.embedding_tables(
+                plain.apply_gradients(plain.init(KEY), batch, grads)
+            ).items()
+        }
+        for mesh, table_axes in meshes:
+            emb = je.Embedding(
+                _fc_one(output_shape=shape), jeo.Adagrad(0.1), mesh=mesh, table_axes=table_axes
+            )
+            state, batch = emb.init(KEY), emb.preprocess({"items": ragged})
+            got = emb.lookup(state, batch)["items"]
+            assert got.shape == (*shape, 4)
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=str(shape))
+            for table, value in emb.embedding_tables(
+                emb.apply_gradients(state, batch, grads)
+            ).items():
+                np.testing.assert_allclose(
+                    np.asarray(value), np.asarray(trained[table.name]), rtol=1e-5, atol=1e-6
+                )
 
 
 def test_output_shape_not_divisible_by_devices_raises():
