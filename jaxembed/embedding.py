@@ -208,6 +208,8 @@ class Embedding:
             sharding = NamedSharding(self.mesh, spec)
             if isinstance(x, jax.core.Tracer):  # e.g. jax.jit(emb.init)
                 return _constrain(x, sharding)
+            if jax.process_count() == 1:  # device to device, no host copy of the tables
+                return jax.device_put(x, sharding)
             host = np.asarray(x)
             return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
