@@ -253,6 +253,10 @@ class _Owned(Layout):
         owner, _ = self._locate(self.keys(name, ids))
         return np.bincount(owner, minlength=self.num_shards)
 
+    @property
+    def physical_shape(self) -> tuple[int, int]:
+        return self.num_shards * self.shard_shape[0], self.dim
+
     def capacity_needed(self, keys: np.ndarray) -> int:
         owner, _ = self._locate(keys)
         return int(np.bincount(owner, minlength=self.num_shards).max(initial=0))
@@ -287,10 +291,6 @@ class RowLayout(_Owned):
 
     strategy: ClassVar[str] = "row"
 
-    @property
-    def physical_shape(self) -> tuple[int, int]:
-        return self.num_shards * self.shard_shape[0], self.dim
-
     def _locate(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return np.divmod(keys, self.num_shards)[::-1]
 
@@ -323,10 +323,6 @@ class TableLayout(_Owned):
     """Table-wise: each table on one shard, stacked with others of its dim and optimizer."""
 
     strategy: ClassVar[str] = "table"
-
-    @property
-    def physical_shape(self) -> tuple[int, int]:
-        return self.num_shards * self.shard_shape[0], self.dim
 
     def _start(self, name: str) -> int:
         t = self.table(name)
