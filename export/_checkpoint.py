@@ -9,6 +9,7 @@ the same whether TF wrote it on one host or many.
 
 from __future__ import annotations
 
+import glob
 import os
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,10 @@ def save_tf_checkpoint(prefix: str | os.PathLike, emb: Embedding, state: Embeddi
     AdagradMomentum, Adam and FTRL. Tables trained with an Optax optimizer (``from_optax``) are
     written without slots (TF has no twin for them).
 
+    Raises:
+        FileExistsError: a checkpoint (or any file) already exists at ``prefix``: TF would
+            overwrite it; nothing is written.
+
     Example:
         >>> import jax, tempfile, jaxembed as je
         >>> from jaxembed import export
@@ -75,6 +80,14 @@ def save_tf_checkpoint(prefix: str | os.PathLike, emb: Embedding, state: Embeddi
         >>> sorted(k for k, _ in tf.train.list_variables(path) if k.startswith("embedding/"))
         ['embedding/items.Saccumulators/.ATTRIBUTES/VARIABLE_VALUE', 'embedding/items/.ATTRIBUTES/VARIABLE_VALUE']
     """  # noqa: E501
+    taken = sorted(glob.glob(glob.escape(os.fspath(prefix)) + ".index")) + sorted(
+        glob.glob(glob.escape(os.fspath(prefix)) + ".data-*")
+    )
+    if taken:
+        raise FileExistsError(
+            f"save_tf_checkpoint: {', '.join(taken)} already exist; TF would overwrite them. "
+            "Choose a new prefix (e.g. with the step in it), or remove the old checkpoint first."
+        )
     embedding = _tf_embedding(emb, int(state.step))
     tables = logical_arrays(emb, state)
     slots = _slot_arrays(emb, state)

@@ -11,6 +11,18 @@ The module holds one ``tf.Variable`` per table (and per model parameter) and two
 Both run the ragged lookup of ``_lookup`` and then, if given, the model translated by
 ``_jaxpr``. The export is written to a temporary directory, reloaded, compared with the JAX
 outputs on random inputs, and only then renamed into place.
+
+Guarantees (each refusal happens before anything is written):
+
+* the target is replaced only if it holds a SavedModel or is an empty directory, and only with
+  ``ExportOptions.overwrite``; the new model is verified first, then swapped in by renames (the
+  old one is deleted last, and restored if the swap fails). Checkpoints, the checkpoint being
+  exported, folders of other files and regular files are refused;
+* two feature paths or model outputs that TF would give one signature key are an error;
+* tables or model parameters holding NaN/Inf are refused unless
+  ``ExportOptions.allow_non_finite``;
+* ``serving_examples`` serves a feature that an example lacks as an empty bag (zeros), as TF's
+  parser does; ``ExportOptions.strict_examples`` makes that an error naming the feature.
 """
 
 from __future__ import annotations
@@ -64,6 +76,17 @@ class ExportOptions:
         seed: Seed of the verification inputs.
         progress: Called as ``progress(description, done, total)`` as tables are converted and
             the model is written and verified (the CLI draws a progress bar with it).
+        allow_non_finite: Export tables and model parameters that hold NaN or Inf (by default
+            such a table or parameter is an error naming it and the first bad rows).
+        strict_examples: ``serving_examples`` rejects an example that lacks a feature (or holds
+            no id for it), with an error naming the feature. By default a missing feature is an
+            empty bag (zeros), as TF's parser reads an absent ``VarLen`` feature; TF cannot tell an
+            absent feature from an empty one, so strict mode also rejects empty ones.
+
+    Example:
+        >>> from jaxembed import export
+        >>> export.ExportOptions(version=1, strict_examples=True).strict_examples
+        True
     """
 
     weighted: Sequence[str] = ()
@@ -75,8 +98,15 @@ class ExportOptions:
     atol: float = 1e-5
     seed: int = 0
     progress: Callable[[str, int, int], None] | None = None
+    allow_non_finite: bool = False
+    strict_examples: bool = False
 
     def __post_init__(self) -> None:
+        for flag in ("overwrite", "verify", "allow_non_finite", "strict_examples"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(
+                    f"ExportOptions.{flag} must be True or False, got {getattr(self, flag)!r}."
+                )
         object.__setattr__(self, "weighted", tuple(self.weighted))
         object.__setattr__(self, "sample_batch_sizes", tuple(self.sample_batch_sizes))
         if self.version is not None and (not isinstance(self.version, int) or self.version < 0):
@@ -104,10 +134,6 @@ def _check_paths(features: Mapping[str, FeatureConfig], options: ExportOptions) 
                 f"Feature path {path!r} cannot name a SavedModel input: use dict keys made of "
                 "letters, digits, '_', '.' and '-' (e.g. {'user_id': FeatureConfig(...)})."
             )
-    names = [input_name(p, "ids") for p in features]
-    clash = {n for n in names if names.count(n) > 1}
-    if clash:
-        raise ValueError(f"Feature paths give clashing signature names {sorted(clash)}.")
     for path in options.weighted:
         if path not in features:
             raise ValueError(
@@ -118,6 +144,33 @@ def _check_paths(features: Mapping[str, FeatureConfig], options: ExportOptions) 
             raise ValueError(
                 f"Feature {path!r} is a sequence feature and takes no weights; remove it from "
                 "ExportOptions.weighted."
+            )
+    inputs = [(input_name(p, s), f"feature {p!r}") for p in features for s in ("ids", "lengths")]
+    inputs += [(input_name(p, "weights"), f"feature {p!r}") for p in options.weighted]
+    rule = "TF writes '/' as '_', and input names ignore case"
+    _check_unique(inputs, "signature input", rule, fold_case=True)
+    keys = [(p, f"feature {p!r}") for p in features]
+    keys += [(f"{p}_weights", f"the weights of feature {p!r}") for p in options.weighted]
+    rule = "a weighted feature p reads its weights from the key p + '_weights'"
+    _check_unique(keys, "tf.Example feature key", rule, fold_case=False)
+
+
+def _check_unique(
+    names: Sequence[tuple[str, str]], kind: str, rule: str, *, fold_case: bool
+) -> None:
+    """Raises if two origins give one name: ``names`` is ``[(name, origin)]``, the origin a
+    description such as ``"feature 'a/b'"``; ``rule`` says why they collide.
+
+    TF writes a path's ``/`` as ``_``, and the placeholders behind signature inputs are unique
+    regardless of case (``A_ids`` and ``a_ids`` collide), hence ``fold_case`` for inputs.
+    """
+    seen: dict[str, tuple[str, str]] = {}
+    for name, origin in names:
+        first, first_origin = seen.setdefault(name.lower() if fold_case else name, (name, origin))
+        if first_origin != origin:
+            raise ValueError(
+                f"{first_origin[0].upper()}{first_origin[1:]} and {origin} both map to the "
+                f"{kind} {first!r} ({rule}), so one would be lost; rename one of them."
             )
 
 
@@ -136,19 +189,27 @@ class _ServingModule(tf.Module):
         self._emb = emb
         self._features = dict(_nest.flatten_with_paths(emb.feature_config))
         self._weighted = set(options.weighted)
+        self._strict_examples = options.strict_examples
         self.tables = {}
         names = list(emb.table_names.values())
         steps = len(names) + 3
         for i, (table, array) in enumerate(emb.embedding_tables(state).items()):
             name = emb.table_names[table]
             _report(options, f"table {name} {list(array.shape)}", i, steps)
-            self.tables[name] = tf.Variable(np.asarray(array), name=name, trainable=False)
+            values = np.asarray(array)
+            if not options.allow_non_finite:
+                _check_finite_table(name, values)
+            self.tables[name] = tf.Variable(values, name=name, trainable=False)
         self.model = None
         if model is not None:
             from ._jaxpr import TFModel
 
+            if not options.allow_non_finite:
+                _check_finite_params(params)
             example = _example_activations(emb)
             self.model = TFModel(model, params, example, name="model")
+            structure: Any = self.model.output_structure  # output names checked before saving
+            _named_outputs(jax.tree_util.tree_unflatten(structure, range(structure.num_leaves)))
         specs = {}
         for path in self._features:
             specs[input_name(path, "ids")] = tf.TensorSpec([None], tf.int64)
@@ -163,8 +224,7 @@ class _ServingModule(tf.Module):
         )
 
     def _ragged(self, path: str, ids, lengths, weights):
-        table = self._features[path].table
-        ids = check_ids(path, ids, table.vocabulary_size)
+        ids = check_ids(path, ids, self._features[path])
         n = tf.size(ids, out_type=tf.int64)
         checks = [
             tf.debugging.assert_non_negative(
@@ -228,7 +288,9 @@ class _ServingModule(tf.Module):
         rows = {}
         for path in self._features:
             ragged, weights = parsed[path], parsed.get(f"{path}_weights")
-            ids = check_ids(path, ragged.flat_values, self._features[path].table.vocabulary_size)
+            if self._strict_examples:
+                ragged = _require_feature(path, ragged)
+            ids = check_ids(path, ragged.flat_values, self._features[path])
             if weights is not None:
                 check = tf.debugging.assert_equal(
                     weights.row_lengths(),
@@ -241,6 +303,65 @@ class _ServingModule(tf.Module):
         return self._outputs(rows)
 
 
+def _non_finite_rows(values: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
+    """Indices of the rows of a ``[V, dim]`` table holding NaN or Inf (in chunks of rows, so
+    the check needs little memory beyond the table)."""
+    if not jax.numpy.issubdtype(values.dtype, jax.numpy.inexact):
+        return np.zeros(0, np.int64)
+    rows = values.reshape(values.shape[0], -1) if values.ndim else values.reshape(1, 1)
+    bad = [
+        np.flatnonzero(~np.isfinite(rows[lo : lo + chunk]).all(axis=1)) + lo
+        for lo in range(0, rows.shape[0], chunk)
+    ]
+    return np.concatenate(bad) if bad else np.zeros(0, np.int64)
+
+
+def _first(indices: Sequence[Any], n: int = 5) -> str:
+    shown = ", ".join(str(i) for i in indices[:n])
+    return shown + (", ..." if len(indices) > n else "")
+
+
+def _check_finite_table(name: str, values: np.ndarray) -> None:
+    bad = _non_finite_rows(values)
+    if bad.size:
+        raise ValueError(
+            f"Table {name!r} holds NaN or Inf in {bad.size} of its {values.shape[0]} rows "
+            f"(rows {_first(bad.tolist())}), so the SavedModel would serve them; fix the "
+            "training run (e.g. export an earlier checkpoint) or pass "
+            "ExportOptions(allow_non_finite=True) to export them anyway."
+        )
+
+
+def _check_finite_params(params: Any) -> None:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        value = np.asarray(leaf)
+        if not jax.numpy.issubdtype(value.dtype, jax.numpy.inexact):
+            continue
+        bad = np.argwhere(~np.isfinite(value))
+        if bad.size:
+            name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+            where = [tuple(int(i) for i in index) for index in bad]
+            raise ValueError(
+                f"Model parameter {name!r} holds {len(where)} NaN or Inf values (at "
+                f"{_first(where, 3)}), so the SavedModel would serve them; fix the training run "
+                "or pass ExportOptions(allow_non_finite=True) to export them anyway."
+            )
+
+
+def _require_feature(path: str, ragged: tf.RaggedTensor) -> tf.RaggedTensor:
+    """``ragged`` after a run-time check that every example holds at least one id of ``path``
+    (TF's parser reads an absent feature as an empty one, so both are rejected)."""
+    missing = tf.where(tf.equal(ragged.row_lengths(), 0))[:, 0]
+    message = (
+        f"feature {path}: a tf.Example lacks it (or holds no id of it), and the model was "
+        "exported with ExportOptions(strict_examples=True); send at least one id of every "
+        "feature in every example. Examples (0-based) without it:"
+    )
+    check = tf.debugging.Assert(tf.equal(tf.size(missing), 0), [message, missing])
+    with tf.control_dependencies([check]):
+        return tf.identity(ragged)
+
+
 def _report(options: ExportOptions, description: str, done: int, total: int) -> None:
     if options.progress is not None:
         options.progress(description, done, total)
@@ -248,8 +369,11 @@ def _report(options: ExportOptions, description: str, done: int, total: int) -> 
 
 def _named_outputs(out: Any) -> dict[str, Any]:
     """Signature outputs of a model's result: one per leaf, named by its path (``/`` -> ``_``),
-    ``"output"`` for a single array."""
-    return {output_name(p): v for p, v in _nest.flatten_with_paths(out)}
+    ``"output"`` for a single array; two paths with one name are an error naming both."""
+    leaves = _nest.flatten_with_paths(out)
+    names = [(output_name(p), f"output {p!r}") for p, _ in leaves]
+    _check_unique(names, "signature output", "TF writes '/' as '_'", fold_case=False)
+    return {output_name(p): v for p, v in leaves}
 
 
 def _activation_shape(feature: FeatureConfig, batch: int) -> tuple[int, ...]:
@@ -288,13 +412,18 @@ def _sample_batches(features: Mapping[str, FeatureConfig], sizes: Sequence[int])
 
 
 def sample_inputs(
-    emb: Embedding, batch: int, weighted: Sequence[str], rng: np.random.Generator
+    emb: Embedding,
+    batch: int,
+    weighted: Sequence[str],
+    rng: np.random.Generator,
+    min_length: int = 0,
 ) -> dict[str, dict[str, np.ndarray]]:
-    """Random valid serving inputs: ``{path: {"ids", "lengths"[, "weights"]}}``."""
+    """Random valid serving inputs: ``{path: {"ids", "lengths"[, "weights"]}}``, at least
+    ``min_length`` ids per example and feature."""
     out = {}
     for path, feature in _nest.flatten_with_paths(emb.feature_config):
         longest = max(4, feature.max_sequence_length + 2)
-        lengths = rng.integers(0, longest, size=batch).astype(np.int64)
+        lengths = rng.integers(min_length, longest, size=batch).astype(np.int64)
         ids = rng.integers(0, feature.table.vocabulary_size, size=int(lengths.sum()))
         out[path] = {"ids": ids.astype(np.int64), "lengths": lengths}
         if path in weighted:
@@ -360,19 +489,35 @@ def _compare(got: Mapping[str, Any], want: Mapping[str, np.ndarray], what: str, 
         raise ExportVerificationError(f"{what}: outputs {sorted(got)}, expected {sorted(want)}.")
     for name, expected in want.items():
         actual = np.asarray(got[name])
-        if actual.shape != expected.shape or not np.allclose(
-            actual, expected, rtol=options.rtol, atol=options.atol
-        ):
-            diff = (
-                float(np.max(np.abs(actual - expected)))
-                if actual.shape == expected.shape and actual.size
-                else "n/a"
-            )
+        if actual.shape != expected.shape:
             raise ExportVerificationError(
-                f"{what}: output {name!r} differs from JAX (shape {actual.shape} vs "
-                f"{expected.shape}, max abs diff {diff}); the SavedModel was not published. "
-                "If a translated model differs only in rounding, raise ExportOptions.rtol/atol."
+                f"{what}: output {name!r} has shape {actual.shape}, JAX's has {expected.shape}; "
+                "the SavedModel was not published."
             )
+        a, b = _as_float(actual), _as_float(expected)
+        close = np.isclose(a, b, rtol=options.rtol, atol=options.atol, equal_nan=True)
+        if close.all():
+            continue
+        nan_differs = np.isnan(a) != np.isnan(b)
+        if nan_differs.any():  # NaN in one, a number in the other (NaN vs NaN is equal)
+            index = tuple(int(i) for i in np.argwhere(nan_differs)[0])
+            sides = [("the SavedModel", a[index]), ("JAX", b[index])]
+            (nan_side, _), (other, value) = sides if np.isnan(a[index]) else sides[::-1]
+            raise ExportVerificationError(
+                f"{what}: output {name!r} is NaN at {index} in {nan_side} but {value} in "
+                f"{other}; the SavedModel was not published."
+            )
+        diff = float(np.max(np.abs(a - b)[~close]))
+        raise ExportVerificationError(
+            f"{what}: output {name!r} differs from JAX (max abs diff {diff}); the SavedModel "
+            "was not published. If a translated model differs only in rounding, raise "
+            "ExportOptions.rtol/atol."
+        )
+
+
+def _as_float(x: np.ndarray) -> np.ndarray:
+    """``x`` as a float array for comparison (ints and bools exactly, floats unchanged)."""
+    return x if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact) else x.astype(np.float64)
 
 
 def _verify(directory: str, emb, state, model, params, options: ExportOptions) -> None:
@@ -382,7 +527,8 @@ def _verify(directory: str, emb, state, model, params, options: ExportOptions) -
     rng = np.random.default_rng(options.seed)
     features = dict(_nest.flatten_with_paths(emb.feature_config))
     for batch in _sample_batches(features, options.sample_batch_sizes):
-        samples = sample_inputs(emb, batch, options.weighted, rng)
+        min_length = 1 if options.strict_examples else 0  # strict: no empty (absent) features
+        samples = sample_inputs(emb, batch, options.weighted, rng, min_length)
         want = jax_outputs(emb, state, samples, model, params)
         request = {k: tf.constant(v) for k, v in serving_request(samples).items()}
         _compare(default(**request), want, f"serving_default (batch {batch})", options)
@@ -402,20 +548,137 @@ def _metadata(emb: Embedding, module: _ServingModule, options: ExportOptions) ->
     }
 
 
-def _publish(tmp: Path, final: Path, overwrite: bool) -> None:
-    """Renames ``tmp`` to ``final``; an existing ``final`` is replaced only with ``overwrite``."""
-    if final.exists():
-        if not overwrite:
-            raise FileExistsError(
-                f"{final} already exists. Pass ExportOptions(overwrite=True) (--overwrite on the "
-                "command line) to replace it, or choose a new version."
+# -- the target: what may be replaced --
+
+_SAVED_MODEL_FILES = {"saved_model.pb", "fingerprint.pb"}
+_SAVED_MODEL_DIRS = {"variables", "assets", "assets.extra"}  # assets.extra: METADATA_FILE, warmup
+
+
+def _checkpoint_steps(directory: Path) -> list[int]:
+    """The steps of the jaxembed checkpoint in ``directory`` (numbered subdirectories holding
+    an ``embedding`` item); empty if it holds none."""
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return []
+    return sorted(int(e.name) for e in entries if e.name.isdigit() and (e / "embedding").is_dir())
+
+
+def _model_versions(directory: Path) -> list[int]:
+    """The numbered SavedModel subdirectories of a TF Serving base directory."""
+    return sorted(
+        int(e.name)
+        for e in directory.iterdir()
+        if e.name.isdigit() and (e / "saved_model.pb").is_file()
+    )
+
+
+def _is_saved_model_entry(entry: Path) -> bool:
+    if entry.name in _SAVED_MODEL_FILES:
+        return entry.is_file() and not entry.is_symlink()
+    if entry.name == "variables":
+        return entry.is_dir() and all(n.startswith("variables.") for n in os.listdir(entry))
+    return entry.name in _SAVED_MODEL_DIRS and entry.is_dir() and not entry.is_symlink()
+
+
+def _describe_target(path: Path) -> tuple[str, bool]:
+    """What ``path`` (which exists) holds, and whether an overwrite may replace it."""
+    if path.is_symlink():
+        return f"a symbolic link to {os.readlink(path)}", False
+    if not path.is_dir():
+        return "a file", False
+    entries = sorted(path.iterdir())
+    if not entries:
+        return "an empty directory", True
+    steps = _checkpoint_steps(path)
+    if steps:
+        return f"a jaxembed checkpoint (steps {_first(steps, 10)})", False
+    versions = _model_versions(path)
+    if versions:
+        return f"a TF Serving base directory (versions {_first(versions, 10)})", False
+    others = [e.name + ("/" if e.is_dir() else "") for e in entries if not _is_saved_model_entry(e)]
+    if not others and (path / "saved_model.pb").is_file():
+        return "a SavedModel", True
+    what = "files or directories that are not part of a SavedModel"
+    prefix = "a SavedModel plus " if (path / "saved_model.pb").is_file() else ""
+    return f"{prefix}{len(others)} {what}: {_first(others)}", False
+
+
+def _check_source(final: Path, source: Path | None) -> None:
+    """Refuses a target that is, is inside or contains the checkpoint being exported, or that
+    lies inside any jaxembed checkpoint directory."""
+    target = final.resolve()
+    if source is not None:
+        src = source.resolve()
+        relation = (
+            "is"
+            if target == src
+            else "is inside"
+            if src in target.parents
+            else "contains"
+            if target in src.parents
+            else None
+        )
+        if relation:
+            raise ValueError(
+                f"The export target {final} {relation} the checkpoint being exported "
+                f"({source}); choose an output directory outside the checkpoint."
             )
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
+    for parent in target.parents:
+        steps = _checkpoint_steps(parent)
+        if steps:
+            raise ValueError(
+                f"The export target {final} is inside the jaxembed checkpoint {parent} (steps "
+                f"{_first(steps, 10)}); choose an output directory outside the checkpoint."
+            )
+
+
+def _check_target(final: Path, overwrite: bool, source: Path | None) -> None:
+    """Raises unless ``final`` is free, or (with ``overwrite``) a SavedModel or an empty directory.
+
+    Nothing is written or deleted here; ``save_serving_model`` calls it before any export work
+    and again just before the swap.
+    """
+    _check_source(final, source)
+    for parent in final.parents:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise FileExistsError(
+                    f"Cannot export to {final}: {parent} is a file, not a directory; choose an "
+                    "output path whose parent is a directory."
+                )
+            break
+    if not (final.exists() or final.is_symlink()):
+        return
+    what, replaceable = _describe_target(final)
+    if not replaceable:
+        raise FileExistsError(
+            f"Cannot export to {final}: it holds {what}, and only a SavedModel or an empty "
+            "directory may be replaced (even with overwrite); choose another output directory."
+        )
+    if not overwrite:
+        raise FileExistsError(
+            f"{final} already exists ({what}); pass ExportOptions(overwrite=True) (--overwrite "
+            "on the command line) to replace it, or choose a new directory or version."
+        )
+
+
+def _publish(tmp: Path, final: Path, overwrite: bool, source: Path | None) -> None:
+    """Renames the verified ``tmp`` to ``final``. A previous SavedModel (or empty directory) is
+    renamed aside first and deleted only once the new one is in place; if the swap fails, it is
+    renamed back."""
+    _check_target(final, overwrite, source)  # again: the target may have changed meanwhile
+    if not (final.exists() or final.is_symlink()):
         os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
+        return
+    old = final.with_name(f".{final.name}.old-{os.getpid()}-{os.urandom(4).hex()}")
+    os.replace(final, old)
+    try:
         os.replace(tmp, final)
+    except BaseException:
+        os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_serving_model(
@@ -426,8 +689,15 @@ def save_serving_model(
     params: Any = None,
     *,
     options: ExportOptions | None = None,
+    source_checkpoint: str | os.PathLike | None = None,
 ) -> str:
     """Writes a SavedModel that serves ``emb``'s lookup (and ``model``) with plain TF ops.
+
+    The target is checked before any work: it must not exist, or (with ``options.overwrite``)
+    hold a SavedModel or be an empty directory. The model is written to a temporary sibling,
+    reloaded and verified, and then swapped in by renames; a replaced SavedModel is deleted only
+    after the new one is in place (and is left intact if anything fails). A missing feature in a
+    ``serving_examples`` request is an empty bag (zeros) unless ``options.strict_examples``.
 
     Args:
         export_dir: Where to write (with ``options.version``, the base directory).
@@ -438,7 +708,11 @@ def save_serving_model(
             jaxpr is translated to TF ops. None exports the activations, one output per feature
             path.
         params: The model's parameters (a pytree of arrays), saved as ``tf.Variable``s.
-        options: ``ExportOptions`` (weighted features, version, verification).
+        options: ``ExportOptions`` (weighted features, version, overwrite, verification,
+            non-finite values, strict examples).
+        source_checkpoint: The jaxembed checkpoint directory ``state`` was restored from, if
+            any: a target that is, is inside or contains it is refused (a target inside any
+            jaxembed checkpoint directory is refused even without it).
 
     Returns:
         The directory of the published SavedModel.
@@ -446,7 +720,12 @@ def save_serving_model(
     Raises:
         ExportVerificationError: the reloaded model disagrees with JAX (nothing published).
         UnsupportedPrimitiveError: ``model`` uses a JAX primitive with no TF translation.
-        FileExistsError: the target exists and ``options.overwrite`` is False.
+        FileExistsError: the target exists and ``options.overwrite`` is False, or it holds
+            something other than a SavedModel or an empty directory (a checkpoint, other files,
+            a regular file), which is never replaced.
+        ValueError: the target is inside a jaxembed checkpoint (or is, is inside or contains
+            ``source_checkpoint``); two feature paths or outputs map to one signature key; a
+            table or model parameter holds NaN/Inf (unless ``options.allow_non_finite``).
 
     Example:
         >>> import jax, tempfile, jaxembed as je
@@ -466,10 +745,12 @@ def save_serving_model(
     _check_paths(features, options)
     if model is None and params is not None:
         raise ValueError("`params` were given without a `model`; pass model=... or drop params.")
-    module = _ServingModule(emb, state, model, params, options)
     final = Path(export_dir)
     if options.version is not None:
         final = final / str(options.version)
+    source = None if source_checkpoint is None else Path(source_checkpoint)
+    _check_target(final, options.overwrite, source)
+    module = _ServingModule(emb, state, model, params, options)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     steps = len(emb.table_names) + 3
@@ -487,7 +768,7 @@ def save_serving_model(
             _report(options, "reloading and checking against JAX", steps - 2, steps)
             _verify(str(tmp), emb, state, model, params, options)
         _report(options, f"publishing {final}", steps - 1, steps)
-        _publish(tmp, final, options.overwrite)
+        _publish(tmp, final, options.overwrite, source)
         _report(options, f"published {final}", steps, steps)
     finally:
         if tmp.exists():

@@ -11,6 +11,11 @@ are those of ``serving_default`` and ``serving_examples`` loaded with ``tf.saved
 (TF2, eager) and of ``serving_default`` loaded with TF1's ``tf.compat.v1.saved_model.loader``
 (the session API TF Serving's C++ loader mirrors): ``c|eager|OUT``, ``c|examples|OUT`` and
 ``c|session|OUT``.
+
+Inputs are checked against ``serving_default``'s signature first: one whose dtype differs (e.g.
+int32 ids for the int64 ``p_ids``) is an error naming the input, where TF alone would either say
+only "input #3 was expected to be a int64 tensor" (eager) or cast it silently (a session feed
+truncates float ids). ``run`` raises it as a ``TypeError``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import sys
 
 BLOCKED = ("jax", "jaxlib", "flax", "optax", "orbax", "jaxembed")
 SCRIPT = __file__
+REQUEST_ERROR = 3  # exit status of a request the signature does not take (message on stderr)
 
 
 class _Block(importlib.abc.MetaPathFinder):
@@ -40,6 +46,37 @@ def _cases(requests) -> dict[str, dict]:
         else:
             entry[kind] = requests[key]
     return cases
+
+
+def check_inputs(specs: dict, inputs: dict, name: str = "serving_default") -> None:
+    """Raises ``TypeError`` naming the first input whose dtype is not the signature's.
+
+    ``specs`` maps input names to ``tf.TensorSpec``s, e.g. a loaded signature's
+    ``structured_input_signature[1]``; ``inputs`` maps input names to numpy arrays. Missing and
+    unknown inputs are left to TF, whose errors name them.
+
+    Example:
+        >>> import numpy as np, tensorflow as tf
+        >>> specs = {"ids": tf.TensorSpec([None], tf.int64)}
+        >>> try:
+        ...     check_inputs(specs, {"ids": np.array([1], np.int32)})
+        ... except TypeError as e:
+        ...     print(str(e).split(";")[0])
+        serving_default input 'ids' is int32, but the signature takes int64
+    """
+    import numpy as np
+
+    for key, value in inputs.items():
+        spec = specs.get(key)
+        if spec is None or not (spec.dtype.is_integer or spec.dtype.is_floating):
+            continue
+        want = np.dtype(spec.dtype.as_numpy_dtype)
+        got = np.asarray(value).dtype
+        if got != want:
+            raise TypeError(
+                f"{name} input {key!r} is {got}, but the signature takes {want}; convert it "
+                f'(e.g. numpy.asarray(value, "{want}")).'
+            )
 
 
 def _session_outputs(tf, path: str, inputs: dict) -> dict:
@@ -64,6 +101,12 @@ def main(requests_path: str, out_path: str) -> None:
     for case, entry in _cases(requests).items():
         path = str(entry["path"])
         loaded = tf.saved_model.load(path)
+        try:
+            specs = loaded.signatures["serving_default"].structured_input_signature[1]
+            check_inputs(specs, entry["inputs"])
+        except TypeError as e:
+            print(f"request error: case {case}: {e}", file=sys.stderr)
+            sys.exit(REQUEST_ERROR)
         inputs = {k: tf.constant(v) for k, v in entry["inputs"].items()}
         for name, value in loaded.signatures["serving_default"](**inputs).items():
             out[f"{case}|eager|{name}"] = value.numpy()
@@ -85,6 +128,10 @@ def run(cases: dict[str, dict], workdir: str, timeout: float = 600) -> dict[str,
 
     ``cases``: ``{case: {"path": SavedModel dir, "inputs": {name: array}, "examples": [bytes]
     (optional)}}``. Returns ``{case: {"eager" | "examples" | "session": {output: array}}}``.
+
+    Raises:
+        TypeError: an input's dtype is not the signature's (the message names the input).
+        RuntimeError: the serving process failed otherwise (TF's message included).
     """
     import subprocess
 
@@ -110,6 +157,9 @@ def run(cases: dict[str, dict], workdir: str, timeout: float = 600) -> dict[str,
         env=env,
         timeout=timeout,
     )
+    if result.returncode == REQUEST_ERROR:
+        lines = [line for line in result.stderr.splitlines() if line.startswith("request error")]
+        raise TypeError(lines[-1].removeprefix("request error: ") if lines else result.stderr)
     if result.returncode != 0:
         raise RuntimeError(f"the TF-only serving process failed:\n{result.stderr[-4000:]}")
     outputs: dict[str, dict] = {}

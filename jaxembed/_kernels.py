@@ -492,8 +492,74 @@ def slot_grads(cot: jax.Array, head: Any, head_w: Any, blocks: Any, block_w: Any
     """
     if not enabled():
         return _slot_grads_jax(cot, head, head_w, blocks, block_w, num_rows)
+    if cot.shape[0] == 0:  # an empty batch: no kernel call on zero-size operands
+        return jnp.zeros((num_rows, cot.shape[1]), cot.dtype)
     slots = _slot_operands(cot, head, head_w, blocks, block_w)
     return slot_grads_p.bind(cot, *slots, weighted=head_w is not None, num_rows=num_rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Overflow blocks: the entries of long rows past a plan's head and blocks (lookup.row_slot_cap).
+
+
+def _scatter_in_order(acc: jax.Array, rows: jax.Array, parts: jax.Array) -> jax.Array:
+    """``acc[rows[m]] += parts[m]``: XLA:CPU's scatter applies the updates one at a time in
+    index order, duplicates included (tests/test_long_rows.py checks it)."""
+    return acc.at[rows].add(parts, mode="drop")
+
+
+def _loop_in_order(acc: jax.Array, rows: jax.Array, parts: jax.Array) -> jax.Array:
+    """``_scatter_in_order`` as a sequential loop, for backends whose scatter-add may apply
+    duplicate indices in any order (GPU atomics)."""
+    num_rows = acc.shape[0]
+
+    def body(m, acc):
+        valid = (rows[m] >= 0) & (rows[m] < num_rows)
+        r = jnp.where(valid, rows[m], 0)
+        row = jax.lax.dynamic_index_in_dim(acc, r, keepdims=False)
+        new = jnp.where(valid, row + parts[m], row)
+        return jax.lax.dynamic_update_index_in_dim(acc, new, r, 0)
+
+    return jax.lax.fori_loop(0, parts.shape[0], body, acc)
+
+
+def add_rows_in_order(acc: jax.Array, rows: Any, parts: jax.Array) -> jax.Array:
+    """``acc[rows[m]] += parts[m]`` for ``m = 0, 1, ...`` in turn (so a row's additions keep
+    their order); rows outside ``acc`` are dropped.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> add_rows_in_order(jnp.zeros((2, 1)), jnp.array([1, 1, 2]), jnp.ones((3, 1))).tolist()
+        [[0.0], [2.0]]
+    """
+    return jax.lax.platform_dependent(
+        acc, _as_index(rows), parts, cpu=_scatter_in_order, default=_loop_in_order
+    )
+
+
+def overflow_sums(
+    acc: jax.Array,
+    rows: jax.Array,
+    overflow: Any,
+    overflow_w: Any,
+    overflow_rows: Any,
+    ids: Any = None,
+) -> jax.Array:
+    """``acc`` (``[R, D]`` head and block sums) with each overflow block added in turn: block
+    ``m``'s slots ``overflow[m]`` (``[M, w]``, read like ``slot_sums``' slots) times
+    ``overflow_w[m]`` (or 1) summed left to right, then added to ``acc[overflow_rows[m]]``.
+
+    Linear in ``rows``; the transpose gives slot ``p`` of block ``m`` ``(w *)
+    cot[overflow_rows[m]]``, which ``slot_grads`` computes with the blocks as heads.
+    """
+    slots = _as_index(overflow)
+    if ids is not None:
+        slots = jnp.take(_as_index(ids), slots, mode="fill", fill_value=-1)
+    entries = gather_rows(rows, slots.reshape(-1)).reshape(*slots.shape, rows.shape[1])
+    parts = _sequential_sum(entries, 1, overflow_w)
+    # Keeps XLA from fusing the products into the additions as FMAs (TF rounds w * e first).
+    parts = jax.lax.optimization_barrier(parts)
+    return add_rows_in_order(acc, overflow_rows, parts)
 
 
 # ---------------------------------------------------------------------------------------------

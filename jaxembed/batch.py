@@ -12,6 +12,7 @@ jitted step compiles once per bucket and every process traces the same shapes.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -27,6 +28,7 @@ from jaxembed.lookup import (
     LookupPlan,
     bucket,
     flatten_features,
+    pad_axis,
     plan_feature,
     remap_plan,
     slot_bucket,
@@ -50,17 +52,29 @@ class Batch:
             rows its requests bring back (``Layout.fetched_rows``; that count = no entry).
         paths: the input paths, in the order of ``plans`` (static).
         treedef: the inputs' nested structure (static), to pack the activations.
+        owner: a fingerprint of the features and plan of the ``Embedding`` that built it
+            (static), so that a ``Batch`` is never used with an ``Embedding`` it does not fit.
     """
 
     requests: Mapping[str, jax.Array]
     plans: tuple[LookupPlan, ...]
     paths: tuple[str, ...]
     treedef: Any
+    owner: str = ""
 
 
 jax.tree_util.register_dataclass(
-    Batch, data_fields=["requests", "plans"], meta_fields=["paths", "treedef"]
+    Batch, data_fields=["requests", "plans"], meta_fields=["paths", "treedef", "owner"]
 )
+
+BATCH_SIZES = ("bucket",)
+"""``preprocess(batch_size=...)``: an int, or ``"bucket"``: the next power of two examples per
+device, at least ``MIN_BUCKET_EXAMPLES`` (8, 16, 32, ...), so that any batch size reuses one of
+a few compiled programs."""
+MIN_BUCKET_EXAMPLES = 8
+MIN_CAPACITY = 64
+"""Distinct rows a device requests per shard are padded to a power of two, at least this: small
+batches share one program, at the cost of a few padding rows."""
 
 
 def _examples(path: str, inp: Any) -> int:
@@ -89,6 +103,47 @@ def slice_examples(inp: Any, lo: int, hi: int) -> Any:
         splits = np.asarray(inp.row_splits)
         return Ragged(inp.values[splits[lo] : splits[hi]], splits[lo : hi + 1] - splits[lo])
     return np.asarray(inp)[lo:hi]
+
+
+def padded_size(path: str, examples: int, batch_size: int | str | None, devices: int) -> int:
+    """The number of examples a feature is padded to (``batch_size``; see ``BATCH_SIZES``)."""
+    if batch_size is None:
+        return examples
+    if batch_size == "bucket":
+        return devices * bucket(-(-examples // devices), MIN_BUCKET_EXAMPLES)
+    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool):
+        raise ValueError(
+            f"batch_size must be None, an int or 'bucket', got {batch_size!r}: None keeps the "
+            "batch as given, an int pads every feature to that many examples, 'bucket' pads to "
+            "the next power of two per device."
+        )
+    if batch_size < examples or batch_size % devices:
+        raise ValueError(
+            f"batch_size={batch_size} cannot hold the {examples} examples of feature {path!r} "
+            f"split over {devices} devices: give at least {examples}, a multiple of {devices}."
+        )
+    return int(batch_size)
+
+
+def _pad_examples(inp: Any, size: int) -> Any:
+    """A ``Sparse`` or ``Ragged`` input (or weights) with empty examples appended up to
+    ``size``; dense inputs are padded after planning (``_pad_gather``)."""
+    if isinstance(inp, Sparse) and inp.dense_shape[0] < size:
+        return Sparse(inp.indices, inp.values, (size, *inp.dense_shape[1:]))
+    if isinstance(inp, Ragged) and inp.nrows < size:
+        splits = np.asarray(inp.row_splits)
+        return Ragged(inp.values, np.concatenate([splits, np.full(size - inp.nrows, splits[-1])]))
+    return inp
+
+
+def _pad_gather(plan: LookupPlan, rows: int) -> LookupPlan:
+    """A dense input's plan with ``rows`` examples: the added positions read a zero row."""
+    if plan.shape[0] == rows:
+        return plan
+    shape = (rows, *plan.shape[1:])
+    slots = math.prod(shape)  # positions are flat, one per id
+    positions = pad_axis(np.asarray(plan.positions), 0, slots, np.asarray(plan.ids).shape[0])
+    return dataclasses.replace(plan, shape=shape, positions=positions)
 
 
 def _global_max(values: list[int]) -> list[int]:
@@ -123,6 +178,8 @@ def preprocess(
     plan: ShardingPlan,
     table_names: Mapping[TableConfig, str],
     mesh: jax.sharding.Mesh,
+    batch_size: int | str | None = None,
+    owner: str = "",
 ) -> Batch:
     """Builds this process's part of a ``Batch`` and places it on ``mesh``.
 
@@ -132,16 +189,34 @@ def preprocess(
         plan: the sharding plan (its layouts route the ids).
         table_names: ``{TableConfig: table name}``.
         mesh: the mesh the batch is split over (all devices, in its device order).
+        batch_size: None, or the examples to pad every feature to (see ``padded_size``).
+        owner: the fingerprint of the ``Embedding`` (``Batch.owner``).
     """
     local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     leaves = flatten_features(inputs, weights, feature_config)
+    given = [_examples(path, inp) for path, inp, _, _ in leaves]
+    sizes = _global_max(
+        [
+            padded_size(p, n, batch_size, len(local))
+            for (p, *_), n in zip(leaves, given, strict=True)
+        ]
+    )
     per_device: list[dict[str, LookupPlan]] = [{} for _ in local]
-    for path, inp, weight, feature in leaves:
-        bounds = split_evenly(_examples(path, inp), len(local), f"{path!r} batch")
+    for (path, inp, weight, feature), n, size in zip(leaves, given, sizes, strict=True):
+        if size != n and feature.output_shape is not None and isinstance(inp, Ragged):
+            raise ValueError(
+                f"Feature {path!r} has output_shape {feature.output_shape}, which fixes its "
+                f"batch of {n} examples; it cannot be padded to batch_size={size}. Pass "
+                "batch_size=None, or drop output_shape."
+            )
+        inp, weight = _pad_examples(inp, size), _pad_examples(weight, size)
+        bounds = split_evenly(size, len(local), f"{path!r} batch")
         part = _local_feature(path, inp, feature, mesh.size)
+        dense = not isinstance(inp, (Sparse, Ragged))  # padded after planning
         for d, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-            local_inp, local_w = slice_examples(inp, lo, hi), slice_examples(weight, lo, hi)
-            per_device[d][path] = plan_feature(path, local_inp, local_w, part)
+            local_inp = slice_examples(inp, *((min(lo, n), min(hi, n)) if dense else (lo, hi)))
+            local_plan = plan_feature(path, local_inp, slice_examples(weight, lo, hi), part)
+            per_device[d][path] = _pad_gather(local_plan, hi - lo) if dense else local_plan
 
     table_of = {path: table_names[feature.table] for path, _, _, feature in leaves}
     routed: dict[
@@ -157,18 +232,24 @@ def preprocess(
             distinct, inverse = np.unique(flat, return_inverse=True)
             routed[layout.name].append((paths, keys, distinct, inverse))
             needed.append(layout.capacity_needed(distinct))
-    # Slots per example, per feature: the largest over devices (and processes), bucketed.
+    # Slots per example and overflow blocks, per feature: the largest over devices (and
+    # processes), bucketed.
     leaf_paths = [path for path, *_ in leaves]
     slots = []
     for p in leaf_paths:
         combined = [d[p] for d in per_device if d[p].mode == "combine"]
         slots.append(max((c.positions.shape[1] for c in combined), default=0))
         slots.append(max((c.blocks.shape[1] for c in combined), default=0))
+        slots.append(max((c.overflow.shape[0] for c in combined), default=0))
     maxima = _global_max([*needed, *slots])
-    heads = {p: slot_bucket(h) for p, h in zip(leaf_paths, maxima[len(needed) :: 2], strict=True)}
+    heads = {p: slot_bucket(h) for p, h in zip(leaf_paths, maxima[len(needed) :: 3], strict=True)}
     tails = {
         p: bucket(t) if t else 0
-        for p, t in zip(leaf_paths, maxima[len(needed) + 1 :: 2], strict=True)
+        for p, t in zip(leaf_paths, maxima[len(needed) + 1 :: 3], strict=True)
+    }
+    overflows = {
+        p: bucket(m) if m else 0
+        for p, m in zip(leaf_paths, maxima[len(needed) + 2 :: 3], strict=True)
     }
 
     requests: dict[str, Any] = {}
@@ -176,7 +257,7 @@ def preprocess(
     fetched: dict[str, int] = {}
     it = iter(maxima[: len(needed)])
     for layout in plan.layouts:
-        capacity = bucket(max(next(it) for _ in local))
+        capacity = bucket(max(next(it) for _ in local), MIN_CAPACITY)
         fetched[layout.name] = layout.fetched_rows(capacity)
         reqs = []
         for d, (paths, keys, distinct, inverse) in enumerate(routed[layout.name]):
@@ -193,11 +274,11 @@ def preprocess(
     for p in ordered_paths:
         rows = fetched[plan.layout(table_of[p]).name]
         remapped = [
-            remap_plan(per_device[d][p], index[d][p], rows, heads[p], tails[p])
+            remap_plan(per_device[d][p], index[d][p], rows, heads[p], tails[p], overflows[p])
             for d in range(len(local))
         ]
         stacked.append(jax.tree.map(lambda *xs: np.stack(xs), *remapped))
-    batch = Batch(dict(requests), tuple(stacked), tuple(ordered_paths), treedef)
+    batch = Batch(dict(requests), tuple(stacked), tuple(ordered_paths), treedef, owner)
     sharding = NamedSharding(mesh, P(plan.batch_axes))
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
@@ -207,4 +288,11 @@ def local(tree: Any) -> Any:
     return jax.tree.map(lambda x: x[0], tree)
 
 
-__all__: Sequence[str] = ["Batch", "local", "preprocess", "slice_examples"]
+__all__: Sequence[str] = [
+    "BATCH_SIZES",
+    "Batch",
+    "local",
+    "padded_size",
+    "preprocess",
+    "slice_examples",
+]

@@ -5,20 +5,106 @@
   process and compare with JAX, plot the training curve.
 * ``jaxembed export CKPT_DIR OUT [--step N]`` turns a checkpoint into a SavedModel for CPU TF
   Serving (configs read from the checkpoint).
-* ``jaxembed inspect PATH`` shows what a checkpoint, a TF checkpoint or a SavedModel holds.
+* ``jaxembed inspect PATH`` shows what a checkpoint, a TF checkpoint or a SavedModel holds (for
+  a TF Serving base folder of versions ``1/``, ``2/``, ...: the latest version, and the list).
 
 TensorFlow is imported only by ``export`` and by ``inspect`` of TF files.
+
+``jaxembed demo`` checks every option before it starts, and refuses an ``--out`` that holds a
+previous demo run unless ``--overwrite`` (which deletes only that run's demo outputs).
+
+A user error (a bad option or path, a refused target: ``USER_ERRORS``) prints one line,
+``jaxembed <command>: error: <message>``, to stderr and exits with status 2, like argparse's own
+usage errors. Ctrl-C exits with status 130 and a closed stdout pipe with 141, both quietly. Any
+other exception is a bug and keeps its traceback; ``JAXEMBED_TRACEBACK=1`` shows the traceback
+of user errors too.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
-from collections.abc import Sequence
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import jaxembed as je
+
+#: The exceptions the CLI reports as one line (the library's clear-error types).
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    TypeError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+    OSError,  # the rest of the environment's errors, e.g. a full disk: no bug of ours
+)
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a process killed by it
+
+
+@contextlib.contextmanager
+def _stderr_held() -> Iterator[None]:
+    """Holds back what is written to file descriptor 2, and replays it only on an exception.
+
+    TensorFlow's C++ runtime logs INFO lines (oneDNN, CUDA stubs) to stderr while its libraries
+    load, before any log level setting applies; the CLI keeps them out of its output.
+    """
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to hold back
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.flush()
+            os.write(2, held.read())
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+@contextlib.contextmanager
+def _absl_errors_only() -> Iterator[None]:
+    """Keeps absl's WARNING lines (orbax logs them about the very files an error message then
+    names) out of the command's stderr; errors still show."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _import_tensorflow() -> None:
+    """Imports TensorFlow (through ``jaxembed.export``) without its start-up log lines."""
+    if "jaxembed.export._tf" in sys.modules:
+        return
+    with _stderr_held():
+        import jaxembed.export._tf  # noqa: F401
+
+
+def _one_line(error: BaseException) -> str:
+    """The message of a user error on one line."""
+    if isinstance(error, OSError) and error.filename and error.strerror:  # an OS-level error
+        return f"{error.filename}: {error.strerror}; check that path and run again."
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
 
 
 def export_checkpoint(
@@ -30,12 +116,20 @@ def export_checkpoint(
     weighted: Sequence[str] = (),
     overwrite: bool = False,
 ) -> str:
-    """Checkpoint ``step`` (latest if None) -> SavedModel at ``out`` (``out/<version>``)."""
+    """Checkpoint ``step`` (latest if None) -> SavedModel at ``out`` (``out/<version>``).
+
+    Raises:
+        FileNotFoundError: no checkpoint (or no such step) at ``ckpt_dir``.
+        ValueError: ``out`` overlaps ``ckpt_dir``, a negative step or version, or a target that
+            ``save_serving_model`` refuses (FileExistsError too).
+    """
     from rich.progress import Progress
 
-    from jaxembed import export  # needs TensorFlow
-
+    _check_export_paths(Path(ckpt_dir), Path(out), step, version)
     config = je.checkpoint.read_config(ckpt_dir, step)
+    _import_tensorflow()
+    from jaxembed import export
+
     emb = je.Embedding(je.checkpoint.feature_config_from(config))
     with Progress(transient=False) as progress:
         task = progress.add_task(f"restoring step {config['step']}", total=None)
@@ -47,42 +141,120 @@ def export_checkpoint(
         options = export.ExportOptions(
             version=version, weighted=tuple(weighted), overwrite=overwrite, progress=report
         )
-        path = export.save_serving_model(out, emb, state, options=options)
+        path = export.save_serving_model(
+            out, emb, state, options=options, source_checkpoint=ckpt_dir
+        )
     print(f"exported step {config['step']} of {ckpt_dir} to {path}")
     return path
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` are one folder, or one holds the other."""
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
+def _check_export_paths(ckpt_dir: Path, out: Path, step: int | None, version: int | None) -> None:
+    """Up-front checks of ``jaxembed export``'s arguments (before TensorFlow is imported)."""
+    if not ckpt_dir.exists():
+        raise FileNotFoundError(
+            f"checkpoint directory {ckpt_dir} does not exist; give the folder a training run "
+            "saved into (e.g. out/checkpoints)."
+        )
+    if not ckpt_dir.is_dir():
+        raise NotADirectoryError(
+            f"{ckpt_dir} is a file, not a jaxembed checkpoint directory; give the folder a "
+            "training run saved into (e.g. out/checkpoints)."
+        )
+    if _overlaps(ckpt_dir, out):
+        raise ValueError(
+            f"OUT {out} overlaps the checkpoint directory {ckpt_dir}; export to a folder outside "
+            "the checkpoint that does not contain it either."
+        )
+    for flag, value in (("--step", step), ("--version", version)):
+        if value is not None and value < 0:
+            raise ValueError(f"{flag} {value} is negative; give an integer >= 0.")
 
 
 def _is_tf_checkpoint(path: Path) -> bool:
     return Path(f"{path}.index").exists() or (path / "checkpoint").is_file()
 
 
-def describe(path: Path) -> dict:
-    """What ``path`` holds: a jaxembed checkpoint, a SavedModel or a TF checkpoint."""
-    if (path / "saved_model.pb").exists():
-        from jaxembed.export._inspect import describe_saved_model
+def _saved_model_versions(path: Path) -> list[int]:
+    """TF Serving's version folders under a base path: integer names holding a SavedModel."""
+    if not path.is_dir():
+        return []
+    return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and _is_saved_model(p))
 
-        return describe_saved_model(path)
+
+def _is_saved_model(path: Path) -> bool:
+    return (path / "saved_model.pb").is_file() or (path / "saved_model.pbtxt").is_file()
+
+
+def _describe_saved_model(path: Path) -> dict:
+    _import_tensorflow()
+    from jaxembed.export._inspect import describe_saved_model
+
+    return describe_saved_model(path)
+
+
+def _checkpoint_steps(path: Path) -> list[int]:
+    """The complete steps of the jaxembed checkpoint directory ``path`` (none if not one)."""
+    with je.checkpoint.CheckpointManager(path, None, create=False) as manager:
+        return sorted(manager.all_steps())
+
+
+def describe(path: Path) -> dict:
+    """What ``path`` holds: a jaxembed checkpoint, a SavedModel or a TF checkpoint.
+
+    A SavedModel base folder (version folders ``1/``, ``2/``, ... as TF Serving expects) is
+    described by its latest version, the one TF Serving serves, with ``versions`` listing all.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``path`` is none of those, or a file in it cannot be read.
+    """
+    path = Path(path)
+    if not path.exists() and not _is_tf_checkpoint(path):
+        raise FileNotFoundError(
+            f"{path} does not exist; give a jaxembed checkpoint directory, a SavedModel "
+            "directory (or its base folder of versions) or a TF checkpoint prefix."
+        )
+    if _is_saved_model(path):
+        return _describe_saved_model(path)
+    versions = _saved_model_versions(path)
+    if versions:
+        info = _describe_saved_model(path / str(versions[-1]))
+        return {**info, "base": str(path), "version": versions[-1], "versions": versions}
     if _is_tf_checkpoint(path):
+        _import_tensorflow()
         from jaxembed.export._inspect import describe_tf_checkpoint
 
         return describe_tf_checkpoint(path)
     if path.is_dir():
-        steps = je.checkpoint.CheckpointManager(path, None, create=False).all_steps()
+        steps = _checkpoint_steps(path)
         if steps:
             config = je.checkpoint.read_config(path)
-            return {
-                "kind": "jaxembed checkpoint",
-                "path": str(path),
-                "steps": sorted(steps),
-                **config,
-            }
-    raise FileNotFoundError(
-        f"{path} is not a jaxembed checkpoint directory, a SavedModel or a TF checkpoint."
+            return {"kind": "jaxembed checkpoint", "path": str(path), "steps": steps, **config}
+        if path.name.isdigit() and _checkpoint_steps(path.parent):
+            raise ValueError(
+                f"{path} is one step of the checkpoint directory {path.parent}; give "
+                f"{path.parent} (inspect lists its steps)."
+            )
+    what = "a folder without checkpoint steps, saved_model.pb or version folders"
+    raise ValueError(
+        f"{path} is not a jaxembed checkpoint directory, a SavedModel or a TF checkpoint "
+        f"({what if path.is_dir() else 'a file'}); give the path of one of those."
     )
 
 
 def _print_inspection(info: dict) -> None:
     print(f"{info['kind']}: {info['path']}")
+    if "versions" in info:
+        print(
+            f"  version {info['version']}: the latest of versions {info['versions']} in "
+            f"{info['base']} (the one TF Serving serves)"
+        )
     if info["kind"] == "jaxembed checkpoint":
         print(f"  steps: {info['steps']} (latest {info['step']})")
         print("  tables:")
@@ -112,7 +284,7 @@ def _print_inspection(info: dict) -> None:
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
-    from jaxembed.demo.run import DemoConfig
+    from jaxembed.demo.config import DemoConfig
 
     defaults = DemoConfig()
     add = parser.add_argument
@@ -127,16 +299,19 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     add("--movielens", type=Path, default=None, help="MovieLens ml-latest-small folder")
     add("--devices", type=int, default=8, help="simulated devices on a CPU-only machine")
     add("--seed", type=int, default=defaults.seed, help="random seed")
+    add(
+        "--overwrite",
+        action="store_true",
+        help="if --out holds a previous demo run, delete that run's outputs (only the files the "
+        "demo writes) and start clean; without it such an --out is refused",
+    )
 
 
 def _run_demo(args: argparse.Namespace) -> None:
-    # Simulate devices on CPU so the sharded path runs; must happen before JAX starts its
-    # backends (importing jax does not). GPUs and TPUs are used as they are.
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}"
-    from jaxembed.demo.run import DemoConfig, run
+    from jaxembed.demo.config import DemoConfig, check_options, check_previous_run
 
+    if args.devices < 1:
+        raise ValueError(f"--devices {args.devices} is out of range; give an integer >= 1.")
     config = DemoConfig(
         out=args.out,
         steps=args.steps,
@@ -148,7 +323,17 @@ def _run_demo(args: argparse.Namespace) -> None:
         eval_every=args.eval_every,
         movielens=args.movielens,
         seed=args.seed,
+        overwrite=args.overwrite,
     )
+    check_options(config)  # before JAX starts: a bad option fails fast
+    check_previous_run(config)
+    # Simulate devices on CPU so the sharded path runs; must happen before JAX starts its
+    # backends (importing jax does not). GPUs and TPUs are used as they are.
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}"
+    from jaxembed.demo.run import run
+
     run(config)
 
 
@@ -177,27 +362,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_inspect.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args(argv)
     try:
-        if args.command == "demo":
-            _run_demo(args)
-        elif args.command == "export":
-            weighted = [p for p in args.weighted.split(",") if p]
-            export_checkpoint(
-                args.ckpt_dir,
-                args.out,
-                args.step,
-                version=args.version,
-                weighted=weighted,
-                overwrite=args.overwrite,
-            )
-        elif args.command == "inspect":
-            info = describe(args.path)
-            if args.json:
-                print(json.dumps(info, indent=1))
-            else:
-                _print_inspection(info)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        parser.exit(1, f"jaxembed {args.command}: error: {e}\n")
+        with _absl_errors_only():
+            _dispatch(args)
+        sys.stdout.flush()  # a closed pipe fails here, not at exit
+    except KeyboardInterrupt:
+        parser.exit(EXIT_INTERRUPTED)
+    except BrokenPipeError:  # the reader of stdout went away (e.g. ``| head``): stop quietly
+        with contextlib.suppress(OSError, ValueError):  # no flush error at exit either
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        parser.exit(EXIT_BROKEN_PIPE)
+    except USER_ERRORS as e:
+        if os.environ.get("JAXEMBED_TRACEBACK"):
+            raise
+        parser.exit(EXIT_USER_ERROR, f"jaxembed {args.command}: error: {_one_line(e)}\n")
     return 0
+
+
+def _dispatch(args: argparse.Namespace) -> None:
+    """Runs the parsed subcommand."""
+    if args.command == "demo":
+        _run_demo(args)
+    elif args.command == "export":
+        weighted = [p for p in args.weighted.split(",") if p]
+        export_checkpoint(
+            args.ckpt_dir,
+            args.out,
+            args.step,
+            version=args.version,
+            weighted=weighted,
+            overwrite=args.overwrite,
+        )
+    elif args.command == "inspect":
+        info = describe(args.path)
+        if args.json:
+            print(json.dumps(info, indent=1))
+        else:
+            _print_inspection(info)
 
 
 if __name__ == "__main__":

@@ -98,9 +98,56 @@ class TableConfig:
         """The initializer to use: the one given, or TF's default for this ``dim``."""
         return self.initializer if self.initializer is not None else default_initializer(self.dim)
 
-    def init_table(self, key: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
-        """A freshly initialised ``[vocabulary_size, dim]`` table."""
-        return self.initializer_fn(key, (self.vocabulary_size, self.dim), dtype)
+    def init_table(
+        self, key: jax.Array, dtype: Any = jnp.float32, *, name: str | None = None
+    ) -> jax.Array:
+        """A freshly initialised ``[vocabulary_size, dim]`` table.
+
+        Args:
+            key: The PRNG key given to the initializer.
+            dtype: The dtype asked of the initializer.
+            name: The table's name in error messages (default: ``self.name``).
+
+        Raises:
+            ValueError: If the initializer returns another shape, a non-float dtype or (for
+                concrete values, i.e. outside ``jit``) NaN or Inf, naming the table.
+            TypeError: If the initializer cannot be called as ``initializer(key, shape,
+                dtype)`` or does not return an array.
+        """
+        label = repr(name or self.name or "(unnamed)")
+        expected = (self.vocabulary_size, self.dim)
+        init = self.initializer_fn
+        try:
+            table = init(key, expected, dtype)
+        except TypeError as err:
+            raise TypeError(
+                f"Table {label}: initializer {init!r} failed when called as initializer(key, "
+                f"shape={expected}, dtype={jnp.dtype(dtype).name}) ({err}); jaxembed "
+                "initializers follow jax.nn.initializers, e.g. jax.nn.initializers.normal(0.01)."
+            ) from err
+        if not hasattr(table, "shape") or not hasattr(table, "dtype"):
+            raise TypeError(
+                f"Table {label}: initializer {init!r} returned {type(table).__name__}, expected "
+                f"an array of shape [vocabulary_size, dim] = {list(expected)}."
+            )
+        if tuple(table.shape) != expected:
+            raise ValueError(
+                f"Table {label}: initializer {init!r} returned shape {list(table.shape)}, "
+                f"expected [vocabulary_size, dim] = {list(expected)}; it must use the shape "
+                "it is given."
+            )
+        if not jnp.issubdtype(table.dtype, jnp.floating):
+            raise ValueError(
+                f"Table {label}: initializer {init!r} returned dtype {table.dtype}, expected a "
+                f"float array (it was asked for {jnp.dtype(dtype).name})."
+            )
+        custom = self.initializer is not None  # TF's default never gives NaN or Inf
+        if custom and not isinstance(table, jax.core.Tracer) and not jnp.isfinite(table).all():
+            raise ValueError(
+                f"Table {label}: initializer {init!r} returned NaN or Inf values; initial rows "
+                "must be finite."
+            )
+        return table
 
     def _sort_key(self) -> tuple:
         return (self.name or "", self.vocabulary_size, self.dim, self._order)
@@ -141,6 +188,10 @@ def _output_shape(value: Any) -> tuple[int | None, ...] | None:
     return tuple(out)
 
 
+OUT_OF_RANGE = ("error", "zero", "clamp")
+"""``FeatureConfig.out_of_range`` policies: raise on the host, drop the id, clamp into range."""
+
+
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class FeatureConfig:
     """One input feature, looked up in ``table``.
@@ -157,6 +208,14 @@ class FeatureConfig:
             TF): ``prod(output_shape) == batch`` reshapes the combined output, ``k * batch``
             gives ``k`` positions per example. Stored as a tuple; ``[]`` counts as set.
         name: Free text, used in messages.
+        out_of_range: What an id outside ``[0, vocabulary_size)`` does (jaxembed only; TF's
+            CPU lookup raises): ``"error"`` (default) raises naming the feature and the id (on
+            the host, or when a jitted lookup of traced dense ids runs); ``"zero"`` reads an
+            all-zero row (counted by the combiner like any other id) and trains nothing;
+            ``"clamp"`` reads row 0 for negative ids and row ``vocabulary_size - 1`` for ids
+            past the end. Ids TF prunes (negative ids of a sparse input with
+            ``validate_weights_and_indices``) are pruned first. The exported serving graph
+            applies the same policy.
 
     Raises:
         ValueError: For any argument TF would reject, naming the argument and the value.
@@ -173,6 +232,7 @@ class FeatureConfig:
     validate_weights_and_indices: bool = True
     output_shape: tuple[int | None, ...] | None = None
     name: str | None = None
+    out_of_range: str = "error"
 
     def __post_init__(self) -> None:
         if not isinstance(self.table, TableConfig):
@@ -195,10 +255,16 @@ class FeatureConfig:
         object.__setattr__(self, "output_shape", _output_shape(self.output_shape))
         if self.name is not None and not isinstance(self.name, str):
             raise ValueError(f"`name` must be a str or None, got {self.name!r}.")
+        if self.out_of_range not in OUT_OF_RANGE:
+            raise ValueError(
+                f"Argument `out_of_range` must be one of {list(OUT_OF_RANGE)}, got "
+                f"{self.out_of_range!r}."
+            )
 
     def __repr__(self) -> str:
+        policy = "" if self.out_of_range == "error" else f", out_of_range={self.out_of_range!r}"
         return (
             f"FeatureConfig(table={self.table!r}, max_sequence_length={self.max_sequence_length}, "
             f"validate_weights_and_indices={self.validate_weights_and_indices}, "
-            f"output_shape={self.output_shape!r}, name={self.name!r})"
+            f"output_shape={self.output_shape!r}, name={self.name!r}{policy})"
         )

@@ -18,6 +18,9 @@ the kernels of ``_kernels.py``.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -36,6 +39,14 @@ from jaxembed.lookup import combine_rows, feature_paths, slot_cotangents
 from jaxembed.optimizers import Optimizer
 from jaxembed.sharding import ShardingPlan, plan_sharding
 
+NONFINITE_GRADIENTS = ("skip", "raise", "apply")
+"""``Embedding(nonfinite_gradients=...)`` policies for gradient rows holding NaN or Inf."""
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """Raised (inside a jitted step: carried by ``jax.errors.JaxRuntimeError``) when
+    ``apply_gradients`` gets NaN or Inf gradients under ``nonfinite_gradients="raise"``."""
+
 
 class EmbeddingState(NamedTuple):
     """Training state: one physical array per layout, its optimizer slots, the step count.
@@ -52,11 +63,18 @@ class EmbeddingState(NamedTuple):
             state for ``from_optax``, ``{}`` without an optimizer; table-shaped leaves are laid
             out like the array.
         step: int32 scalar, the number of ``apply_gradients`` calls so far.
+        nonfinite: int32 scalar, the number of gradient rows (one example's, or one sequence
+            position's, ``dL/d(activation)`` vector) that ``apply_gradients`` dropped so far
+            because they held NaN or Inf (``Embedding(nonfinite_gradients="skip")``, the
+            default). ``init``, ``abstract_state`` and ``state_from_logical`` set it; None (a
+            state built as ``EmbeddingState(tables, slots, step)``) drops such rows uncounted.
+            A diagnostic: checkpoints do not store it, so it counts from 0 after a restore.
     """
 
     tables: dict[str, Any]  # jax.Array, or jax.ShapeDtypeStruct from abstract_state
     slots: dict[str, Any]
     step: Any
+    nonfinite: Any = None
 
 
 def _one_device_mesh() -> jax.sharding.Mesh:
@@ -90,6 +108,15 @@ class Embedding:
             plan's choice (``emb.plan``).
         table_axes: The mesh axes the tables are split over (None: all); tables are replicated
             over the other axes.
+        nonfinite_gradients: What ``apply_gradients`` does with a gradient row (the
+            ``dL/d(activation)`` vector of one example, or of one sequence position) holding
+            NaN or Inf. ``"skip"`` (default): the row is dropped, as if its example were not in
+            the batch: table rows it touches are updated from the finite rows only, rows only
+            it touches do not change (slots included), and ``state.nonfinite`` counts the
+            dropped rows over the global batch. ``"raise"``: the step fails with a
+            ``NonFiniteGradientError`` naming the features (inside ``jit`` it arrives as a
+            ``jax.errors.JaxRuntimeError`` carrying that message; a donated state is then
+            lost). ``"apply"``: no check (NaN reaches the rows it touches).
 
     Example:
         >>> import jax, numpy as np, jaxembed as je
@@ -112,7 +139,27 @@ class Embedding:
         mesh: jax.sharding.Mesh | None = None,
         sharding: Mapping[str, str] | None = None,
         table_axes: Sequence[str] | None = None,
+        *,
+        nonfinite_gradients: str = "skip",
     ):
+        if nonfinite_gradients not in NONFINITE_GRADIENTS:
+            raise ValueError(
+                f"`nonfinite_gradients` must be one of {list(NONFINITE_GRADIENTS)}, got "
+                f"{nonfinite_gradients!r}: 'skip' drops gradient rows holding NaN or Inf (and "
+                "counts them in state.nonfinite), 'raise' fails the step, 'apply' applies them."
+            )
+        self.nonfinite_gradients = nonfinite_gradients
+        if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+            raise TypeError(
+                f"`mesh` must be a jax.sharding.Mesh or None, got {type(mesh).__name__} "
+                f"({mesh!r}); build one with e.g. jax.make_mesh((jax.device_count(),), "
+                "('devices',)), or pass None for this process's default device."
+            )
+        if sharding is not None and not isinstance(sharding, Mapping):
+            raise TypeError(
+                f"`sharding` must be a mapping {{table name: strategy}} or None, got "
+                f"{type(sharding).__name__} ({sharding!r}); e.g. sharding={{'users': 'row'}}."
+            )
         self.feature_config = feature_config
         self.features: dict[str, FeatureConfig] = feature_paths(feature_config)
         if not self.features:
@@ -133,11 +180,12 @@ class Embedding:
         for table, name in self.table_names.items():
             opt = table.optimizer if table.optimizer is not None else optimizer
             if opt is not None and not isinstance(opt, Optimizer):
-                hint = (
-                    " Wrap Optax transformations with je.optimizers.from_optax(tx)."
-                    if hasattr(opt, "update") and hasattr(opt, "init")
-                    else ""
-                )
+                if isinstance(opt, type) and issubclass(opt, Optimizer):
+                    hint = f" Pass an instance, e.g. {opt.__name__}(learning_rate=0.01)."
+                elif hasattr(opt, "update") and hasattr(opt, "init"):
+                    hint = " Wrap Optax transformations with je.optimizers.from_optax(tx)."
+                else:
+                    hint = ""
                 raise ValueError(
                     f"{type(opt)} is an unsupported optimizer class (table {name!r}). Please pass "
                     f"an instance of one of the optimizer classes under jaxembed.optimizers.{hint}"
@@ -157,10 +205,22 @@ class Embedding:
 
     # -- state --
     def init(self, key: jax.Array) -> EmbeddingState:
-        """Tables from their initializers, slots at their initial values, step 0."""
-        keys = jax.random.split(key, len(self.table_configs))
+        """Tables from their initializers, slots at their initial values, step 0.
+
+        Raises:
+            TypeError: If ``key`` is not one PRNG key.
+            ValueError: If an initializer returns another shape than ``[vocabulary_size, dim]``,
+                a non-float dtype or NaN/Inf, naming the table (``TableConfig.init_table``).
+        """
+        try:
+            keys = jax.random.split(key, len(self.table_configs))
+        except (TypeError, ValueError) as err:
+            raise TypeError(
+                f"Embedding.init expects one PRNG key such as jax.random.key(0), got "
+                f"{type(key).__name__} of shape {np.shape(key)} ({err})."
+            ) from err
         tables = {
-            name: table.init_table(k)
+            name: table.init_table(k, name=name)
             for k, (table, name) in zip(keys, self.table_names.items(), strict=True)
         }
         return self.state_from_logical(tables)
@@ -182,6 +242,7 @@ class Embedding:
         tables: Mapping[str, Any],
         slots: Mapping[str, Any] | None = None,
         step: Any = 0,
+        nonfinite: Any = 0,
     ) -> EmbeddingState:
         """Builds a state from logical-order arrays, laid out and placed for this ``Embedding``.
 
@@ -190,7 +251,13 @@ class Embedding:
             slots: ``{table name: slots}`` in logical order (as ``logical_slots`` returns), or
                 None for fresh slots at their initial values.
             step: the step count.
+            nonfinite: the count of dropped non-finite gradient rows (``EmbeddingState``).
+
+        Raises:
+            ValueError: If ``tables`` (or ``slots``) do not name this Embedding's tables, or a
+                table is not ``[vocabulary_size, dim]``, naming the table.
         """
+        self._check_logical(tables, slots)
         tables = {n: jnp.asarray(t, jnp.float32) for n, t in tables.items()}
         physical, physical_slots = {}, {}
         for layout in self.plan.layouts:
@@ -218,8 +285,32 @@ class Embedding:
             return {name: jax.tree.map(put, sub, specs[name]) for name, sub in tree.items()}
 
         return EmbeddingState(
-            place(physical), place(physical_slots), put(jnp.asarray(step, jnp.int32), P())
+            place(physical),
+            place(physical_slots),
+            put(jnp.asarray(step, jnp.int32), P()),
+            put(jnp.asarray(nonfinite, jnp.int32), P()),
         )
+
+    def _check_logical(self, tables: Any, slots: Any) -> None:
+        """``state_from_logical``'s arguments name this Embedding's tables, each [V, dim]."""
+        names = sorted(self.table_names.values())
+        for what, given in (("tables", tables), ("slots", slots)):
+            if given is None and what == "slots":
+                continue
+            if not isinstance(given, Mapping) or sorted(given) != names:
+                have = sorted(given) if isinstance(given, Mapping) else type(given).__name__
+                raise ValueError(
+                    f"state_from_logical: `{what}` must map this Embedding's table names {names} "
+                    f"to their arrays, got {have}."
+                )
+        for table, name in self.table_names.items():
+            expected = (table.vocabulary_size, table.dim)
+            shape = tuple(np.shape(tables[name]))
+            if shape != expected:
+                raise ValueError(
+                    f"state_from_logical: table {name!r} has shape {shape}, expected "
+                    f"[vocabulary_size, dim] = {list(expected)}."
+                )
 
     def logical_slots(self, state: EmbeddingState) -> dict[str, Any]:
         """``{table name: slots}`` with every table-shaped slot leaf in logical row order.
@@ -263,7 +354,7 @@ class Embedding:
             return {name: jax.tree.map(struct, sub, specs[name]) for name, sub in tree.items()}
 
         step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(self.mesh, P()))
-        return EmbeddingState(placed(tables), placed(slots), step)
+        return EmbeddingState(placed(tables), placed(slots), step, step)
 
     def embedding_tables(self, state: EmbeddingState) -> dict[TableConfig, jax.Array]:
         """``{TableConfig: [vocabulary_size, dim] array}``, in logical row order."""
@@ -291,18 +382,135 @@ class Embedding:
         return out
 
     # -- host side --
-    def preprocess(self, inputs: Any, weights: Any = None) -> Batch:
+    def preprocess(
+        self, inputs: Any, weights: Any = None, *, batch_size: int | str | None = None
+    ) -> Batch:
         """Validates ``inputs`` (and ``weights``) on the host and builds a static-shape ``Batch``.
 
-        Same input rules and errors as ``embedding_lookup`` (out-of-range ids name the feature,
-        the id and the range). Each feature's examples are split evenly over the mesh's devices
-        (in a multi-process run, pass this process's slice of the global batch). Sizes that
-        vary between batches (distinct ids per table, ids per example) are padded to bucketed
-        sizes, so a jitted step compiles once per bucket.
+        Same input rules and errors as ``embedding_lookup`` (out-of-range ids follow each
+        feature's ``out_of_range`` policy). Each feature's examples are split evenly over the
+        mesh's devices (in a multi-process run, pass this process's slice of the global batch).
+        Sizes that vary between batches (distinct ids per table, ids per example) are padded to
+        bucketed sizes, so a jitted step compiles once per bucket.
+
+        Args:
+            inputs, weights: as for ``embedding_lookup``.
+            batch_size: None keeps the batch as given (it must split evenly over the devices).
+                An int pads every feature with empty examples to that many (a multiple of the
+                device count); ``"bucket"`` pads to the next power of two examples per device,
+                so that any batch size runs one of a few compiled programs. The activations then
+                have the padded batch; padded examples are all-zero rows and train nothing.
         """
         return _batch.preprocess(
-            inputs, weights, self.feature_config, self.plan, self.table_names, self.mesh
+            inputs,
+            weights,
+            self.feature_config,
+            self.plan,
+            self.table_names,
+            self.mesh,
+            batch_size=batch_size,
+            owner=self._fingerprint,
         )
+
+    @functools.cached_property
+    def _fingerprint(self) -> str:
+        """What a ``Batch`` records of the Embedding that built it: its features and plan."""
+        features = [
+            (path, self.table_names[f.table], f.max_sequence_length, f.output_shape)
+            for path, f in self.features.items()
+        ]
+        text = repr((str(self.plan), features, self.mesh.shape_tuple, self.mesh.axis_names))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def _check_batch(self, batch: Batch) -> None:
+        if batch.owner != self._fingerprint:
+            raise ValueError(
+                "This Batch was built by another Embedding (other features, tables, vocabulary "
+                f"sizes or mesh; its paths are {list(batch.paths)}). Build it with this "
+                "Embedding's preprocess: a Batch's row numbers are only valid for the plan that "
+                "made them."
+            )
+
+    @functools.cached_property
+    def _expected_state(self) -> EmbeddingState:
+        """``abstract_state()``, computed once: what ``check_state`` compares with."""
+        return self.abstract_state()
+
+    def _array_label(self, array: str) -> str:
+        """``Table 'users' [1000 x 8, row]`` (or the stacked group and its tables)."""
+        layout = self.plan.layout(array)
+        tables = ", ".join(f"{t.name!r} [{t.vocabulary_size} x {t.dim}]" for t in layout.tables)
+        if len(layout.tables) == 1 and layout.tables[0].name == array:
+            return f"Table {tables} ({layout.strategy})"
+        return f"Array {array!r} (tables {tables}, {layout.strategy})"
+
+    def check_state(self, state: Any, *, slots: bool = True) -> None:
+        """Raises if ``state`` was not built for this Embedding (another optimizer, vocabulary,
+        table set, sharding or mesh), naming the table and what differs.
+
+        Shapes, dtypes and structure only, so it runs at trace time on abstract values;
+        ``lookup`` checks the tables, ``apply_gradients`` and ``je.checkpoint.save`` the slots
+        too (``slots=False`` skips them).
+
+        Raises:
+            TypeError: ``state`` is not an ``EmbeddingState``.
+            ValueError: naming the table and what differs.
+        """
+        fix = (
+            "build the state with this Embedding (init, abstract_state or state_from_logical) "
+            "or restore it with je.checkpoint.restore(directory, emb)"
+        )
+        if not all(hasattr(state, f) for f in ("tables", "slots", "step")):
+            raise TypeError(
+                f"`state` must be an EmbeddingState (tables, slots, step), got "
+                f"{type(state).__name__}; {fix}."
+            )
+        expected = self._expected_state
+        fields = [("tables", state.tables, expected.tables)]
+        if slots:
+            fields.append(("slots", state.slots, expected.slots))
+        for what, got, want in fields:
+            if not isinstance(got, Mapping) or set(got) != set(want):
+                have = sorted(got) if isinstance(got, Mapping) else type(got).__name__
+                raise ValueError(
+                    f"The state's {what} hold arrays {have}, but this Embedding has "
+                    f"{sorted(want)} (missing {sorted(set(want) - set(have))}, unexpected "
+                    f"{sorted(set(have) - set(want))}): the state was built for another "
+                    f"Embedding; {fix}."
+                )
+        for array, want in expected.tables.items():
+            got_shape = tuple(np.shape(state.tables[array]))
+            if got_shape != tuple(want.shape):
+                raise ValueError(
+                    f"{self._array_label(array)}: the state's array has shape {got_shape}, but "
+                    f"this Embedding lays it out as {tuple(want.shape)}: the state was built for "
+                    f"another Embedding (other vocabulary, dim, sharding or mesh); {fix}."
+                )
+            got_dtype = getattr(state.tables[array], "dtype", None)
+            if got_dtype != want.dtype:
+                raise ValueError(
+                    f"{self._array_label(array)}: the state's array has dtype {got_dtype}, but "
+                    f"this Embedding's is {want.dtype}; {fix}."
+                )
+            if not slots:
+                continue
+            got_slots, want_slots = state.slots[array], expected.slots[array]
+            structure = str(jax.tree.structure(got_slots)) == str(jax.tree.structure(want_slots))
+            same = structure and all(
+                tuple(np.shape(g)) == tuple(w.shape)
+                for g, w in zip(
+                    jax.tree.leaves(got_slots), jax.tree.leaves(want_slots), strict=True
+                )
+            )
+            if not same:
+                optimizer = type(self.optimizer_of(array)).__name__
+                raise ValueError(
+                    f"{self._array_label(array)}: the state's optimizer slots "
+                    f"{_slot_summary(got_slots)} are not those of this Embedding's optimizer "
+                    f"{optimizer} {_slot_summary(want_slots)}: the state was built for another "
+                    f"optimizer or Embedding; {fix} (reinit_slots=True keeps the tables and "
+                    "starts fresh slots)."
+                )
 
     # -- device side (pure) --
     def _layout_of_path(self, path: str) -> Layout:
@@ -313,6 +521,8 @@ class Embedding:
 
     def lookup(self, state: EmbeddingState, batch: Batch) -> Any:
         """Activations for ``batch``, nested like its inputs; equal to ``embedding_lookup``."""
+        self._check_batch(batch)
+        self.check_state(state, slots=False)
 
         def body(tables, requests, plans):
             sources = {
@@ -372,6 +582,16 @@ class Embedding:
         vocabulary size. XLA can do that only when the update is known to come after this
         step's ``lookup``, which holds whenever ``grads`` depend on the activations (any
         nonlinear model); with gradients that do not, XLA copies each table first.
+
+        Gradient rows holding NaN or Inf follow ``Embedding(nonfinite_gradients=...)``: by
+        default they are dropped (one elementwise pass over ``grads``) and counted in the
+        returned state's ``nonfinite``.
+
+        Raises:
+            ValueError: If ``state`` was built for another optimizer or Embedding (checked on
+                shapes and structure, so at trace time under ``jit``), naming the table.
+            NonFiniteGradientError: Under ``nonfinite_gradients="raise"`` (inside ``jit``
+                carried by a ``jax.errors.JaxRuntimeError`` when the step runs).
         """
         missing = [n for n, opt in self.optimizers.items() if opt is None]
         if missing:
@@ -379,7 +599,10 @@ class Embedding:
                 f"Tables {missing} have no optimizer: pass one to Embedding(..., optimizer=...) "
                 "or set TableConfig.optimizer."
             )
+        self._check_batch(batch)
+        self.check_state(state)
         cotangents = self._cotangents(batch, grads)
+        guard = self.nonfinite_gradients
 
         def body(tables, slots, step, requests, plans, cots):
             parts: dict[str, list] = {name: [] for name in requests}
@@ -387,25 +610,138 @@ class Embedding:
                 parts[self._layout_of_path(path).name].append(
                     slot_cotangents(_batch.local(plan), cot)
                 )
+            requests = {name: req[0] for name, req in requests.items()}
+            dropped = ok = jnp.zeros((), jnp.int32)
+            if guard != "apply":  # per feature: its gradient rows holding NaN or Inf
+                axes = self.plan.batch_axes
+                counts = jax.lax.psum(jnp.stack([_bad_rows(c).sum() for c in cots]), axes)
+                if guard == "raise":  # every device raises (no device waits in a collective)
+                    check = _raise_if_nonfinite(batch.paths)
+                    ok = jax.pure_callback(check, jax.ShapeDtypeStruct((), jnp.int32), counts)
+                else:
+                    dropped = counts.sum(dtype=jnp.int32)
+                    for name in requests:
+                        pad = self.plan.layout(name).shard_shape[0]
+                        parts[name], requests[name] = _drop_nonfinite(
+                            parts[name], requests[name], pad
+                        )
             new_tables, new_slots = dict(tables), dict(slots)
             for name, req in requests.items():
                 optimizer = self.optimizer_of(name)
                 assert optimizer is not None
                 new_tables[name], new_slots[name] = self.plan.layout(name).apply_gradients(
-                    optimizer, tables[name], slots[name], step, req[0], parts[name]
+                    optimizer, tables[name], slots[name], step, req, parts[name]
                 )
-            return new_tables, new_slots
+            return new_tables, new_slots, dropped, ok
 
         spec = self._batch_spec()
         table_specs, slot_specs = self._specs(state.tables), self._specs(state.slots)
-        tables, slots = jax.shard_map(
+        call = jax.shard_map(
             body,
             mesh=self.mesh,
             in_specs=(table_specs, slot_specs, P(), spec, spec, [spec] * len(cotangents)),
-            out_specs=(table_specs, slot_specs),
+            out_specs=(table_specs, slot_specs, P(), P()),
             check_vma=False,
-        )(state.tables, state.slots, state.step, batch.requests, batch.plans, cotangents)
-        return EmbeddingState(tables, slots, state.step + 1)
+        )
+        args = (state.tables, state.slots, state.step, batch.requests, batch.plans, cotangents)
+        traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args))
+        if guard == "raise" and not traced:
+            tables, slots, dropped, ok = _raising_eagerly(call, args)
+        else:
+            tables, slots, dropped, ok = call(*args)
+        nonfinite = state.nonfinite
+        if guard == "skip" and nonfinite is not None:
+            nonfinite = nonfinite + dropped
+        # "raise": the step depends on the check, so the check is never pruned.
+        step = state.step + 1 + ok if guard == "raise" else state.step + 1
+        return EmbeddingState(tables, slots, step, nonfinite)
+
+
+def _slot_summary(slots: Any) -> str:
+    """A slot pytree as ``[momenta (10, 4), velocities (10, 4)]`` for error messages."""
+
+    def name(path: Sequence[Any]) -> str:
+        keys = (getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+        return "/".join(str(k) for k in keys)
+
+    leaves = jax.tree_util.tree_leaves_with_path(slots)
+    return "[" + ", ".join(f"{name(p)} {tuple(np.shape(x))}" for p, x in leaves) + "]"
+
+
+def _bad_rows(cot: jax.Array) -> jax.Array:
+    """``cot.shape[:-1]`` bools: the gradient rows (vectors along the last axis) holding NaN or
+    Inf."""
+    return ~jnp.isfinite(cot).all(axis=-1)
+
+
+def _drop_nonfinite(
+    features: list[tuple[Any, ...]], requests: jax.Array, pad: int
+) -> tuple[list[tuple[Any, ...]], jax.Array]:
+    """One array's slot cotangents with non-finite gradient rows zeroed, and its requests with
+    every row that only such gradient rows use set to ``pad`` (so the optimizer skips it).
+
+    ``features``: one tuple of ``(cot, head, head_w, blocks, block_w)`` parts per feature
+    (``lookup.slot_cotangents``), whose slots index the device's requested rows
+    (``requests.reshape(-1)``; that count = no entry). A non-finite activation row makes
+    every part row derived from it non-finite, so the check runs on the part rows. Zeroing is
+    one elementwise pass; the requests are rewritten only on devices that saw such a row.
+    """
+    masked, pieces = [], []
+    for parts in features:
+        out = []
+        for cot, head, head_w, blocks, block_w in parts:
+            finite = ~_bad_rows(cot)
+            out.append((jnp.where(finite[:, None], cot, 0), head, head_w, blocks, block_w))
+            pieces.append((finite, head, blocks))
+        masked.append(tuple(out))
+    if not pieces:
+        return masked, requests
+
+    def unused(req: jax.Array) -> jax.Array:
+        rows = req.size
+        good = bad = jnp.zeros(rows + 1, bool)
+        for finite, head, blocks in pieces:
+            n = finite.shape[0]
+            flat = [x.reshape(n, math.prod(x.shape[1:])) for x in (head, blocks)]
+            slots = jnp.concatenate(flat, axis=1)
+            keep = finite[:, None]
+            good = good.at[jnp.where(keep, slots, rows)].set(True, mode="drop")
+            bad = bad.at[jnp.where(keep, rows, slots)].set(True, mode="drop")
+        drop = (bad & ~good)[:rows].reshape(req.shape)
+        return jnp.where(drop, jnp.asarray(pad, req.dtype), req)
+
+    any_bad = jnp.any(jnp.stack([~f.all() for f, _, _ in pieces]))
+    return masked, jax.lax.cond(any_bad, unused, lambda req: req, requests)
+
+
+def _raise_if_nonfinite(paths: Sequence[str]) -> Any:
+    """The host check of ``nonfinite_gradients="raise"``: counts per feature path -> 0."""
+
+    def check(counts: Any) -> np.ndarray:
+        counts = np.asarray(counts)
+        if counts.any():
+            bad = ", ".join(
+                f"{p!r} ({int(n)} rows)" for p, n in zip(paths, counts, strict=True) if n
+            )
+            raise NonFiniteGradientError(
+                f"apply_gradients got gradient rows holding NaN or Inf for features {bad}; "
+                "fix the loss or model that produced them, or build the Embedding with "
+                "nonfinite_gradients='skip' to drop such rows (and count them)."
+            )
+        return np.zeros((), np.int32)
+
+    return check
+
+
+def _raising_eagerly(call: Any, args: tuple) -> Any:
+    """``call(*args)`` outside ``jit``, turning a failed host check into NonFiniteGradientError."""
+    try:
+        return jax.block_until_ready(call(*args))
+    except jax.errors.JaxRuntimeError as err:
+        marker = f"{NonFiniteGradientError.__name__}: "
+        if marker not in str(err):
+            raise
+        raise NonFiniteGradientError(str(err).rsplit(marker, 1)[1].strip()) from None
 
 
 def _physical_slots(layout: Layout, slots: Mapping[str, Any]) -> Any:

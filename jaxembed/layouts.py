@@ -55,7 +55,7 @@ from jax.sharding import PartitionSpec as P
 from jaxembed import _kernels
 from jaxembed.optimizers import Optimizer, Slots, apply_rows, apply_slot_gradients
 
-Part = tuple[Any, ...]  # one feature's slot cotangents: (cot, head, head_w, blocks, block_w)
+Part = tuple[Any, ...]  # slot cotangents: (cot, head, head_w, blocks, block_w)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,19 +217,22 @@ class Layout:
         slots: Slots,
         step: jax.Array,
         requests: jax.Array,
-        parts: list[Part],
+        parts: list[tuple[Part, ...]],
     ) -> tuple[jax.Array, Slots]:
         """The optimizer applied to the shard's touched rows.
 
-        ``parts``: one ``lookup.slot_cotangents`` tuple per feature of the array, pointing into
-        the ``fetched_rows`` rows. A row's gradient is the sum over every slot of every device
-        and replica that used it.
+        ``parts``: the ``lookup.slot_cotangents`` parts of each feature of the array, pointing
+        into the ``fetched_rows`` rows. A row's gradient is the sum over every slot of every
+        device and replica that used it.
         """
-        if self.num_shards * self.num_replicas == 1:  # one contributor: fused sum and update
-            return apply_slot_gradients(optimizer, shard, slots, requests.reshape(-1), parts, step)
+        flat = [part for feature in parts for part in feature]
+        if self.num_shards * self.num_replicas == 1:
+            # One contributor: the sum fused into the update when there is one part (a feature
+            # with overflow blocks has two, which take the unfused path).
+            return apply_slot_gradients(optimizer, shard, slots, requests.reshape(-1), flat, step)
         fetched = self.fetched_rows(requests.shape[-1])
         grads = jnp.zeros((fetched, self.dim), shard.dtype)
-        for cot, head, head_w, blocks, block_w in parts:
+        for cot, head, head_w, blocks, block_w in flat:
             grads = grads + _kernels.slot_grads(cot, head, head_w, blocks, block_w, fetched)
         ids, grads = self._to_owners(requests, grads)
         if self.num_replicas > 1:

@@ -13,15 +13,24 @@ blocks of 8, each summed left to right and added to the running total. For ragge
 weighted sparse inputs (``segment_sum``) the head is the whole row. For unweighted sparse inputs
 (``sparse_segment_sum``) the head has ``n mod 8`` entries (8 if that is 0, 9 if it is 1). Slots
 past the end of a row point at an all-zero row, and adding ``0.0`` changes nothing.
+
+Long rows. Head and blocks are ``[R, H]`` and ``[R, T, 8]`` arrays, so one long row would pad
+every row to its length. They hold at most ``row_slot_cap`` entries per row (64; more only when
+most rows are longer, up to twice the mean row length); a row's entries past the cap continue
+its sum as ``M`` *overflow* blocks (``M`` of the order of the ids, not of ``R`` x the longest
+row): block ``m`` (one entry for sequential rows, 8 for block-ordered ones) is summed left to
+right and added to the running total of row ``overflow_rows[m]``, blocks in order, after the
+head and the blocks. These are TF's additions in TF's order, so results stay bit-identical.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,13 +41,15 @@ from jaxembed.configs import FeatureConfig, TableConfig
 from jaxembed.inputs import Ragged, Sparse, is_traced
 
 _BLOCK = 8
+_SLOT_FIELDS = ("positions", "blocks", "overflow")  # LookupPlan fields holding slots
 
 
 @dataclasses.dataclass(frozen=True)
 class LookupPlan:
     """One feature's lookup as arrays with static shapes (a pytree; ``mode``/``shape`` static).
 
-    Shapes: N = rows gathered, R = output rows, H = head slots, T = tail blocks, L = positions.
+    Shapes: N = rows gathered, R = output rows, H = head slots, T = tail blocks, L = positions,
+    M = overflow blocks of ``w`` slots (1, or 8 in block order).
 
     Attributes:
         mode: ``"gather"`` (dense: one row per id), ``"combine"`` (one combined row per example)
@@ -53,6 +64,10 @@ class LookupPlan:
         block_weights: combine ``[R, T, 8]`` or None.
         scale: combine ``[R]`` factor applied after summing, or None.
         divisor: combine ``[R]`` divisor applied after ``scale`` (0 gives a zero row), or None.
+        overflow: combine ``[M, w]`` slots of the entries past ``row_slot_cap``, same encoding;
+            None when there are none (a planned host plan always has it, possibly ``[0, w]``).
+        overflow_weights: combine ``[M, w]`` or None (all 1).
+        overflow_rows: combine ``[M]`` output row of each overflow block, sorted (``R``: none).
     """
 
     mode: str
@@ -64,11 +79,30 @@ class LookupPlan:
     block_weights: Any = None
     scale: Any = None
     divisor: Any = None
+    overflow: Any = None
+    overflow_weights: Any = None
+    overflow_rows: Any = None
+
+    @property
+    def has_overflow(self) -> bool:
+        """Whether the plan has overflow blocks (static: decided by their shape)."""
+        return self.overflow is not None and self.overflow.shape[0] > 0
 
 
 jax.tree_util.register_dataclass(
     LookupPlan,
-    data_fields=["ids", "positions", "weights", "blocks", "block_weights", "scale", "divisor"],
+    data_fields=[
+        "ids",
+        "positions",
+        "weights",
+        "blocks",
+        "block_weights",
+        "scale",
+        "divisor",
+        "overflow",
+        "overflow_weights",
+        "overflow_rows",
+    ],
     meta_fields=["mode", "shape"],
 )
 
@@ -92,7 +126,13 @@ def _concrete(path: str, feature: FeatureConfig, kind: str, *arrays: Any) -> Non
         )
 
 
+_INT32_MAX = int(np.iinfo(np.int32).max)
+
+
 def _check_ids(path: str, feature: FeatureConfig, ids: np.ndarray, hint: str = "") -> np.ndarray:
+    """Host ids checked against ``[0, vocabulary_size)`` under ``feature.out_of_range``:
+    ``"error"`` raises, ``"clamp"`` clamps, ``"zero"`` marks them ``-1`` (dropped by
+    ``_drop_marked``)."""
     if not np.issubdtype(ids.dtype, np.integer) or ids.dtype == np.bool_:
         raise TypeError(
             f"Ids of {_name(path, feature)} must be integers (int32 or int64), got dtype "
@@ -100,14 +140,60 @@ def _check_ids(path: str, feature: FeatureConfig, ids: np.ndarray, hint: str = "
         )
     vocab = feature.table.vocabulary_size
     bad = (ids < 0) | (ids >= vocab)
-    if bad.any():
+    policy = feature.out_of_range
+    if bad.any() and policy == "error":
         first = int(ids[np.nonzero(bad)][0])
         fix = hint if first < 0 else "Map unknown ids to a valid row (e.g. an OOV row) first."
         raise ValueError(
             f"Id {first} of {_name(path, feature)} is out of range [0, {vocab}) for table "
-            f"{feature.table.name or '(unnamed)'!r} with vocabulary_size={vocab}. {fix}".rstrip()
+            f"{feature.table.name or '(unnamed)'!r} with vocabulary_size={vocab}. {fix} Or set "
+            "FeatureConfig(out_of_range='zero' or 'clamp') to read zeros or the nearest row."
         )
-    return ids.astype(np.int32 if vocab <= np.iinfo(np.int32).max else np.int64)
+    dtype = np.int32 if vocab <= _INT32_MAX else np.int64
+    if policy == "clamp":
+        return np.clip(ids, 0, vocab - 1).astype(dtype)
+    if policy == "zero":
+        return np.where(bad, -1, ids).astype(dtype)
+    return ids.astype(dtype)
+
+
+def _drop_marked(plan: LookupPlan) -> LookupPlan:
+    """``plan`` without its ids marked ``-1`` (``out_of_range="zero"``): their slots become
+    "no entry", so they read a zero row (still counted by the combiner) and get no gradient."""
+    ids = np.asarray(plan.ids)
+    keep = ids >= 0
+    if keep.all():
+        return plan
+    # Old slot i -> new slot; "no entry" (old len(ids)) and dropped ids -> new len(ids[keep]).
+    new = np.full(ids.shape[0] + 1, int(keep.sum()), np.int32)
+    new[np.nonzero(keep)[0]] = np.arange(int(keep.sum()), dtype=np.int32)
+    changes = {f: new[getattr(plan, f)] for f in _SLOT_FIELDS if getattr(plan, f) is not None}
+    return dataclasses.replace(plan, ids=ids[keep], **changes)
+
+
+def _traced_ids(path: str, feature: FeatureConfig, ids: jax.Array) -> jax.Array:
+    """Traced dense ids under ``feature.out_of_range``: ``"error"`` checks them when the program
+    runs (a host callback raises naming the feature and the id), ``"clamp"`` clamps; ids left
+    outside the table read a zero row."""
+    vocab = feature.table.vocabulary_size
+    if feature.out_of_range == "clamp":
+        return jnp.clip(ids, 0, vocab - 1)
+    if feature.out_of_range == "error":
+        bad = (ids < 0) | (ids >= vocab)
+        first = jnp.where(bad.any(), ids.reshape(-1)[jnp.argmax(bad.reshape(-1))], 0)
+        jax.debug.callback(functools.partial(_raise_traced, path, feature), bad.any(), first)
+    return ids
+
+
+def _raise_traced(path: str, feature: FeatureConfig, bad: Any, first: Any) -> None:
+    if bool(bad):
+        vocab = feature.table.vocabulary_size
+        raise ValueError(
+            f"Id {int(first)} of {_name(path, feature)} is out of range [0, {vocab}) (checked "
+            "inside jax.jit). Map unknown ids to a valid row first, or set "
+            "FeatureConfig(out_of_range='zero' or 'clamp'). With jax_enable_x64 off, JAX itself "
+            "wraps int64 ids >= 2**31 to int32 before jaxembed sees them: pass concrete ids."
+        )
 
 
 def _weights(path: str, feature: FeatureConfig, w: np.ndarray) -> np.ndarray:
@@ -125,36 +211,101 @@ _NEGATIVE_RAISES = (
 )
 
 
-def _slots(rows: np.ndarray, num_rows: int, block_order: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Places entries (already grouped by row, in summation order) into head and block slots."""
+MIN_ROW_SLOTS = 64  # entries per row a plan always holds in its head and blocks
+ROW_SLOTS_PER_MEAN = 2  # at most this many times the mean row length, if more
+LONG_ROW_SHARE = 8  # and no more than the length that all but 1 row in this many fit in
+
+
+def row_slot_cap(counts: np.ndarray) -> int:
+    """Entries per row a combined plan holds in its head and blocks (rows of ``counts``
+    entries); the rest of a row overflows.
+
+    ``MIN_ROW_SLOTS``, or if more, the smaller of ``ROW_SLOTS_PER_MEAN`` times the mean row
+    length and the length that all but ``len(counts) // LONG_ROW_SHARE`` rows fit in, then
+    ``slot_bucket``-ed. So the ``R`` rows take at most about ``max(64 R, 4 ids)`` slots, and a
+    few outliers do not widen every row.
+
+    Example:
+        >>> row_slot_cap(np.full(256, 20)), row_slot_cap(np.r_[np.full(255, 20), 20000])
+        (64, 64)
+        >>> row_slot_cap(np.r_[np.full(192, 20), np.full(64, 300)])
+        256
+    """
+    counts = np.asarray(counts)
+    if counts.size == 0:
+        return MIN_ROW_SLOTS
+    mean = -(-int(counts.sum()) // counts.size)
+    k = counts.size - 1 - counts.size // LONG_ROW_SHARE
+    fits = int(np.partition(counts, k)[k])
+    return slot_bucket(max(MIN_ROW_SLOTS, min(ROW_SLOTS_PER_MEAN * mean, fits)))
+
+
+class _Slots(NamedTuple):
+    """Where a combined plan's entries go (indices into the entries; ``n`` = no entry)."""
+
+    positions: np.ndarray  # [R, H] head slots
+    blocks: np.ndarray  # [R, T, 8] tail blocks
+    overflow: np.ndarray  # [M, w] overflow blocks: w = 8 in block order, else 1
+    overflow_rows: np.ndarray  # [M] the row of each overflow block (sorted)
+
+
+def _slots(rows: np.ndarray, num_rows: int, block_order: bool) -> _Slots:
+    """Places entries (already grouped by row, in summation order) into head and block slots,
+    at most ``row_slot_cap`` per row (a block-order head, at most 9, always fits); the entries
+    past that go, in order, to overflow blocks."""
     n = rows.shape[0]
     counts = np.bincount(rows, minlength=num_rows)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     k = np.arange(n) - starts[rows]  # position of each entry within its row
+    cap = row_slot_cap(counts)
     if block_order:
         head = counts % _BLOCK
         head = np.where(head == 0, _BLOCK, np.where(head == 1, _BLOCK + 1, head))
         head = np.minimum(head, counts)
+        tail_cap = cap // _BLOCK
     else:
-        head = counts
+        head, tail_cap = np.minimum(counts, cap), 0
+    rest = counts - head  # past the head: whole blocks of 8 in block order
     width = int(head.max(initial=0))
-    tail = int(((counts - head) // _BLOCK).max(initial=0))
+    tail = min(int(rest.max(initial=0)) // _BLOCK, tail_cap)
+    overflows = bool((rest > tail_cap * _BLOCK).any())
     positions = np.full((num_rows, width), n, np.int32)
     blocks = np.full((num_rows, tail, _BLOCK), n, np.int32)
-    in_head = k < head[rows]
-    positions[rows[in_head], k[in_head]] = np.nonzero(in_head)[0]
-    t = k[~in_head] - head[rows[~in_head]]
-    blocks[rows[~in_head], t // _BLOCK, t % _BLOCK] = np.nonzero(~in_head)[0]
-    return positions, blocks
+    past = np.zeros(0, np.int64)
+    if not tail and not overflows:  # every entry in its row's head
+        positions[rows, k] = np.arange(n)
+    else:
+        in_head = k < head[rows]
+        positions[rows[in_head], k[in_head]] = np.nonzero(in_head)[0]
+        after = np.nonzero(~in_head)[0]  # the entries past their row's head, in order
+        t = k[after] - head[rows[after]]  # position within the row's tail
+        if overflows:
+            fits = t < tail_cap * _BLOCK
+            after, t, past = after[fits], t[fits], after[~fits]
+        blocks[rows[after], t // _BLOCK, t % _BLOCK] = after
+    overflow = past.astype(np.int32).reshape(-1, _BLOCK if block_order else 1)
+    return _Slots(positions, blocks, overflow, rows[overflow[:, 0]].astype(np.int32))
 
 
 def _sequential_row_sums(rows: np.ndarray, values: np.ndarray, num_rows: int) -> np.ndarray:
     """Per-row float32 sums of ``values`` added strictly left to right (as TF's segment sums)."""
-    positions, _ = _slots(rows, num_rows, block_order=False)
-    padded = np.concatenate([values.astype(np.float32), np.zeros(1, np.float32)])[positions]
+    slots = _slots(rows, num_rows, block_order=False)
+    padded = np.concatenate([values.astype(np.float32), np.zeros(1, np.float32)])
     acc = np.zeros(num_rows, np.float32)
-    for j in range(padded.shape[1]):
-        acc = acc + padded[:, j]
+    for j in range(slots.positions.shape[1]):
+        acc = acc + padded[slots.positions[:, j]]
+    return _continue_sums(acc, padded[slots.overflow[:, 0]], slots.overflow_rows)
+
+
+def _continue_sums(acc: np.ndarray, values: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``acc`` with ``values[m]`` added to ``acc[rows[m]]`` (``rows`` sorted) in order of ``m``,
+    in float32: a sequential ``cumsum`` per row's run."""
+    if rows.size == 0:
+        return acc
+    starts = np.flatnonzero(np.diff(rows, prepend=-1))  # where each row's run begins
+    for lo, hi in zip(starts, np.append(starts[1:], rows.size), strict=True):
+        r = rows[lo]
+        acc[r] = np.cumsum(np.concatenate([acc[r : r + 1], values[lo:hi]]))[-1]
     return acc
 
 
@@ -173,11 +324,12 @@ def _combine_plan(
     summation order; ``1/n`` factors below 10 entries); otherwise the rules of ``segment_sum``
     and of the ragged reduction (sequential order, true division).
     """
-    positions, blocks = _slots(rows, num_rows, block_order=segment_kernel)
-    head_w = block_w = None
+    slots = _slots(rows, num_rows, block_order=segment_kernel)
+    head_w = block_w = overflow_w = None
     if weights is not None:
         padded = np.concatenate([weights.astype(np.float32), np.zeros(1, np.float32)])
-        head_w, block_w = padded[positions], padded[blocks]
+        head_w, block_w = padded[slots.positions], padded[slots.blocks]
+        overflow_w = padded[slots.overflow]
     scale = divisor = None
     if combiner != "sum":
         if weights is None:
@@ -195,7 +347,20 @@ def _combine_plan(
             scale, divisor = scale.astype(np.float32), divisor.astype(np.float32)
         else:
             divisor = denom.astype(np.float32)
-    return LookupPlan("combine", shape, ids, positions, head_w, blocks, block_w, scale, divisor)
+    return LookupPlan(
+        "combine",
+        shape,
+        ids,
+        slots.positions,
+        head_w,
+        slots.blocks,
+        block_w,
+        scale,
+        divisor,
+        slots.overflow,
+        overflow_w,
+        slots.overflow_rows,
+    )
 
 
 def _sequence_plan(
@@ -211,7 +376,7 @@ def _plan_dense(path, feature, ids) -> LookupPlan:
     if is_traced(ids):
         if not jnp.issubdtype(ids.dtype, jnp.integer):
             raise TypeError(f"Ids of {_name(path, feature)} must be integers, got {ids.dtype}.")
-        flat = ids.reshape(-1)
+        flat = _traced_ids(path, feature, ids.reshape(-1))
         return LookupPlan("gather", tuple(ids.shape), flat, jnp.arange(flat.shape[0]))
     ids = np.asarray(ids)
     checked = _check_ids(path, feature, ids.reshape(-1), _NEGATIVE_RAISES)
@@ -322,15 +487,24 @@ def _plan_ragged(path: str, feature: FeatureConfig, rg: Ragged, w: Ragged | None
     )
 
 
-def _is_dense(x: Any) -> bool:
+def is_dense_input(x: Any) -> bool:
+    """Whether an input leaf is a dense id array (not ``Sparse`` or ``Ragged``)."""
     return isinstance(x, (np.ndarray, np.generic, jax.Array))
 
 
 def plan_feature(path: str, inp: Any, weight: Any, feature: FeatureConfig) -> LookupPlan:
-    """Validates one feature's input (and weights) and plans its lookup, with TF's rules."""
+    """Validates one feature's input (and weights) and plans its lookup, with TF's rules and
+    the feature's ``out_of_range`` policy."""
+    plan = _plan_feature(path, inp, weight, feature)
+    if feature.out_of_range == "zero" and not is_traced(plan.ids):
+        return _drop_marked(plan)
+    return plan
+
+
+def _plan_feature(path: str, inp: Any, weight: Any, feature: FeatureConfig) -> LookupPlan:
     name = _name(path, feature)
     if weight is not None:
-        if _is_dense(inp):
+        if is_dense_input(inp):
             raise ValueError(f"Weight specified for {path}, but input is dense. ({name})")
         if type(weight) is not type(inp):
             raise ValueError(
@@ -343,7 +517,7 @@ def plan_feature(path: str, inp: Any, weight: Any, feature: FeatureConfig) -> Lo
                 f"Weight specified for {path}, but this is a sequence feature "
                 f"(max_sequence_length={feature.max_sequence_length}). Drop the weights of {name}."
             )
-    if _is_dense(inp):
+    if is_dense_input(inp):
         if feature.max_sequence_length > 0:
             raise ValueError(
                 f"Feature {path} is a sequence feature but a dense tensor was passed. Pass a "
@@ -394,11 +568,12 @@ def pad_axis(x: np.ndarray | None, axis: int, size: int, fill: float) -> np.ndar
 
 
 def remap_plan(
-    plan: LookupPlan, index: np.ndarray, capacity: int, head: int, tail: int
+    plan: LookupPlan, index: np.ndarray, capacity: int, head: int, tail: int, overflow: int = 0
 ) -> LookupPlan:
     """Points a plan's slots at gathered rows: ``plan.ids[i]`` is now row ``index[i]`` of an
-    array of ``capacity`` rows (``capacity`` = no entry); pads the head to ``head`` slots and the
-    tail to ``tail`` blocks."""
+    array of ``capacity`` rows (``capacity`` = no entry); pads the head to ``head`` slots, the
+    tail to ``tail`` blocks and the overflow to ``overflow`` blocks (0: the overflow fields
+    become None)."""
     lookup = np.concatenate([index, [capacity]]).astype(np.int32)
     changes: dict[str, Any] = {"ids": None, "positions": lookup[plan.positions]}
     if plan.mode == "combine":
@@ -406,7 +581,23 @@ def remap_plan(
         changes["weights"] = pad_axis(plan.weights, 1, head, 0.0)
         changes["blocks"] = pad_axis(lookup[plan.blocks], 1, tail, capacity)
         changes["block_weights"] = pad_axis(plan.block_weights, 1, tail, 0.0)
+        changes.update(_remap_overflow(plan, lookup, capacity, overflow))
     return dataclasses.replace(plan, **changes)
+
+
+def _remap_overflow(plan: LookupPlan, lookup: np.ndarray, capacity: int, size: int) -> dict:
+    """The overflow fields of ``remap_plan``: re-pointed and padded to ``size`` blocks (padding:
+    no entry, weight 0, row ``R``)."""
+    have = 0 if plan.overflow is None else plan.overflow.shape[0]
+    if have > size:
+        raise ValueError(f"Overflow capacity {size} is below the plan's {have} overflow blocks.")
+    if size == 0:
+        return {"overflow": None, "overflow_weights": None, "overflow_rows": None}
+    return {
+        "overflow": pad_axis(lookup[plan.overflow], 0, size, capacity),
+        "overflow_weights": pad_axis(plan.overflow_weights, 0, size, 0.0),
+        "overflow_rows": pad_axis(plan.overflow_rows, 0, size, math.prod(plan.shape)),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,23 +640,35 @@ def combine_rows(rows: jax.Array, plan: LookupPlan, ids: Any = None) -> jax.Arra
     sums = _kernels.slot_sums(
         rows, plan.positions, plan.weights, plan.blocks, plan.block_weights, ids=ids
     )
+    if plan.has_overflow:
+        sums = _kernels.overflow_sums(
+            sums, rows, plan.overflow, plan.overflow_weights, plan.overflow_rows, ids=ids
+        )
     return _finish(sums, plan)
 
 
-def slot_cotangents(plan: LookupPlan, cot: jax.Array) -> tuple[Any, ...]:
-    """``dL/d(activation)`` of ``plan`` as ``(cot, head, head_w, blocks, block_w)``: the row
-    gradient of gathered row ``p`` is the sum of ``(w *) cot[r]`` over the slots holding ``p``
-    (``_kernels.slot_grads``); sequence and dense positions are slots of their own."""
+def slot_cotangents(plan: LookupPlan, cot: jax.Array) -> tuple[tuple[Any, ...], ...]:
+    """``dL/d(activation)`` of ``plan`` as one or two parts ``(cot, head, head_w, blocks,
+    block_w)``: the row gradient of gathered row ``p`` is the sum, over the parts, of ``(w *)
+    cot[r]`` over the slots holding ``p`` (``_kernels.slot_grads``). Sequence and dense positions
+    are slots of their own; a plan's overflow blocks are a second part, each block a head of its
+    own with its row's cotangent."""
     dim = cot.shape[-1]
     if plan.mode != "combine":
         head = jnp.asarray(plan.positions).reshape(-1, 1)
         blocks = jnp.zeros((head.shape[0], 0, _BLOCK), jnp.int32)
-        return cot.reshape(-1, dim), head, None, blocks, None
+        return ((cot.reshape(-1, dim), head, None, blocks, None),)
     rows = math.prod(plan.shape)
     # _finish is linear in the sums: its VJP does not depend on their values.
     _, vjp = jax.vjp(lambda acc: _finish(acc, plan), jnp.zeros((rows, dim), cot.dtype))
     (cot_sums,) = vjp(cot)
-    return cot_sums, plan.positions, plan.weights, plan.blocks, plan.block_weights
+    main = (cot_sums, plan.positions, plan.weights, plan.blocks, plan.block_weights)
+    if not plan.has_overflow:
+        return (main,)
+    over_rows = jnp.asarray(plan.overflow_rows)
+    over_cot = jnp.take(cot_sums, over_rows, axis=0, mode="fill", fill_value=0)
+    no_blocks = jnp.zeros((over_rows.shape[0], 0, _BLOCK), jnp.int32)
+    return main, (over_cot, plan.overflow, plan.overflow_weights, no_blocks, None)
 
 
 def gather_rows(table: jax.Array, ids: Any) -> jax.Array:
@@ -474,12 +677,19 @@ def gather_rows(table: jax.Array, ids: Any) -> jax.Array:
     return _kernels.gather_rows(table, ids)
 
 
-@jax.jit
 def apply_plan(table: jax.Array, plan: LookupPlan) -> jax.Array:
     """Gathers and combines ``table`` rows as ``plan`` says; returns ``plan.shape + (dim,)``.
 
-    Compiled once per plan shape: one XLA program instead of one dispatch per operation.
+    Compiled once per plan shape: one XLA program instead of one dispatch per operation. An
+    empty overflow (``[0, w]``) is dropped first: without long rows, no overflow operands.
     """
+    if plan.overflow is not None and not plan.has_overflow:
+        plan = dataclasses.replace(plan, overflow=None, overflow_weights=None, overflow_rows=None)
+    return _apply_plan(table, plan)
+
+
+@jax.jit
+def _apply_plan(table: jax.Array, plan: LookupPlan) -> jax.Array:
     return combine_rows(table, plan, ids=plan.ids)
 
 
@@ -498,6 +708,12 @@ def _table_for(tables: Mapping, path: str, feature: FeatureConfig) -> jax.Array:
             "configs are matched by identity, so pass the same TableConfig objects."
         ) from None
     expected = (table_config.vocabulary_size, table_config.dim)
+    if table_config.vocabulary_size > _INT32_MAX - 1:
+        raise ValueError(
+            f"Table {table_config.name or '(unnamed)'!r} has {table_config.vocabulary_size} "
+            f"rows; je.embedding_lookup reads one array with int32 row numbers (at most "
+            f"{_INT32_MAX - 1} rows). Split larger tables over devices with je.Embedding."
+        )
     if tuple(np.shape(table)) != expected:
         raise ValueError(
             f"Table {table_config.name or '(unnamed)'!r} used by {_name(path, feature)} has shape "

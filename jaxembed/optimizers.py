@@ -31,9 +31,10 @@ None for an open side), ``slot_variable_creation_fn`` (``(table, slot_names, ini
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeGuard
 
 import jax
 import jax.numpy as jnp
@@ -52,8 +53,32 @@ def _flags(**on: bool) -> int:
     return sum(FLAGS[name] for name, value in on.items() if value)
 
 
-def _real(x: Any) -> bool:
+def _real(x: Any) -> TypeGuard[float]:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _finite(x: Any) -> bool:
+    """A real number (not a bool) that is neither NaN nor infinite."""
+    return _real(x) and math.isfinite(x)
+
+
+def _require(ok: bool, owner: str, arg: str, value: Any, valid: str) -> None:
+    """Raises ``ValueError`` naming the argument, its value and the valid range unless ``ok``."""
+    if not ok:
+        raise ValueError(f"{owner}: `{arg}` must be {valid}, got {value!r}.")
+
+
+def _require_bool(owner: str, arg: str, value: Any, optional: bool = False) -> None:
+    ok = isinstance(value, bool) or (optional and value is None)
+    _require(ok, owner, arg, value, "a bool (True or False)" + (" or None" if optional else ""))
+
+
+def _require_positive(owner: str, arg: str, value: Any, message: str | None = None) -> None:
+    """``value`` must be a finite float > 0 (``message``: TF's own wording, if it has one)."""
+    if not (_finite(value) and value > 0):
+        if message is not None:
+            raise ValueError(f"{owner}: {message} Received: {value!r}.")
+        _require(False, owner, arg, value, "a finite float > 0")
 
 
 class Optimizer:
@@ -79,6 +104,14 @@ class Optimizer:
 
     # -- validation shared by all TF optimizers (tf_semantics §3.1, §3.5) --
     def _validate_common(self) -> None:
+        """TF's checks of the common arguments, plus range checks TF leaves out.
+
+        TF accepts any learning rate, clip range and decay factor and fails (or trains to NaN)
+        later; these are checked here: a float learning rate must be finite and >= 0 (a
+        callable schedule is called at every step and not checked), clip bounds must not be
+        NaN or inverted, ``clipvalue`` as a scalar must be >= 0, ``weight_decay_factor`` must
+        be finite and >= 0, and the flags must be bools.
+        """
         name = type(self).__name__
         lr = self.learning_rate
         if not (_real(lr) or callable(lr)):
@@ -86,9 +119,17 @@ class Optimizer:
                 f"{name}: `learning_rate` must be a float or a callable schedule (e.g. "
                 f"optax.exponential_decay(...)), got {lr!r}."
             )
+        if _real(lr):
+            _require(_finite(lr) and lr >= 0, name, "learning_rate", lr, "a finite float >= 0")
         for arg in ("use_gradient_accumulation", "low_dimensional_packing_status"):
             if not isinstance(getattr(self, arg), bool):
                 raise ValueError(f"{name}: `{arg}` must be a bool, got {getattr(self, arg)!r}.")
+        _require_bool(
+            name,
+            "multiply_weight_decay_factor_by_learning_rate",
+            self.multiply_weight_decay_factor_by_learning_rate,
+            optional=True,
+        )
         clip = self.clipvalue
         if clip is not None:
             if isinstance(clip, tuple):
@@ -97,10 +138,27 @@ class Optimizer:
                         f"{name}: `clipvalue` as a tuple must be (min, max) with floats or None, "
                         f"got {clip!r}."
                     )
+                lo, hi = clip
+                _require(
+                    not any(c is not None and math.isnan(c) for c in clip)
+                    and (lo is None or hi is None or lo <= hi),
+                    name,
+                    "clipvalue",
+                    clip,
+                    "a gradient range (min, max) with min <= max, no NaN (None: open side)",
+                )
             elif not _real(clip):
                 raise ValueError(
                     f"{name}: `clipvalue` must be a float c (clip to [-c, c]) or a tuple "
                     f"(min, max) with None for an open side, got {clip!r}."
+                )
+            else:
+                _require(
+                    not math.isnan(clip) and clip >= 0,
+                    name,
+                    "clipvalue",
+                    clip,
+                    "a float c >= 0 (clip to [-c, c]); for another range pass (min, max)",
                 )
             if not self.use_gradient_accumulation:
                 raise ValueError(
@@ -111,6 +169,23 @@ class Optimizer:
             value = getattr(self, arg)
             if value is not None and not _real(value):
                 raise ValueError(f"{name}: `{arg}` must be a float or None, got {value!r}.")
+        for arg in ("clip_weight_min", "clip_weight_max"):
+            value = getattr(self, arg)
+            _require(value is None or not math.isnan(value), name, arg, value, "a float or None")
+        low, high = self.clip_weight_min, self.clip_weight_max
+        if low is not None and high is not None and low > high:
+            raise ValueError(
+                f"{name}: `clip_weight_min` ({low!r}) must be <= `clip_weight_max` ({high!r}); "
+                "swap them, or pass None for an open side."
+            )
+        decay = self.weight_decay_factor
+        _require(
+            decay is None or (_finite(decay) and decay >= 0),
+            name,
+            "weight_decay_factor",
+            decay,
+            "a finite float >= 0 or None",
+        )
         fn = getattr(self, "slot_variable_creation_fn", None)
         if fn is not None and not callable(fn):
             raise ValueError(
@@ -260,11 +335,12 @@ class Adagrad(Optimizer):
 
     def __post_init__(self) -> None:
         self._validate_common()
-        if not _real(self.initial_accumulator_value) or self.initial_accumulator_value <= 0:
-            raise ValueError(
-                "Adagrad: `initial_accumulator_value` must be a positive float, got "
-                f"{self.initial_accumulator_value!r}."
-            )
+        _require_positive(
+            "Adagrad",
+            "initial_accumulator_value",
+            self.initial_accumulator_value,
+            "Argument `initial_accumulator_value` must be a positive float.",
+        )
 
     def _initial_values(self):
         return {"accumulators": self.initial_accumulator_value}
@@ -310,17 +386,22 @@ class AdagradMomentum(Optimizer):
 
     def __post_init__(self) -> None:
         self._validate_common()
-        if not _real(self.epsilon) or self.epsilon <= 0:
+        name = "AdagradMomentum"
+        if not (_finite(self.epsilon) and self.epsilon > 0):
             raise ValueError(
                 f"Adagrad momentum: epsilon must be positive, got epsilon={self.epsilon!r}."
             )
-        if not _real(self.exponent) or self.exponent <= 0:
+        if not (_finite(self.exponent) and self.exponent > 0):
             raise ValueError(
                 f"Adagrad momentum: Precondition exponent must >0, got exponent={self.exponent!r}."
             )
-        for arg in ("momentum", "beta2"):
-            if not _real(getattr(self, arg)):
-                raise ValueError(f"AdagradMomentum: `{arg}` must be a float.")
+        m = self.momentum
+        _require(_real(m) and 0 <= m < 1, name, "momentum", m, "a float in [0, 1)")
+        b = self.beta2
+        _require(
+            _real(b) and 0 <= b <= 1, name, "beta2", b, "a float in [0, 1] (1: plain Adagrad sum)"
+        )
+        _require_bool(name, "use_nesterov", self.use_nesterov)
 
     def _initial_values(self):
         return {"accumulators": 0.0, "momenta": 0.0}
@@ -383,12 +464,16 @@ class Adam(Optimizer):
 
     def __post_init__(self) -> None:
         self._validate_common()
-        for arg in ("beta_1", "beta_2"):
+        for arg in ("beta_1", "beta_2"):  # TF's message (printing the right value, unlike TF)
             value = getattr(self, arg)
-            if not _real(value) or not 0.0 <= value < 1.0:
-                raise ValueError(f"Adam: `{arg}` must be in the range [0, 1), got {value!r}.")
-        if not _real(self.epsilon) or self.epsilon <= 0:
-            raise ValueError(f"Adam: `epsilon` must be positive, got {self.epsilon!r}.")
+            if not (_real(value) and 0.0 <= value < 1.0):
+                raise ValueError(
+                    f"Adam: Argument `{arg}` must be >= 0 and < 1. Received: {value!r}."
+                )
+        if not (_finite(self.epsilon) and self.epsilon > 0):
+            raise ValueError(f"Adam: epsilon must be positive; got {self.epsilon!r}.")
+        for arg in ("lazy_adam", "sum_inside_sqrt"):
+            _require_bool("Adam", arg, getattr(self, arg))
         if not self.lazy_adam and not self.use_gradient_accumulation:
             raise ValueError(
                 "Adam: when disabling lazy Adam (lazy_adam=False), gradient accumulation must be "
@@ -463,19 +548,37 @@ class FTRL(Optimizer):
 
     def __post_init__(self) -> None:
         self._validate_common()
-        if not _real(self.initial_accumulator_value) or self.initial_accumulator_value <= 0:
-            raise ValueError(
-                "FTRL: `initial_accumulator_value` must be a positive float, got "
-                f"{self.initial_accumulator_value!r}."
+        name = "FTRL"
+        _require_positive(
+            name,
+            "initial_accumulator_value",
+            self.initial_accumulator_value,
+            "Argument `initial_accumulator_value` must be a positive float.",
+        )
+        lr = self.learning_rate
+        if _real(lr) and not self.multiply_linear_by_learning_rate:
+            # The default update divides by the learning rate: 0 would give NaN linears.
+            _require(
+                lr > 0,
+                name,
+                "learning_rate",
+                lr,
+                "> 0 (FTRL divides by it; use multiply_linear_by_learning_rate=True for 0)",
             )
-        for arg in (
-            "learning_rate_power",
-            "l1_regularization_strength",
-            "l2_regularization_strength",
-            "beta",
-        ):
-            if not _real(getattr(self, arg)):
-                raise ValueError(f"FTRL: `{arg}` must be a float, got {getattr(self, arg)!r}.")
+        power = self.learning_rate_power
+        if not (_finite(power) and power <= 0):  # Keras's FTRL check and message
+            raise ValueError(
+                "FTRL: `learning_rate_power` needs to be negative or zero. Received: "
+                f"learning_rate_power={power!r}."
+            )
+        for arg in ("l1_regularization_strength", "l2_regularization_strength", "beta"):
+            value = getattr(self, arg)
+            if not (_finite(value) and value >= 0):
+                raise ValueError(
+                    f"FTRL: `{arg}` needs to be positive or zero. Received: {arg}={value!r}."
+                )
+        for arg in ("multiply_linear_by_learning_rate", "allow_zero_accumulator"):
+            _require_bool(name, arg, getattr(self, arg))
 
     def _initial_values(self):
         return {"accumulators": self.initial_accumulator_value, "linears": 0.0}
@@ -525,11 +628,19 @@ def _check_elementwise(tx: optax.GradientTransformation) -> None:
     rng = np.random.default_rng(0)
     params = jnp.asarray(rng.normal(size=(6, 3)), jnp.float32)
     grads = [jnp.asarray(10 * rng.normal(size=(6, 3)), jnp.float32) for _ in range(2)]
+    grads.insert(0, jnp.zeros((6, 3), jnp.float32))  # a row may first be touched with g = 0
     halves = (np.array([0, 2, 4]), np.array([1, 3, 5]))
     full_state = tx.init(params)
     half_states = [_rows_of(full_state, h) for h in halves]
     for g in grads:
         full, full_state = tx.update(g, full_state, params)
+        if not np.isfinite(np.asarray(full)).all():
+            raise ValueError(
+                "from_optax: this Optax transformation turns finite gradients (or a zero "
+                "gradient, which a touched row can get) into NaN or Inf updates; check its "
+                "hyperparameters (e.g. a NaN or infinite learning rate, eps=0) and pass finite "
+                "values."
+            )
         for i, h in enumerate(halves):
             part, half_states[i] = tx.update(g[h], half_states[i], params[h])
             if not np.allclose(np.asarray(part), np.asarray(full)[h], rtol=1e-5, atol=1e-6):
@@ -583,7 +694,8 @@ def from_optax(tx: optax.GradientTransformation) -> OptaxOptimizer:
     ``optax.adam`` becomes lazy Adam, with optax's bias correction).
 
     Raises:
-        ValueError: If ``tx`` is not elementwise (e.g. ``optax.clip_by_global_norm``).
+        ValueError: If ``tx`` is not elementwise (e.g. ``optax.clip_by_global_norm``), or if it
+            turns finite gradients into NaN or Inf updates (e.g. a NaN learning rate).
 
     Example:
         >>> import optax, jaxembed as je

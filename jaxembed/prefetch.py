@@ -12,10 +12,29 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from jaxembed import _nest
 from jaxembed.batch import Batch
 from jaxembed.embedding import Embedding
 
 _DONE = object()
+
+
+def _is_inputs(x: Any, feature_paths: frozenset[str]) -> bool:
+    """Whether ``x`` is structured like inputs: every leaf path is a feature path."""
+    return all(path in feature_paths for path, _ in _nest.flatten_with_paths(x))
+
+
+def _split_example(item: Any, feature_paths: frozenset[str]) -> tuple[Any, Any]:
+    """``(inputs, weights)`` of one item of ``prefetch``'s ``examples``.
+
+    An item is an ``(inputs, weights)`` pair when it is a 2-tuple whose first element is
+    structured like inputs (its leaf paths are feature paths); anything else is the inputs
+    alone. So inputs that are themselves tuples, lists or namedtuples (for a feature_config of
+    that structure) may be given bare; an item that fits both readings is read as a pair.
+    """
+    if isinstance(item, tuple) and len(item) == 2 and _is_inputs(item[0], feature_paths):
+        return item[0], item[1]
+    return item, None
 
 
 def prefetch(emb: Embedding, examples: Iterable[Any], buffer_size: int = 2) -> Iterator[Batch]:
@@ -23,7 +42,9 @@ def prefetch(emb: Embedding, examples: Iterable[Any], buffer_size: int = 2) -> I
 
     Args:
         emb: the ``Embedding`` whose ``preprocess`` builds the batches.
-        examples: an iterable of ``inputs`` or ``(inputs, weights)`` pairs.
+        examples: an iterable of ``inputs`` or ``(inputs, weights)`` pairs; inputs have the
+            structure of ``emb``'s feature_config (any nesting of dicts, lists, tuples and
+            namedtuples), see ``_split_example``.
         buffer_size: how many batches to prepare ahead (>= 1).
 
     Errors raised while preprocessing (e.g. an out-of-range id) are raised by the iterator at
@@ -41,6 +62,7 @@ def prefetch(emb: Embedding, examples: Iterable[Any], buffer_size: int = 2) -> I
         raise ValueError(f"buffer_size must be >= 1, got {buffer_size}.")
     ready: queue.Queue = queue.Queue(maxsize=buffer_size)
     stop = threading.Event()
+    feature_paths = frozenset(path for path, _ in _nest.flatten_with_paths(emb.feature_config))
 
     def put(item: Any) -> bool:
         while not stop.is_set():
@@ -54,7 +76,7 @@ def prefetch(emb: Embedding, examples: Iterable[Any], buffer_size: int = 2) -> I
     def work() -> None:
         try:
             for item in examples:
-                inputs, weights = item if isinstance(item, tuple) else (item, None)
+                inputs, weights = _split_example(item, feature_paths)
                 if not put(emb.preprocess(inputs, weights)):
                     return
         except BaseException as e:  # handed to the consumer, raised there

@@ -214,9 +214,30 @@ def plan_sharding(
     order = list(tables.values())
     placements = {t.name: t for layout in layouts.values() for t in layout.tables}
     unique = list({id(layouts[name]): layouts[name] for name in order}.values())
+    for placed in unique:
+        _check_row_limit(placed, axes, n)
     return ShardingPlan(
         tuple(sizes.items()), axes, tuple(placements[name] for name in order), tuple(unique)
     )
+
+
+MAX_ROWS_PER_DEVICE = 2**31 - 2
+"""Rows one device may hold of an array: device-side row numbers are int32, and the padding
+row number (the row count) must fit too. Tables may be larger in total when split over
+devices: the host routes int64 ids to (device, local row)."""
+
+
+def _check_row_limit(layout: Layout, axes: tuple[str, ...], devices: int) -> None:
+    rows = layout.shard_shape[0]
+    if rows > MAX_ROWS_PER_DEVICE:
+        names = ", ".join(repr(t.name) for t in layout.tables)
+        need = ceil_div(sum(t.vocabulary_size for t in layout.tables), MAX_ROWS_PER_DEVICE)
+        raise ValueError(
+            f"Table(s) {names} would put {rows} rows on one device ({layout.strategy}-wise over "
+            f"{devices} device(s) of axes {axes}), over the limit of {MAX_ROWS_PER_DEVICE} rows "
+            f"per device (int32 row numbers). Shard it row-wise over at least {need} devices "
+            "(sharding={name: 'row'}, a larger mesh or table_axes)."
+        )
 
 
 def _hashable(optimizer: Any) -> Any:

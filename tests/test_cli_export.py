@@ -117,7 +117,7 @@ def test_export_command_errors(checkpoint, tmp_path, capsys):
     directory, *_ = checkpoint
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["export", str(tmp_path / "missing"), str(tmp_path / "out")])
-    assert exit_info.value.code == 1
+    assert exit_info.value.code == 2  # a user error: one line, exit status 2
     assert "jaxembed export: error" in capsys.readouterr().err
     cli.main(["export", str(directory), str(tmp_path / "out")])
     with pytest.raises(SystemExit):

@@ -471,8 +471,10 @@ def test_none_gradient_leaf_leaves_sgd_rows_unchanged():
 # Compilation: one per size bucket
 
 
-def _bucket_batch(rng, distinct: int, max_len: int, batch: int = 8, vocab: int = 64):
-    lengths = rng.integers(4, max_len + 1, batch)
+def _bucket_batch(
+    rng, distinct: int, max_len: int, batch: int = 8, vocab: int = 64, min_len: int = 4
+):
+    lengths = rng.integers(min_len, max_len + 1, batch)
     lengths[rng.integers(batch)] = max_len
     pool = rng.choice(vocab, size=distinct, replace=False)
     ids = np.r_[pool, rng.choice(pool, size=int(lengths.sum()) - distinct)]
@@ -484,7 +486,7 @@ def _bucket_batch(rng, distinct: int, max_len: int, batch: int = 8, vocab: int =
 
 
 def test_jitted_train_step_compiles_once_per_bucket():
-    table = je.TableConfig(64, 4, np_init(scale=0.5), combiner="mean", name="items")
+    table = je.TableConfig(128, 4, np_init(scale=0.5), combiner="mean", name="items")
     fc = {"items": je.FeatureConfig(table), "cand": je.FeatureConfig(table)}
     emb = je.Embedding(fc, jeo.Adagrad(0.1))
     traces = []
@@ -502,7 +504,7 @@ def test_jitted_train_step_compiles_once_per_bucket():
 
     rng = np.random.default_rng(0)
     state = emb.init(jax.random.key(0))
-    # 5 batches: distinct ids in (16, 32] -> capacity 32; longest row in (4, 8] -> width 8.
+    # 5 batches: distinct ids <= 64 -> capacity 64 (the minimum); longest row in (4, 8] -> width 8.
     for distinct, max_len in [(17, 5), (32, 8), (20, 6), (25, 7), (30, 8)]:
         inputs = _bucket_batch(rng, distinct, max_len)
         state, loss = train_step(state, emb.preprocess(inputs))
@@ -510,8 +512,9 @@ def test_jitted_train_step_compiles_once_per_bucket():
     assert len(traces) == 1
     assert train_step._cache_size() == 1
     assert int(state.step) == 5
-    # Another bucket (more distinct ids) compiles again, and so does a longer row.
-    state, _ = train_step(state, emb.preprocess(_bucket_batch(rng, 40, 8)))
+    # Another bucket (more distinct ids, longer rows) compiles again; so does one with the
+    # longer rows but fewer distinct ids.
+    state, _ = train_step(state, emb.preprocess(_bucket_batch(rng, 70, 12, vocab=128, min_len=12)))
     assert len(traces) == 2
     state, _ = train_step(state, emb.preprocess(_bucket_batch(rng, 20, 12)))
     assert len(traces) == 3

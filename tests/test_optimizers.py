@@ -188,12 +188,8 @@ def test_tf_raises_value_error_for_the_same_arguments(case):
 
 
 ACCEPTED = {
-    # TF checks neither learning_rate_power nor l1/l2 nor momentum/beta2.
-    "ftrl_unchecked_args": lambda m: m.FTRL(
-        0.1, learning_rate_power=0.5, l1_regularization_strength=-1.0
-    ),
-    "adagrad_momentum_unchecked_args": lambda m: m.AdagradMomentum(0.1, momentum=-0.5, beta2=0.5),
-    "negative_clipvalue": lambda m: m.SGD(0.1, clipvalue=-1.0),  # an inverted range (TF)
+    # TF leaves learning_rate_power, l1/l2, momentum and negative clipvalues unchecked; jaxembed
+    # rejects them (tests/test_guards.py). These are accepted by both.
     "lazy_adam_without_accumulation": lambda m: m.Adam(0.1, use_gradient_accumulation=False),
     "adam_zero_betas": lambda m: m.Adam(0.1, beta_1=0.0, beta_2=0.0),
     "integer_learning_rate": lambda m: m.Adagrad(1),

@@ -57,9 +57,10 @@ def test_contract_signatures():
         "mesh",
         "sharding",
         "table_axes",
+        "nonfinite_gradients",
     ]
     assert _params(je.embedding_lookup) == ["inputs", "weights", "tables", "feature_config"]
-    assert _params(je.Embedding.preprocess) == ["self", "inputs", "weights"]
+    assert _params(je.Embedding.preprocess) == ["self", "inputs", "weights", "batch_size"]
     assert _params(je.Embedding.lookup) == ["self", "state", "batch"]
     assert _params(je.Embedding.apply_gradients) == ["self", "state", "batch", "grads"]
     assert _params(je.checkpoint.save) == ["directory", "emb", "state", "step"]

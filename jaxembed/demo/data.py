@@ -130,7 +130,12 @@ def synthetic(
 
 
 def _read_csv(path: Path, usecols: tuple[int, ...], dtype) -> np.ndarray:
-    return np.loadtxt(path, delimiter=",", skiprows=1, usecols=usecols, dtype=dtype, ndmin=2)
+    try:
+        return np.loadtxt(path, delimiter=",", skiprows=1, usecols=usecols, dtype=dtype, ndmin=2)
+    except ValueError as e:
+        raise ValueError(
+            f"{path} is not a MovieLens CSV file ({e}); give ml-latest-small's file."
+        ) from e
 
 
 def movielens(path: str | os.PathLike, *, history_length: int = 8) -> ClickLog:
@@ -142,6 +147,7 @@ def movielens(path: str | os.PathLike, *, history_length: int = 8) -> ClickLog:
 
     Raises:
         FileNotFoundError: ``path`` lacks ``ratings.csv`` or ``movies.csv``.
+        ValueError: a file is not in MovieLens' format, or rates a movie ``movies.csv`` lacks.
     """
     path = Path(path)
     for name in ("ratings.csv", "movies.csv"):
@@ -152,6 +158,8 @@ def movielens(path: str | os.PathLike, *, history_length: int = 8) -> ClickLog:
                 "movies.csv."
             )
     ratings = _read_csv(path / "ratings.csv", (0, 1, 2, 3), np.float64)
+    if not len(ratings):
+        raise ValueError(f"{path / 'ratings.csv'} holds no ratings; give ml-latest-small's file.")
     raw_user, raw_movie = ratings[:, 0].astype(np.int64), ratings[:, 1].astype(np.int64)
     rating, time = ratings[:, 2], ratings[:, 3]
     movie_ids, genres = _movie_genres(path / "movies.csv")
@@ -160,6 +168,12 @@ def movielens(path: str | os.PathLike, *, history_length: int = 8) -> ClickLog:
 
     users, user = np.unique(raw_user, return_inverse=True)
     item_of_movie = {m: i for i, m in enumerate(movie_ids)}
+    unknown = sorted(set(raw_movie.tolist()) - item_of_movie.keys())
+    if unknown:
+        raise ValueError(
+            f"{path / 'ratings.csv'} rates movies {unknown[:5]} that {path / 'movies.csv'} does "
+            "not list; give the two files of one MovieLens release."
+        )
     item = np.array([item_of_movie[m] for m in raw_movie], np.int64)
 
     # Order by (user, time) to read each user's previous movies, then restore the file order.
@@ -192,8 +206,15 @@ def _movie_genres(path: Path) -> tuple[np.ndarray, list[list[str]]]:
     ids, genres = [], []
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.reader(f)
-        next(reader)
-        for movie_id, _title, genre_field in reader:
-            ids.append(int(movie_id))
+        next(reader, None)
+        for row in reader:
+            try:
+                movie_id, _title, genre_field = row
+                ids.append(int(movie_id))
+            except ValueError as e:
+                raise ValueError(
+                    f"{path} line {reader.line_num} is not 'movieId,title,genres' ({e}); give "
+                    "ml-latest-small's movies.csv."
+                ) from e
             genres.append(genre_field.split("|"))
     return np.array(ids, np.int64), genres

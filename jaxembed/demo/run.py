@@ -10,7 +10,6 @@ shard served. Everything lands in ``DIR``; ``DIR/demo.log`` has the report.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import tempfile
@@ -27,28 +26,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import jaxembed as je
 from jaxembed.demo import data, model
+from jaxembed.demo.config import (
+    LOG_HEADER,
+    DemoConfig,
+    check_data,
+    check_devices,
+    check_options,
+    check_previous_run,
+    clear_previous_run,
+)
 
-
-@dataclasses.dataclass(frozen=True)
-class DemoConfig:
-    """Sizes and knobs of the demo (the CLI's options)."""
-
-    out: Path = Path("out")
-    steps: int = 800
-    batch_size: int = 1024
-    examples: int = 400_000
-    users: int = 20_000
-    items: int = 10_000
-    categories: int = 100
-    dim: int = 16
-    history_length: int = 8
-    embedding_learning_rate: float = 0.1
-    dense_learning_rate: float = 1e-3
-    eval_every: int = 50
-    eval_examples: int = 8192
-    parity_examples: int = 512
-    movielens: Path | None = None
-    seed: int = 0
+__all__ = ["DemoConfig", "run"]
 
 
 def _write_atomic(path: Path, data_bytes: bytes) -> None:
@@ -153,17 +141,35 @@ def _train_step(emb: je.Embedding, tx: optax.GradientTransformation):
 
 
 def run(config: DemoConfig, console: Console | None = None) -> dict[str, Any]:
-    """Runs the demo; returns the summary it also writes to ``out/metrics.json``."""
+    """Runs the demo; returns the summary it also writes to ``out/metrics.json``.
+
+    Every option is checked before anything is written (``jaxembed.demo.config``). An ``out``
+    that holds a previous run is refused unless ``config.overwrite``, which deletes only the
+    previous run's demo outputs, after the checks pass, and says so in the log.
+
+    Raises:
+        ValueError, TypeError, FileExistsError, NotADirectoryError, FileNotFoundError: a bad
+            option, naming it, the offending value and the fix.
+    """
+    check_options(config)
+    previous = check_previous_run(config)
     console = console or Console(record=True, soft_wrap=True)
     out = Path(config.out)
     started = time.perf_counter()
-    train, test, dataset = _load(config)
     devices = jax.devices()
+    check_devices(config, len(devices))
+    train, test, dataset = _load(config)
+    check_data(config, len(devices), len(train), len(test))
     mesh = jax.make_mesh((len(devices),), ("x",))
-    batch_size = config.batch_size - config.batch_size % len(devices)
+    batch_size = config.batch_size
+    console.print(f"[bold]{LOG_HEADER}[/bold]: writing to {out}")
+    if previous:
+        console.print(clear_previous_run(out, previous))
+    # demo.log from the start: it marks ``out`` as the demo's even if this run is interrupted
+    _write_atomic(out / "demo.log", console.export_text(clear=False).encode())
     console.print(
-        f"[bold]jaxembed demo[/bold]: {dataset}, {len(train):,} training / {len(test):,} test "
-        f"impressions; vocabularies {train.vocab}"
+        f"{dataset}: {len(train):,} training / {len(test):,} test impressions; vocabularies "
+        f"{train.vocab}"
     )
     console.print(f"{len(devices)} {devices[0].platform.upper()} devices; batch {batch_size}")
     if devices[0].platform == "cpu":
@@ -274,7 +280,8 @@ def _export_and_compare(config, emb, state, params, test, out: Path, console: Co
     from jaxembed.export import _serve_worker
 
     host_params = jax.tree.map(np.asarray, params)
-    options = export.ExportOptions(version=1, weighted=["categories"], overwrite=True)
+    # out/saved_model/1 is new: a previous run's was refused or deleted by ``run``
+    options = export.ExportOptions(version=1, weighted=["categories"])
     started = time.perf_counter()
     path = export.save_serving_model(
         out / "saved_model", emb, state, model.predict, host_params, options=options
