@@ -203,7 +203,13 @@ def answer_locally(model_dir: str | Path, body: dict[str, Any]) -> dict[str, Any
     tensors = {}
     for key, spec in specs.items():
         value = _decode_strings(inputs[key]) if spec.dtype == tf.string else inputs[key]
-        tensors[key] = tf.constant(value, dtype=spec.dtype)
+        try:
+            tensors[key] = tf.constant(value, dtype=spec.dtype)
+        except (TypeError, ValueError) as err:
+            raise TypeError(
+                f"Input {key!r} of signature {name!r} must be a list of {spec.dtype.name} values "
+                f"(got {str(value)[:60]}): {err}"
+            ) from None
     return rest_response({k: v.numpy() for k, v in signature(**tensors).items()})
 
 

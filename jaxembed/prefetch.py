@@ -37,7 +37,13 @@ def _split_example(item: Any, feature_paths: frozenset[str]) -> tuple[Any, Any]:
     return item, None
 
 
-def prefetch(emb: Embedding, examples: Iterable[Any], buffer_size: int = 2) -> Iterator[Batch]:
+def prefetch(
+    emb: Embedding,
+    examples: Iterable[Any],
+    buffer_size: int = 2,
+    *,
+    batch_size: int | str | None = None,
+) -> Iterator[Batch]:
     """Yields ``emb.preprocess(...)`` of each item of ``examples``, prepared ahead in a thread.
 
     Args:
@@ -46,6 +52,8 @@ def prefetch(emb: Embedding, examples: Iterable[Any], buffer_size: int = 2) -> I
             structure of ``emb``'s feature_config (any nesting of dicts, lists, tuples and
             namedtuples), see ``_split_example``.
         buffer_size: how many batches to prepare ahead (>= 1).
+        batch_size: passed to ``emb.preprocess`` (None, an int, or ``"bucket"`` to pad every
+            batch to a power of two examples per device).
 
     Errors raised while preprocessing (e.g. an out-of-range id) are raised by the iterator at
     the batch that caused them. Leaving the loop early stops the thread.
@@ -77,7 +85,7 @@ def prefetch(emb: Embedding, examples: Iterable[Any], buffer_size: int = 2) -> I
         try:
             for item in examples:
                 inputs, weights = _split_example(item, feature_paths)
-                if not put(emb.preprocess(inputs, weights)):
+                if not put(emb.preprocess(inputs, weights, batch_size=batch_size)):
                     return
         except BaseException as e:  # handed to the consumer, raised there
             put(e)

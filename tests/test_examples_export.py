@@ -249,3 +249,10 @@ def test_migrate_from_tf(tmp_path):
         assert figures[key] == 0.0, key
     assert figures["saved_model_vs_jax"] <= 1e-6
     assert (tmp_path / "serving" / "1" / "saved_model.pb").exists()
+
+
+def test_answer_locally_names_an_input_of_the_wrong_type(client, exported):
+    body = client.request_body(exported["base"], N, seed=3)
+    body["inputs"]["user_ids"] = [0.5] * len(body["inputs"]["user_ids"])
+    with pytest.raises(TypeError, match=r"Input 'user_ids' of signature 'serving_default'.*int64"):
+        client.answer_locally(exported["base"], body)

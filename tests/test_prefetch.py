@@ -88,3 +88,11 @@ def test_prefetch_prepares_ahead_and_stops_when_the_loop_ends_early():
 def test_prefetch_rejects_a_bad_buffer_size():
     with pytest.raises(ValueError, match="buffer_size"):
         next(je.prefetch(_emb(), _examples(1), buffer_size=0))
+
+
+def test_prefetch_pads_batches_to_buckets():
+    table = je.TableConfig(10, 4, combiner="sum", name="items")
+    emb = je.Embedding({"items": je.FeatureConfig(table)})
+    data = [{"items": je.Ragged.from_row_lengths(np.arange(n) % 10, [1] * n)} for n in (3, 5, 9)]
+    shapes = [b.plans[0].positions.shape[1] for b in je.prefetch(emb, data, batch_size="bucket")]
+    assert shapes == [8, 8, 16]
