@@ -195,12 +195,11 @@ def preprocess(
     local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     leaves = flatten_features(inputs, weights, feature_config)
     given = [_examples(path, inp) for path, inp, _, _ in leaves]
-    sizes = _global_max(
-        [
-            padded_size(p, n, batch_size, len(local))
-            for (p, *_), n in zip(leaves, given, strict=True)
-        ]
-    )
+    sizes = [
+        padded_size(p, n, batch_size, len(local)) for (p, *_), n in zip(leaves, given, strict=True)
+    ]
+    if batch_size is not None:  # padded shapes must agree across processes
+        sizes = _global_max(sizes)
     per_device: list[dict[str, LookupPlan]] = [{} for _ in local]
     for (path, inp, weight, feature), n, size in zip(leaves, given, sizes, strict=True):
         if size != n and feature.output_shape is not None and isinstance(inp, Ragged):
