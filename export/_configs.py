@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from jaxembed import _nest
-from jaxembed.configs import FeatureConfig, TableConfig
+from jaxembed.configs import FeatureConfig, QuantizationConfig, TableConfig
 from jaxembed.embedding import Embedding, EmbeddingState
 from jaxembed.optimizers import OptaxOptimizer, Optimizer
 
@@ -47,8 +47,17 @@ def _tf_initializer(table: TableConfig) -> Any:
     return init
 
 
+def tf_quantization_config(config: QuantizationConfig | None) -> Any:
+    """TF's ``QuantizationConfig`` with the same ``num_buckets``, ``lower`` and ``upper`` (or
+    None)."""
+    if config is None:
+        return None
+    return _TF.QuantizationConfig(config.num_buckets, config.lower, config.upper)
+
+
 def tf_table_configs(emb: Embedding, step: int = 0) -> dict[str, Any]:
-    """``{table name: tf TableConfig}`` in ``emb``'s table order, each with its optimizer."""
+    """``{table name: tf TableConfig}`` in ``emb``'s table order, each with its optimizer and
+    quantization config."""
     return {
         name: _TF.TableConfig(
             vocabulary_size=table.vocabulary_size,
@@ -57,6 +66,7 @@ def tf_table_configs(emb: Embedding, step: int = 0) -> dict[str, Any]:
             optimizer=tf_optimizer(emb.optimizers[name], step),
             combiner=table.combiner,
             name=name,
+            quantization_config=tf_quantization_config(table.quantization_config),
         )
         for table, name in emb.table_names.items()
     }
@@ -90,6 +100,9 @@ def to_tf(emb: Embedding, state: EmbeddingState) -> tuple[dict[Any, tf.Variable]
     TF's own ``serving_embedding_lookup`` then runs on them unchanged and gives the same
     activations as ``je.embedding_lookup`` (bit for bit for dense and ragged inputs). Each
     variable is named after its table (``"items:0"``), like ``TPUEmbeddingForServing``'s.
+    A table's ``quantization_config`` becomes TF's ``QuantizationConfig`` (used by TF's TPU
+    embedding); TF's CPU ``serving_embedding_lookup`` ignores it, so for such tables it returns
+    unquantized rows where ``je.embedding_lookup`` quantizes them.
 
     Example:
         >>> import jax, tensorflow as tf, jaxembed as je

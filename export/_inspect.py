@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -29,7 +30,9 @@ def _spec(spec) -> dict:
 
 
 def describe_saved_model(path: str | os.PathLike) -> dict:
-    """Signatures (inputs and outputs with dtype and shape), variables, and jaxembed's configs.
+    """Signatures (inputs and outputs with dtype and shape), variables, the serving tables
+    (stored dtype, shape and bytes, the float32 bytes they replace, quantization and its largest
+    error), and jaxembed's configs.
 
     Raises:
         ValueError: a file of the SavedModel is damaged (``saved_model.pb``, the variables or
@@ -39,11 +42,13 @@ def describe_saved_model(path: str | os.PathLike) -> dict:
     fix = "re-export it (jaxembed export CKPT OUT --overwrite) or restore it from a backup"
     try:
         loaded = tf.saved_model.load(str(path))
+        prefix = str(path / "variables" / "variables")
         variables = {
             name: shape
-            for name, shape in tf.train.list_variables(str(path / "variables" / "variables"))
+            for name, shape in tf.train.list_variables(prefix)
             if not name.startswith("_CHECKPOINTABLE_OBJECT_GRAPH")
         }
+        dtypes = tf.train.load_checkpoint(prefix).get_variable_to_dtype_map()
     except _READ_ERRORS as e:
         raise _unreadable(path, "SavedModel", fix, e) from e
     signatures = {}
@@ -63,8 +68,40 @@ def describe_saved_model(path: str | os.PathLike) -> dict:
         "path": str(path),
         "signatures": signatures,
         "variables": variables,
+        "tables": _tables(variables, dtypes, metadata),
         "jaxembed": metadata,
     }
+
+
+def _table_key(name: str) -> str:
+    """The checkpoint key of table ``name`` (TF escapes ``.`` as ``..`` and ``/`` as ``.S``)."""
+    escaped = name.replace(".", "..").replace("/", ".S")
+    return f"tables/{escaped}/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def _tables(variables: dict, dtypes: dict, metadata: dict | None) -> dict:
+    """Per serving table: the stored dtype, shape and bytes (read from the variables), the
+    float32 bytes it replaces, its quantization and the quantization's largest error (from
+    jaxembed's metadata; a SavedModel written before quantization existed holds float32)."""
+    recorded = (metadata or {}).get("tables") or {}
+    names = [t["name"] for t in (metadata or {}).get("config", {}).get("tables", [])]
+    out = {}
+    for name in names or recorded:
+        key = _table_key(name)
+        if key not in variables:
+            continue
+        shape, dtype = variables[key], dtypes[key]
+        nbytes = math.prod(shape) * dtype.size
+        info = recorded.get(name, {})
+        out[name] = {
+            "dtype": dtype.name,
+            "shape": shape,
+            "bytes": nbytes,
+            "float32_bytes": info.get("float32_bytes", nbytes if dtype == tf.float32 else None),
+            "quantization": info.get("quantization"),
+            "max_abs_error": info.get("max_abs_error", 0.0),
+        }
+    return out
 
 
 def describe_tf_checkpoint(path: str | os.PathLike) -> dict:

@@ -12,17 +12,32 @@ that CPU TensorFlow Serving runs: no ``XlaCallModule``, no ``Xla*`` ops. The par
 small. Shapes that contain the symbolic batch dimension are evaluated at run time from
 ``tf.shape`` of the first activation.
 
+Control flow compiles its bodies the same way (loop-invariant constants fold inside them): ``scan``
+(and ``fori_loop`` with a static trip count) and ``while`` (``fori_loop`` with a dynamic one)
+become ``tf.while_loop``, ``cond``/``switch`` on a run-time index ``tf.switch_case`` (a known index
+inlines its branch). PRNG keys (``key<fry>`` values, e.g. the constant key in the jaxpr of a Flax
+``nn.RNN``) are folded by JAX at export; a key computed from the model's inputs (e.g.
+``random.fold_in(key, ids)``) is its uint32 key data in TF, and the ``random_*`` primitives on it
+run JAX's own threefry implementation, traced to a jaxpr and translated (other ops on such keys,
+e.g. indexing the result of a split, are refused). ``sort`` (any number of operands and keys,
+stable), ``scatter*``, ``conv_general_dilated`` and the total-order comparisons of ``searchsorted``
+have rules of their own. ``UnsupportedPrimitiveError`` names the primitive, the model's line and a
+workaround.
+
 Semantics follow XLA's where TF differs: integer division truncates (x / 0 == -1, x % 0 == x),
 gather and dynamic_slice clamp their start indices, FILL_OR_DROP gathers are masked with the fill
-value. Transcendental functions, rsqrt and 1 / x (which TF's graph optimizer turns into
-Reciprocal) may differ from XLA in the last bits; so may float32 matmuls and sums (summation
-order) and anything XLA fuses into FMAs. Float-to-int conversion of NaN or out-of-range values
-and argmax/argmin over NaNs follow TF.
+value, FILL_OR_DROP scatters drop the updates of out-of-bounds windows, sort orders floats as
+lax.sort does (-0.0 == 0.0, NaNs last). Transcendental functions, rsqrt and 1 / x (which TF's graph
+optimizer turns into Reciprocal) may differ from XLA in the last bits; so may float32 matmuls and
+sums (summation order) and anything XLA fuses into FMAs. Float-to-int conversion of NaN or
+out-of-range values and argmax/argmin over NaNs follow TF.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
 import re
 import string
 from collections.abc import Callable, Sequence
@@ -32,6 +47,7 @@ from typing import Any
 import jax
 import jax.extend.core as jex
 import numpy as np
+from jax._src import source_info_util  # user_frames: the model's line in errors
 
 from ._tf import tf
 
@@ -43,17 +59,87 @@ _DimExpr = type(jax.export.symbolic_shape(_BATCH)[0])
 
 
 class UnsupportedPrimitiveError(ValueError):
-    """A primitive of the model's jaxpr (or one of its configurations) has no TF translation."""
+    """A primitive of the model's jaxpr (or one of its configurations) has no TF translation.
 
-    def __init__(self, primitive: str, reason: str = ""):
+    The message names the primitive, the model's line that produced it (``source``, from the
+    equation's ``source_info``; frames inside JAX, Flax and jaxembed are skipped) and a
+    workaround.
+    """
+
+    def __init__(self, primitive: str, reason: str = "", source: str = ""):
         self.primitive = primitive
+        self.source = source
         detail = f" ({reason})" if reason else ""
+        where = f" at {source}" if source else " (in the model's jaxpr)"
         super().__init__(
-            f"jaxembed.export cannot translate the JAX primitive {primitive!r}{detail} to "
-            "TensorFlow ops (in the model's jaxpr). Supported primitives: "
-            f"{', '.join(sorted([*_RULES, *_CALL_PRIMITIVES]))}. Rewrite the model with supported "
-            "operations, or export without the model (model=None)."
+            f"jaxembed.export cannot translate the JAX primitive {primitive!r}{detail}{where} to "
+            f"TensorFlow ops. Workaround: {_workaround(primitive, reason)} Supported primitives: "
+            f"{', '.join(_supported_primitives())}."
         )
+
+
+def _supported_primitives() -> list[str]:
+    return sorted([*_RULES, *_CONTROL_FLOW, *_CALL_PRIMITIVES, *_RANDOM_PRIMITIVES])
+
+
+_GENERIC_WORKAROUND = (
+    "compute it in the input pipeline (as a feature the model reads), rewrite the model with "
+    "supported operations, or export without the model (model=None) and apply a TF callable to "
+    "the served activations."
+)
+_WORKAROUNDS = {
+    "fft": "compute the transform in the input pipeline, or write it as a matmul with a constant "
+    "DFT matrix (for a fixed length, jnp.fft.fft(x) == x @ dft), or export without the model "
+    "(model=None) and apply a TF callable to the served activations.",
+    "cholesky": "factorize outside the model (it usually depends on params only) and pass the "
+    "factor as a param, or export without the model (model=None) and apply a TF callable.",
+    "random_": "draw randomness outside the served model (serve with deterministic=True / "
+    "without an rng); keys that are constants are folded at export time.",
+    "conv_general_dilated": "use a convolution without input (lhs) dilation or batch groups, or "
+    "export without the model (model=None) and apply a TF callable to the served activations.",
+}
+
+
+def _workaround(primitive: str, reason: str) -> str:
+    if "PRNG key" in reason:
+        return _WORKAROUNDS["random_"]
+    for prefix, text in _WORKAROUNDS.items():
+        if primitive.startswith(prefix):
+            return text
+    return _GENERIC_WORKAROUND
+
+
+@functools.cache
+def _library_dirs() -> tuple[str, ...]:
+    """Source folders whose frames are not the user's: jaxembed, this package, Flax."""
+    import jaxembed  # noqa: PLC0415
+
+    dirs = [os.path.dirname(__file__), os.path.dirname(jaxembed.__file__ or "")]
+    try:
+        import flax  # noqa: PLC0415
+
+        dirs.append(os.path.dirname(flax.__file__ or ""))
+    except ImportError:
+        pass
+    return tuple(d + os.sep for d in dirs if d)
+
+
+def _source_line(eqn: jex.JaxprEqn) -> str:
+    """The model's line that produced ``eqn`` as "file:line (function)", or "" if unknown.
+
+    The innermost frame outside JAX (``source_info_util.user_frames``) and outside Flax and
+    jaxembed: for a Flax module that is the user's ``__call__`` line, not Flax's layer code.
+    """
+    try:
+        frames = list(source_info_util.user_frames(eqn.source_info.traceback))
+    except Exception:  # private JAX API: never let it hide the real error
+        return ""
+    library = _library_dirs()
+    chosen = next((f for f in frames if not f.file_name.startswith(library)), None)
+    chosen = chosen or (frames[0] if frames else None)
+    if chosen is None:
+        return ""
+    return f"{chosen.file_name}:{chosen.start_line} ({chosen.function_name})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -639,6 +725,429 @@ def _reduce_precision_target(eqn: jex.JaxprEqn) -> str | None:
     return f"{e} exponent and {m} mantissa bits"
 
 
+# Sorting and total-order comparisons.
+
+
+def _total_order_key(x: tf.Tensor, canonicalize: bool) -> tf.Tensor:
+    """An integer tensor ordered like XLA's total order on ``x``.
+
+    Floats: -NaN < -inf < ... < -0.0 < 0.0 < ... < inf < NaN, by flipping the magnitude bits of
+    negative numbers' bit patterns. ``canonicalize`` first maps -0.0 to 0.0 and every NaN to the
+    positive quiet NaN, as ``lax.sort``'s comparator does (so NaNs sort last and zeros tie).
+    """
+    if x.dtype == tf.bool or x.dtype in (tf.int8, tf.int16, tf.uint8, tf.uint16):
+        return tf.cast(x, tf.int32)
+    if x.dtype == tf.uint32:
+        return tf.cast(x, tf.int64)
+    if x.dtype == tf.uint64:  # flip the sign bit: unsigned order as signed order
+        return tf.bitwise.bitwise_xor(tf.bitcast(x, tf.int64), tf.constant(-(2**63), tf.int64))
+    if x.dtype.is_integer:
+        return x
+    if x.dtype in (tf.float16, tf.bfloat16):
+        x = tf.cast(x, tf.float32)  # exact, and order-preserving
+    if canonicalize:
+        x = tf.where(tf.equal(x, 0), tf.zeros_like(x), x)
+        x = tf.where(tf.math.is_nan(x), tf.fill(tf.shape(x), tf.constant(np.nan, x.dtype)), x)
+    itype = tf.int64 if x.dtype == tf.float64 else tf.int32
+    bits = tf.bitcast(x, itype)
+    magnitude = tf.constant(np.iinfo(itype.as_numpy_dtype).max, itype)
+    return tf.where(bits < 0, tf.bitwise.bitwise_xor(bits, magnitude), bits)
+
+
+def _total_order(fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor]) -> Rule:
+    """``lt_to`` / ``le_to`` / ``eq_to``: comparisons in the total order (see above)."""
+
+    def rule(ctx: _Ctx, eqn: jex.JaxprEqn, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        return fn(_total_order_key(x, False), _total_order_key(y, False))
+
+    return rule
+
+
+def _sort(ctx: _Ctx, eqn: jex.JaxprEqn, *operands: tf.Tensor) -> list[tf.Tensor]:
+    """lax.sort: a stable lexicographic sort on the first ``num_keys`` operands.
+
+    Each key becomes an integer in lax.sort's order (-0.0 == 0.0, NaNs last); a stable
+    ascending argsort is ``top_k`` (which keeps equal elements in index order) of the bitwise
+    complement. Several keys sort from the least significant one (radix order); the resulting
+    permutation gathers every operand.
+    """
+    rank, axis = _ndim(eqn), int(eqn.params["dimension"])
+    perm = [*(d for d in range(rank) if d != axis), axis]
+    moved = [tf.transpose(x, perm) if axis != rank - 1 else x for x in operands]
+    n = tf.cast(ctx.dim(eqn.invars[0].aval.shape[axis]), tf.int32)
+    batch_dims = rank - 1
+    order = None
+    for key in reversed(moved[: int(eqn.params["num_keys"])]):
+        k = _total_order_key(key, True)
+        if order is not None:
+            k = tf.gather(k, order, axis=-1, batch_dims=batch_dims)
+        idx = tf.math.top_k(tf.bitwise.invert(k), k=n, sorted=True).indices
+        order = idx if order is None else tf.gather(order, idx, axis=-1, batch_dims=batch_dims)
+    outs = [tf.gather(x, order, axis=-1, batch_dims=batch_dims) for x in moved]
+    if axis != rank - 1:
+        inv = list(np.argsort(perm))
+        outs = [tf.transpose(x, inv) for x in outs]
+    return outs
+
+
+# Scatter.
+
+
+def _scatter(kind: str) -> Rule:
+    """XLA scatter (``x.at[idx].set/add/mul/min/max``) on the flattened operand.
+
+    Every element of ``updates`` gets the linear index of the operand element it updates (the
+    window start from the index vector, plus its position in the window). Under FILL_OR_DROP
+    (jnp's default) and PROMISE_IN_BOUNDS, a window that does not fit in the operand is
+    dropped, as XLA does: its elements point at one extra slot past the end, cut off
+    afterwards; CLIP clamps the window start. Then one ``tensor_scatter_nd_*`` (or, for mul,
+    ``unsorted_segment_prod``) applies all updates; duplicate indices accumulate.
+    """
+
+    def rule(
+        ctx: _Ctx, eqn: jex.JaxprEqn, operand: tf.Tensor, indices: tf.Tensor, updates: tf.Tensor
+    ) -> tf.Tensor:
+        dn = eqn.params["dimension_numbers"]
+        op_shape, upd_shape = eqn.invars[0].aval.shape, eqn.invars[2].aval.shape
+        rank, uwd = len(op_shape), list(dn.update_window_dims)
+        scatter_dims = [d for d in range(len(upd_shape)) if d not in uwd]
+        ns, nw = len(scatter_dims), len(uwd)
+        if scatter_dims + uwd != list(range(len(upd_shape))):
+            updates = tf.transpose(updates, scatter_dims + uwd)  # [scatter..., window...]
+        excluded = set(dn.inserted_window_dims) | set(dn.operand_batching_dims)
+        window_dims = [d for d in range(rank) if d not in excluded]
+        dims = [_dim_tensor(ctx, d) for d in op_shape]
+        sizes = {d: _dim_tensor(ctx, upd_shape[u]) for d, u in zip(window_dims, uwd, strict=True)}
+
+        idx = tf.cast(indices, tf.int64)  # [scatter..., index vector]
+        starts = {int(d): idx[..., k] for k, d in enumerate(dn.scatter_dims_to_operand_dims)}
+        for od, idim in zip(
+            dn.operand_batching_dims, dn.scatter_indices_batching_dims, strict=True
+        ):
+            shape = tf.shape(idx, out_type=tf.int64)[:-1]
+            pos = tf.reshape(tf.range(shape[idim]), [-1 if i == idim else 1 for i in range(ns)])
+            starts[int(od)] = tf.broadcast_to(pos, shape)
+        valid = None
+        for d, s in starts.items():
+            hi = dims[d] - sizes.get(d, tf.constant(1, tf.int64))
+            if _gather_mode(eqn) == "CLIP":
+                starts[d] = tf.clip_by_value(s, tf.constant(0, tf.int64), hi)
+            else:
+                ok = tf.logical_and(s >= 0, s <= hi)
+                valid = ok if valid is None else tf.logical_and(valid, ok)
+
+        linear = tf.zeros([], tf.int64)
+        stride = tf.constant(1, tf.int64)
+        for d in reversed(range(rank)):
+            if d in starts:
+                linear = (
+                    linear + tf.reshape(starts[d], _expand_shape(tf.shape(starts[d]), nw)) * stride
+                )
+            if d in sizes:
+                j = window_dims.index(d)
+                offsets = tf.reshape(
+                    tf.range(sizes[d]), [-1 if i == ns + j else 1 for i in range(ns + nw)]
+                )
+                linear = linear + offsets * stride
+            stride = stride * dims[d]
+        total = stride
+        if valid is not None:
+            valid = tf.reshape(valid, _expand_shape(tf.shape(valid), nw))
+            linear = tf.where(valid, linear, total)
+        linear = tf.broadcast_to(linear, tf.shape(updates, out_type=tf.int64))
+        flat = tf.reshape(operand, [-1])
+        if kind == "mul":
+            seg = tf.math.unsorted_segment_prod(
+                tf.reshape(updates, [-1]), tf.reshape(linear, [-1]), total + 1
+            )
+            out = flat * seg[:total]
+        else:
+            flat = tf.concat([flat, tf.zeros([1], flat.dtype)], 0)
+            out = _SCATTER_OPS[kind](flat, linear[..., None], updates)[:total]
+        return tf.reshape(out, ctx.shape(op_shape))
+
+    return rule
+
+
+def _expand_shape(shape: tf.Tensor, n: int) -> tf.Tensor:
+    """``shape`` followed by ``n`` ones (for broadcasting against trailing window dims)."""
+    return tf.concat([tf.cast(shape, tf.int64), tf.ones([n], tf.int64)], 0)
+
+
+_SCATTER_OPS = {
+    "set": tf.tensor_scatter_nd_update,
+    "add": tf.tensor_scatter_nd_add,
+    "max": tf.tensor_scatter_nd_max,
+    "min": tf.tensor_scatter_nd_min,
+}
+
+
+def _check_scatter(eqn: jex.JaxprEqn) -> str | None:
+    if _gather_mode(eqn) not in ("CLIP", "FILL_OR_DROP", "PROMISE_IN_BOUNDS"):
+        return f"mode {eqn.params['mode']}"
+    if eqn.invars[0].aval.dtype == np.bool_ and eqn.primitive.name != "scatter":
+        return "on bool"
+    return None
+
+
+# Convolution.
+
+
+def _conv(ctx: _Ctx, eqn: jex.JaxprEqn, lhs: tf.Tensor, rhs: tf.Tensor) -> tf.Tensor:
+    """conv_general_dilated as tf.nn.conv2d / conv3d (a 1-D conv is a 2-D conv of height 1).
+
+    The operands are transposed to NHWC and HWIO by ``dimension_numbers``; the explicit padding
+    of the jaxpr is applied with tf.pad (negative padding by slicing) and the convolution run
+    VALID, with the strides, kernel dilation and feature groups of XLA.
+    """
+    p = eqn.params
+    dn = p["dimension_numbers"]
+    lhs_spec, rhs_spec, out_spec = (list(s) for s in (dn.lhs_spec, dn.rhs_spec, dn.out_spec))
+    nsp = len(lhs_spec) - 2
+    dtype = _tf_dtype(eqn)
+    compute = tf.float32 if lhs.dtype in (tf.float16, tf.bfloat16) else lhs.dtype
+    lhs = tf.transpose(tf.cast(lhs, compute), [lhs_spec[0], *lhs_spec[2:], lhs_spec[1]])
+    rhs = tf.transpose(tf.cast(rhs, compute), [*rhs_spec[2:], rhs_spec[1], rhs_spec[0]])
+    pads = [(int(lo), int(hi)) for lo, hi in p["padding"]]
+    if any(lo > 0 or hi > 0 for lo, hi in pads):
+        lhs = tf.pad(lhs, [[0, 0], *([max(lo, 0), max(hi, 0)] for lo, hi in pads), [0, 0]])
+    if any(lo < 0 or hi < 0 for lo, hi in pads):
+        begin = [0, *(max(-lo, 0) for lo, _ in pads), 0]
+        cut = tf.constant([0, *(max(-lo, 0) + max(-hi, 0) for lo, hi in pads), 0], tf.int32)
+        lhs = tf.slice(lhs, begin, tf.shape(lhs) - cut)
+    strides = [int(s) for s in p["window_strides"]]
+    dilations = [int(d) for d in (p["rhs_dilation"] or (1,) * nsp)]
+    if nsp == 1:
+        lhs, rhs = tf.expand_dims(lhs, 1), tf.expand_dims(rhs, 0)
+        strides, dilations = [1, *strides], [1, *dilations]
+    conv = tf.nn.conv3d if nsp == 3 else tf.nn.conv2d
+    out = conv(lhs, rhs, [1, *strides, 1], "VALID", dilations=[1, *dilations, 1])
+    if nsp == 1:
+        out = tf.squeeze(out, 1)
+    perm = [0] * (nsp + 2)  # out is [N, spatial..., C]; out_spec = (batch, feature, spatial...)
+    perm[out_spec[0]], perm[out_spec[1]] = 0, nsp + 1
+    for i, d in enumerate(out_spec[2:]):
+        perm[d] = 1 + i
+    if perm != list(range(nsp + 2)):
+        out = tf.transpose(out, perm)
+    return out if out.dtype == dtype else tf.cast(out, dtype)
+
+
+def _check_conv(eqn: jex.JaxprEqn) -> str | None:
+    p = eqn.params
+    nsp = len(p["window_strides"])
+    if any(int(d) != 1 for d in (p["lhs_dilation"] or ())):
+        return "input (lhs) dilation, i.e. a transposed convolution"
+    if int(p["batch_group_count"]) != 1:
+        return "batch_group_count > 1"
+    if nsp not in (1, 2, 3):
+        return f"{nsp} spatial dimensions (1 to 3 are supported)"
+    if nsp == 3 and any(int(d) != 1 for d in (p["rhs_dilation"] or ())):
+        return "a dilated 3-D convolution"
+    if not np.issubdtype(eqn.invars[0].aval.dtype, np.floating):
+        return f"on {eqn.invars[0].aval.dtype}"
+    return None
+
+
+# Control flow: rule(ctx, step, inputs) -> outputs, with the step's compiled bodies.
+
+
+def _keep_shape(new: tf.Tensor, old: tf.Tensor) -> tf.Tensor:
+    """A loop variable keeps its static shape across iterations (JAX's carries do)."""
+    if not tf.executing_eagerly():
+        new.set_shape(old.shape)
+    return new
+
+
+def _static_shape(shape: Sequence[Any]) -> tf.TensorShape:
+    """A jaxpr shape as a TF static shape (None for symbolic dimensions)."""
+    return tf.TensorShape([None if isinstance(d, _DimExpr) else int(d) for d in shape])
+
+
+def _scan(ctx: _Ctx, step: _Step, ins: list[tf.Tensor]) -> list[tf.Tensor]:
+    """lax.scan (also fori_loop with a static trip count) as one tf.while_loop.
+
+    Always a loop, never unrolled (``unroll`` is ignored): the graph stays the size of one body
+    however long the scan (an RNN over a long sequence, a binary search of many levels), and TF
+    Serving's CPU executor runs While natively; the per-iteration overhead is small next to the
+    body's matmuls. The stacked outputs are TensorArrays written at step t (at length-1-t when
+    ``reverse``), so they need no concatenation.
+    """
+    p = step.eqn.params
+    nc, ncarry = int(p["num_consts"]), int(p["num_carry"])
+    length = tf.cast(ctx.dim(p["length"]), tf.int32)
+    reverse = bool(p["reverse"])
+    consts, init, xs = ins[:nc], ins[nc : nc + ncarry], ins[nc + ncarry :]
+    (body,) = step.bodies
+    arrays = [
+        tf.TensorArray(
+            tf.as_dtype(v.aval.dtype),
+            size=length,
+            element_shape=_static_shape(v.aval.shape[1:]),
+        )
+        for v in step.eqn.outvars[ncarry:]
+    ]
+
+    def loop(i: tf.Tensor, carry: list[tf.Tensor], ys: list[Any]) -> tuple[Any, ...]:
+        t = length - 1 - i if reverse else i
+        outs = _run_body(body, [*consts, *carry, *(tf.gather(x, t) for x in xs)], ctx)
+        new_carry = [_keep_shape(o, c) for o, c in zip(outs[:ncarry], carry, strict=True)]
+        ys = [a.write(t, y) for a, y in zip(ys, outs[ncarry:], strict=True)]
+        return i + 1, new_carry, ys
+
+    _, carry, ys = tf.while_loop(
+        lambda i, c, y: i < length,
+        loop,
+        (tf.constant(0, tf.int32), list(init), arrays),
+        maximum_iterations=length,
+    )
+    return [*carry, *(a.stack() for a in ys)]
+
+
+def _while(ctx: _Ctx, step: _Step, ins: list[tf.Tensor]) -> list[tf.Tensor]:
+    """lax.while_loop (also fori_loop with a dynamic trip count) as tf.while_loop."""
+    p = step.eqn.params
+    cn, bn = int(p["cond_nconsts"]), int(p["body_nconsts"])
+    cond_consts, body_consts, init = ins[:cn], ins[cn : cn + bn], ins[cn + bn :]
+    cond_prog, body_prog = step.bodies
+
+    def cond(*carry: tf.Tensor) -> tf.Tensor:
+        return _run_body(cond_prog, [*cond_consts, *carry], ctx)[0]
+
+    def body(*carry: tf.Tensor) -> list[tf.Tensor]:
+        outs = _run_body(body_prog, [*body_consts, *carry], ctx)
+        return [_keep_shape(o, c) for o, c in zip(outs, carry, strict=True)]
+
+    return list(tf.while_loop(cond, body, list(init)))
+
+
+def _cond(ctx: _Ctx, step: _Step, ins: list[tf.Tensor]) -> list[tf.Tensor]:
+    """lax.cond / lax.switch on a run-time index as tf.switch_case (an out-of-range index runs
+    the last branch in both). A known index was inlined at compile time."""
+    index, operands = ins[0], ins[1:]
+    branches = [functools.partial(_run_body, b, operands, ctx) for b in step.bodies]
+    if len(branches) == 1:
+        return branches[0]()
+    out = tf.switch_case(tf.cast(index, tf.int32), branches)
+    return list(out) if isinstance(out, list | tuple) else [out]
+
+
+# Bit shifts and PRNG hashing (for PRNG keys computed at run time).
+
+
+def _shift(kind: str) -> Rule:
+    """XLA shifts: a shift amount outside [0, bits) gives 0 (or the sign for arithmetic)."""
+
+    def rule(ctx: _Ctx, eqn: jex.JaxprEqn, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        bits = x.dtype.size * 8
+        in_range = y < bits if y.dtype.is_unsigned else tf.logical_and(y >= 0, y < bits)
+        y = tf.where(in_range, y, tf.zeros_like(y))
+        if kind == "left":
+            return tf.where(in_range, tf.bitwise.left_shift(x, y), tf.zeros_like(x))
+        # TF's right shift is logical on unsigned and arithmetic on signed types.
+        flip = _UNSIGNED_OF if kind == "logical" else _SIGNED_OF
+        other = flip.get(x.dtype)
+        xs = x if other is None else tf.bitcast(x, other)
+        ys = y if other is None else tf.bitcast(y, other)
+        out = tf.bitwise.right_shift(xs, ys)
+        out = out if other is None else tf.bitcast(out, x.dtype)
+        if kind == "logical":
+            return tf.where(in_range, out, tf.zeros_like(x))
+        sign = tf.bitwise.right_shift(xs, tf.fill(tf.shape(ys), tf.constant(bits - 1, ys.dtype)))
+        return tf.where(in_range, out, sign if other is None else tf.bitcast(sign, x.dtype))
+
+    return rule
+
+
+_UNSIGNED_OF = {tf.int8: tf.uint8, tf.int16: tf.uint16, tf.int32: tf.uint32, tf.int64: tf.uint64}
+_SIGNED_OF = {u: s for s, u in _UNSIGNED_OF.items()}
+
+
+def _bitcast_convert_type(ctx: _Ctx, eqn: jex.JaxprEqn, x: tf.Tensor) -> tf.Tensor:
+    return tf.bitcast(x, _tf_dtype(eqn))
+
+
+def _check_bitcast(eqn: jex.JaxprEqn) -> str | None:
+    src, dst = np.dtype(eqn.invars[0].aval.dtype), np.dtype(eqn.outvars[0].aval.dtype)
+    return None if src.itemsize == dst.itemsize else f"from {src} to {dst} (different widths)"
+
+
+def _threefry2x32(
+    ctx: _Ctx, eqn: jex.JaxprEqn, k1: tf.Tensor, k2: tf.Tensor, x1: tf.Tensor, x2: tf.Tensor
+) -> list[tf.Tensor]:
+    """The Threefry-2x32 block cipher (20 rounds; Salmon et al., SC'11), as JAX's PRNG uses it."""
+
+    def rotl(v: tf.Tensor, r: int) -> tf.Tensor:
+        return tf.bitwise.bitwise_or(
+            tf.bitwise.left_shift(v, tf.constant(r, tf.uint32)),
+            tf.bitwise.right_shift(v, tf.constant(32 - r, tf.uint32)),
+        )
+
+    shape = ctx.shape(eqn.outvars[0].aval.shape)
+    k1, k2, x1, x2 = (tf.broadcast_to(t, shape) for t in (k1, k2, x1, x2))
+    ks = [k1, k2, tf.bitwise.bitwise_xor(tf.bitwise.bitwise_xor(k1, k2), np.uint32(0x1BD11BDA))]
+    rotations = [(13, 15, 26, 6), (17, 29, 16, 24)]
+    a, b = x1 + ks[0], x2 + ks[1]
+    for i in range(5):
+        for r in rotations[i % 2]:
+            a = a + b
+            b = tf.bitwise.bitwise_xor(a, rotl(b, r))
+        a = a + ks[(i + 1) % 3]
+        b = b + ks[(i + 2) % 3] + np.uint32(i + 1)
+    return [a, b]
+
+
+def _iota_2x32_shape(ctx: _Ctx, eqn: jex.JaxprEqn) -> list[tf.Tensor]:
+    """A row-major uint64 iota of ``shape`` as its high and low uint32 halves."""
+    shape = ctx.shape64(eqn.params["shape"])
+    flat = tf.range(tf.reduce_prod(shape))
+    hi = tf.cast(tf.bitwise.right_shift(flat, tf.constant(32, tf.int64)), tf.uint32)
+    lo = tf.cast(tf.bitwise.bitwise_and(flat, tf.constant(0xFFFFFFFF, tf.int64)), tf.uint32)
+    return [tf.reshape(hi, shape), tf.reshape(lo, shape)]
+
+
+_RANDOM_PRIMITIVES = frozenset(
+    {"random_seed", "random_bits", "random_split", "random_fold_in", "random_wrap", "random_unwrap"}
+)
+
+
+def _key_data_struct(aval: Any) -> jax.ShapeDtypeStruct:
+    """The abstract value of a key array's data (uint32, the key shape appended)."""
+    if not _is_key(aval.dtype):
+        return jax.ShapeDtypeStruct(aval.shape, aval.dtype)
+    impl = aval.dtype._impl
+    return jax.ShapeDtypeStruct((*aval.shape, *impl.key_shape), np.dtype(np.uint32))
+
+
+def _key_data(value: Any) -> Any:
+    """A known key array as its uint32 key data (other values unchanged)."""
+    if value is None or not _is_key(value.dtype):
+        return value
+    return np.asarray(jax.random.key_data(value))
+
+
+def _random_jaxpr(eqn: jex.JaxprEqn) -> jex.ClosedJaxpr:
+    """A ``random_*`` primitive as a jaxpr on key data, traced from JAX's own implementation
+    (threefry2x32, shifts, iotas), so that keys computed at run time hash as in JAX."""
+    from jax._src.random import prng  # noqa: PLC0415  (private: the key-data implementations)
+
+    name, p = eqn.primitive.name, eqn.params
+    avals = [v.aval for v in eqn.invars]
+    impl = avals[0].dtype._impl if _is_key(avals[0].dtype) else p.get("impl")
+    ndim = len(avals[0].shape)
+    fns: dict[str, Callable[..., Any]] = {
+        "random_seed": lambda s: prng.random_seed_impl_base(s, impl=impl),
+        "random_bits": lambda k: prng.random_bits_impl_base(
+            impl, k, ndim, bit_width=p["bit_width"], shape=p["shape"]
+        ),
+        "random_split": lambda k: prng.random_split_impl_base(impl, k, ndim, shape=p["shape"]),
+        "random_fold_in": lambda k, m: prng.random_fold_in_impl_base(impl, k, m, avals[0].shape),
+        "random_wrap": lambda x: x,
+        "random_unwrap": lambda x: x,
+    }
+    return jax.make_jaxpr(fns[name])(*(_key_data_struct(a) for a in avals))
+
+
 # --------------------------------------------------------------------------------------------
 # The tables.
 
@@ -741,9 +1250,37 @@ _RULES: dict[str, Rule] = {
     "cummax": _cum_extreme(tf.maximum),
     "cummin": _cum_extreme(tf.minimum),
     "top_k": _top_k,
+    "sort": _sort,
+    "lt_to": _total_order(tf.less),
+    "le_to": _total_order(tf.less_equal),
+    "eq_to": _total_order(tf.equal),
     # contractions and indexing
     "dot_general": _dot_general,
     "gather": _gather,
+    "scatter": _scatter("set"),
+    "scatter-add": _scatter("add"),
+    "scatter_add": _scatter("add"),
+    "scatter-mul": _scatter("mul"),
+    "scatter_mul": _scatter("mul"),
+    "scatter-min": _scatter("min"),
+    "scatter_min": _scatter("min"),
+    "scatter-max": _scatter("max"),
+    "scatter_max": _scatter("max"),
+    "conv_general_dilated": _conv,
+    # bits (PRNG keys computed at run time)
+    "shift_left": _shift("left"),
+    "shift_right_logical": _shift("logical"),
+    "shift_right_arithmetic": _shift("arithmetic"),
+    "bitcast_convert_type": _bitcast_convert_type,
+    "threefry2x32": _threefry2x32,
+    "iota_2x32_shape": _iota_2x32_shape,
+}
+
+# Control-flow primitives: rule(ctx, step, inputs), with the step's bodies compiled.
+_CONTROL_FLOW: dict[str, Callable[[_Ctx, _Step, list[tf.Tensor]], list[tf.Tensor]]] = {
+    "scan": _scan,
+    "while": _while,
+    "cond": _cond,
 }
 
 
@@ -773,6 +1310,9 @@ def _check_reduce_precision(eqn: jex.JaxprEqn) -> str | None:
 _CHECKS: dict[str, Callable[[jex.JaxprEqn], str | None]] = {
     "reduce_precision": _check_reduce_precision,
     "gather": _check_gather,
+    "conv_general_dilated": _check_conv,
+    "bitcast_convert_type": _check_bitcast,
+    **{name: _check_scatter for name in _RULES if name.startswith("scatter")},
     "pad": _check_pad,
     "cummax": _check_cum_extreme,
     "cummin": _check_cum_extreme,
@@ -824,7 +1364,8 @@ _Ref = jex.Var | _ConstRef
 class _Step:
     eqn: jex.JaxprEqn
     inputs: list[_Ref]
-    sub: _Program | None = None
+    sub: _Program | None = None  # a call primitive (or a cond whose branch is known)
+    bodies: list[_Program] = field(default_factory=list)  # scan / while / cond
 
 
 @dataclass
@@ -832,7 +1373,20 @@ class _Program:
     invars: list[jex.Var]
     steps: list[_Step] = field(default_factory=list)
     outputs: list[jex.Var | None] = field(default_factory=list)  # None: constant output
-    out_consts: list[np.ndarray | None] = field(default_factory=list)
+    out_consts: list[Any] = field(default_factory=list)  # numpy (or JAX key) arrays
+    out_refs: list[_ConstRef | None] = field(default_factory=list)  # set for loop bodies
+
+
+def _is_key(dtype: Any) -> bool:
+    """Whether ``dtype`` is a PRNG key type (``key<fry>``), which numpy and TF cannot hold."""
+    return jax.dtypes.issubdtype(dtype, jax.dtypes.extended)
+
+
+def _const(value: Any, aval: Any) -> Any:
+    """A known value as numpy, or as a JAX array for key types (folded by JAX, never by TF)."""
+    if _is_key(aval.dtype):
+        return value
+    return np.asarray(value, dtype=aval.dtype)
 
 
 class _Compiler:
@@ -840,8 +1394,13 @@ class _Compiler:
         self._make_variable = make_variable
         self._handles: dict[tuple[Any, ...], tf.Variable] = {}
 
-    def handle(self, value: np.ndarray) -> Any:
-        """The run-time form of a constant: itself if small, else a tf.Variable (one per value)."""
+    def handle(self, value: Any) -> Any:
+        """The run-time form of a constant: itself if small, else a tf.Variable (one per value).
+
+        A PRNG key becomes its uint32 key data, the form key-typed values have in TF.
+        """
+        if _is_key(value.dtype):
+            value = np.asarray(jax.random.key_data(value))
         if value.size <= _MAX_CONST_SIZE:
             return value
         key = (value.shape, value.dtype.str, hashlib.sha256(value.tobytes()).hexdigest())
@@ -851,55 +1410,113 @@ class _Compiler:
         return var
 
     def compile(
-        self, jaxpr: jex.Jaxpr, consts: Sequence[Any], in_values: Sequence[np.ndarray | None]
+        self, jaxpr: jex.Jaxpr, consts: Sequence[Any], in_values: Sequence[Any], outer: str = ""
     ) -> _Program:
-        known: dict[jex.Var, np.ndarray] = {}
+        """``outer``: the model's line of the equation that holds ``jaxpr`` (for errors in
+        library functions such as ``jnp.fft.fft``, whose inner equations have no user frame)."""
+        known: dict[jex.Var, Any] = {}
         for v, c in zip(jaxpr.constvars, consts, strict=True):
-            known[v] = np.asarray(c, dtype=v.aval.dtype)
+            known[v] = _const(c, v.aval)
         for v, c in zip(jaxpr.invars, in_values, strict=True):
             if c is not None:
                 known[v] = c
 
-        def value_of(a: Any) -> np.ndarray | None:
+        def value_of(a: Any) -> Any:
             if isinstance(a, jex.Literal):
-                return np.asarray(a.val, dtype=a.aval.dtype)
+                return _const(a.val, a.aval)
             return known.get(a)
 
         prog = _Program(invars=list(jaxpr.invars))
         for eqn in jaxpr.eqns:
             name = eqn.primitive.name
             vals = [value_of(a) for a in eqn.invars]
-            sub = None
-            if name in _CALL_PRIMITIVES:
+            where = functools.partial(_where, eqn, outer)  # computed only when needed
+            sub, bodies = None, []
+            refs = list(eqn.invars)
+            if name == "cond" and vals[0] is not None:  # a known branch: inline it like a call
+                branches, index = eqn.params["branches"], int(vals[0])
+                branch = branches[index if 0 <= index < len(branches) else -1]  # XLA: the last
+                sub = self.compile(branch.jaxpr, branch.consts, vals[1:], where())
+                vals, refs = vals[1:], refs[1:]
+            elif name in _CALL_PRIMITIVES:
                 inner, inner_consts = _sub_jaxpr(eqn)
-                sub = self.compile(inner, inner_consts, vals)
-                for v, c in zip(eqn.outvars, sub.out_consts, strict=True):
-                    if c is not None and not isinstance(v, jex.DropVar):
-                        known[v] = c
-                if not sub.steps and all(c is not None for c in sub.out_consts):
-                    continue
+                sub = self.compile(inner, inner_consts, vals, where())
             elif all(v is not None for v in vals) and _foldable(eqn):
                 for v, c in zip(eqn.outvars, _fold(eqn, vals), strict=True):
                     if not isinstance(v, jex.DropVar):
                         known[v] = c
                 continue
+            elif name in _RANDOM_PRIMITIVES:  # a key computed at run time: hash its key data
+                closed = _random_jaxpr(eqn)
+                keys = [_key_data(v) for v in vals]
+                sub = self.compile(closed.jaxpr, closed.consts, keys, where())
+            elif name in _CONTROL_FLOW:
+                bodies = [self._body(j, c, where()) for j, c in _bodies(eqn, vals)]
             else:
                 if name not in _RULES:
-                    raise UnsupportedPrimitiveError(name)
+                    raise UnsupportedPrimitiveError(name, source=where())
                 check = _CHECKS.get(name)
-                reason = (check(eqn) if check else None) or _check_symbolic_dims(eqn)
+                reason = (
+                    _check_keys(eqn) or (check(eqn) if check else None) or _check_symbolic_dims(eqn)
+                )
                 if reason:
-                    raise UnsupportedPrimitiveError(name, reason)
+                    raise UnsupportedPrimitiveError(name, reason, where())
+            if sub is not None:
+                for v, c in zip(eqn.outvars, sub.out_consts, strict=True):
+                    if c is not None and not isinstance(v, jex.DropVar):
+                        known[v] = _key_array(c, v.aval) if name in _RANDOM_PRIMITIVES else c
+                if not sub.steps and all(c is not None for c in sub.out_consts):
+                    continue
             inputs: list[_Ref] = [
                 a if val is None else _ConstRef(self.handle(val))
-                for a, val in zip(eqn.invars, vals, strict=True)
+                for a, val in zip(refs, vals, strict=True)
             ]
-            prog.steps.append(_Step(eqn, inputs, sub))
+            prog.steps.append(_Step(eqn, inputs, sub, bodies))
         for a in jaxpr.outvars:
             c = value_of(a)
             prog.outputs.append(a if c is None else None)
             prog.out_consts.append(c)
         return prog
+
+    def _body(self, closed: jex.ClosedJaxpr, in_values: list[Any], outer: str) -> _Program:
+        """A loop body or branch: every output is read at run time, constants included."""
+        prog = self.compile(closed.jaxpr, closed.consts, in_values, outer)
+        prog.out_refs = [None if c is None else _ConstRef(self.handle(c)) for c in prog.out_consts]
+        return prog
+
+
+def _where(eqn: jex.JaxprEqn, outer: str) -> str:
+    return _source_line(eqn) or outer
+
+
+def _key_array(data: Any, aval: Any) -> Any:
+    """Known key data (the result of a random_* program) as the key array JAX folds with."""
+    if not _is_key(aval.dtype) or _is_key(data.dtype):
+        return data
+    from jax._src.random import prng  # noqa: PLC0415
+
+    return prng.random_wrap(data, impl=aval.dtype._impl)
+
+
+def _check_keys(eqn: jex.JaxprEqn) -> str | None:
+    """PRNG keys are folded by JAX at export; one computed from run-time values is refused."""
+    if any(_is_key(v.aval.dtype) for v in [*eqn.invars, *eqn.outvars]):
+        return "on a PRNG key that depends on the model's inputs"
+    return None
+
+
+def _bodies(eqn: jex.JaxprEqn, vals: list[Any]) -> list[tuple[jex.ClosedJaxpr, list[Any]]]:
+    """The jaxprs of a control-flow equation, each with its known inputs (loop-invariant
+    constants stay known inside the body and fold there; carries and slices are run-time)."""
+    p = eqn.params
+    if eqn.primitive.name == "scan":
+        n = int(p["num_consts"])
+        return [(p["jaxpr"], vals[:n] + [None] * (len(vals) - n))]
+    if eqn.primitive.name == "while":
+        cn, bn = int(p["cond_nconsts"]), int(p["body_nconsts"])
+        carry = [None] * (len(vals) - cn - bn)
+        return [(p["cond_jaxpr"], vals[:cn] + carry), (p["body_jaxpr"], vals[cn : cn + bn] + carry)]
+    return [(branch, vals[1:]) for branch in p["branches"]]  # cond
 
 
 def _foldable(eqn: jex.JaxprEqn) -> bool:
@@ -911,16 +1528,16 @@ def _foldable(eqn: jex.JaxprEqn) -> bool:
     )
 
 
-def _fold(eqn: jex.JaxprEqn, vals: list[np.ndarray]) -> list[np.ndarray]:
+def _fold(eqn: jex.JaxprEqn, vals: list[Any]) -> list[Any]:
     try:
         out = eqn.primitive.bind(*vals, **eqn.params)
     except Exception as e:
         raise ValueError(
             f"jaxembed.export could not evaluate the constant equation {eqn.primitive.name!r} "
-            f"of the model's jaxpr with JAX: {e}"
+            f"of the model's jaxpr with JAX (at {_source_line(eqn) or 'an unknown line'}): {e}"
         ) from e
     outs = out if eqn.primitive.multiple_results else [out]
-    return [np.asarray(o, dtype=v.aval.dtype) for o, v in zip(outs, eqn.outvars, strict=True)]
+    return [_const(o, v.aval) for o, v in zip(outs, eqn.outvars, strict=True)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -941,6 +1558,8 @@ def _run(prog: _Program, args: Sequence[tf.Tensor], ctx: _Ctx) -> list[tf.Tensor
         ins = [_read(r, env) for r in step.inputs]
         if step.sub is not None:
             outs = _run(step.sub, ins, ctx)
+        elif step.bodies:
+            outs = _CONTROL_FLOW[step.eqn.primitive.name](ctx, step, ins)
         else:
             out = _RULES[step.eqn.primitive.name](ctx, step.eqn, *ins)
             outs = list(out) if step.eqn.primitive.multiple_results else [out]
@@ -948,6 +1567,12 @@ def _run(prog: _Program, args: Sequence[tf.Tensor], ctx: _Ctx) -> list[tf.Tensor
             if o is not None and not isinstance(v, jex.DropVar):
                 env[v] = o
     return [None if v is None else env[v] for v in prog.outputs]
+
+
+def _run_body(prog: _Program, args: Sequence[tf.Tensor], ctx: _Ctx) -> list[tf.Tensor]:
+    """Runs a loop body or branch; its constant outputs are read as tensors too."""
+    outs = _run(prog, args, ctx)
+    return [_read(r, {}) if o is None else o for o, r in zip(outs, prog.out_refs, strict=True)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -1087,7 +1712,9 @@ def _trace(fn: Callable, params: Any, example_activations: Any) -> tuple[jex.Clo
         raise ValueError(
             "jaxembed.export traces the model with a symbolic batch dimension, and that failed: "
             f"{e}\nThe model must be batch-size generic: no Python control flow on, and no "
-            "hard-coded use of, the batch size (use -1 in reshapes, x.shape[0] in shapes)."
+            "hard-coded use of, the batch size (use -1 in reshapes, x.shape[0] in shapes). A "
+            "library function that needs concrete sizes (e.g. jnp.searchsorted(..., "
+            "method='sort') on a batch-sized query) can run per example under jax.vmap."
         ) from e
 
 

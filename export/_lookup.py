@@ -1,125 +1,258 @@
-"""The serving lookup in plain TF ops: TF's ragged CPU path, per feature.
+"""The serving lookup in plain TF ops: one gather and one segment sum per table.
 
 Every serving input is a ragged row of ids (``ids`` plus per-example ``lengths``), so the
 semantics are those of ``je.embedding_lookup`` on ``je.Ragged`` inputs (tf_semantics §4.5):
 combined rows for ordinary features, left-aligned ``[batch, max_sequence_length, dim]`` for
 sequence features, and ``output_shape`` honoured (also with a dynamic batch, where TF's own
-function fails, P6). The ops and their order are those of TF's
-``_ragged_embedding_lookup_with_reduce``, so results are bit-identical to TF's and to jaxembed's.
+function fails, P6).
+
+The features that share a table are served together (``lookup``): their ids are concatenated
+and gathered once (``gather_rows``, which also dequantizes a quantized table), and the combined
+features are summed by one ``unsorted_segment_sum`` whose segments are the examples of every
+feature in turn (feature ``k``'s example ``b`` is segment ``k * batch + b``). That is exactly
+what TF's ``_ragged_embedding_lookup_with_reduce`` computes per feature: TF's ragged
+``reduce_sum(axis=1)`` is an ``unsorted_segment_sum`` over the flat values in order, so every
+example is summed left to right in both, and offsetting the segments of a feature changes no
+sum. The denominators are TF's: ``div_no_nan`` by the row length (the sum of weights of one,
+exact), by ``Σw`` or by ``sqrt(Σ w*w)``, each summed in order by the same segment sum. So the
+results are bit-identical to TF's ``serving_embedding_lookup`` and to ``je.embedding_lookup``.
+
+Example:
+    >>> import jaxembed as je
+    >>> table = je.TableConfig(4, 2, combiner="sum", name="t")
+    >>> variable = tf.Variable(tf.reshape(tf.range(8, dtype=tf.float32), [4, 2]))
+    >>> a = FeatureIds("a", je.FeatureConfig(table), tf.constant([0, 1, 3], tf.int64),
+    ...                tf.constant([2, 1], tf.int64))
+    >>> b = FeatureIds("b", je.FeatureConfig(table), tf.constant([2], tf.int64),
+    ...                tf.constant([0, 1], tf.int64))
+    >>> out = lookup([a, b], lambda table, ids: tf.gather(variable, ids))
+    >>> out["a"].numpy().tolist(), out["b"].numpy().tolist()
+    ([[2.0, 4.0], [6.0, 7.0]], [[0.0, 0.0], [4.0, 5.0]])
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable, Sequence
 
-from jaxembed.configs import FeatureConfig
+from jaxembed.configs import FeatureConfig, TableConfig
 
 from ._tf import tf
 
+RowGather = Callable[[TableConfig, tf.Tensor], tf.Tensor]
+"""``gather_rows(table, ids)``: the float32 rows ``[n, dim]`` of ``table`` for ``n`` ids, all in
+``[0, vocabulary_size)``. The serving module gathers (and dequantizes) its stored table here."""
 
-def check_ids(path: str, ids: tf.Tensor, feature: FeatureConfig) -> tf.Tensor:
-    """``ids`` under the feature's ``out_of_range`` policy, as in training: ``"error"`` adds
-    run-time checks that name the feature and the valid range, ``"clamp"`` clamps, ``"zero"``
-    marks them ``-1`` (``ragged_lookup`` reads a zero row for them)."""
+
+@dataclasses.dataclass(frozen=True)
+class FeatureIds:
+    """One feature's part of a serving request, already checked.
+
+    Args:
+        path: The feature path (named in run-time errors).
+        feature: Its ``FeatureConfig``.
+        ids: int64 ``[n]``, every id of the batch, row-major, after ``check_ids`` and its checks
+            (an id ``-1`` of an ``out_of_range="zero"`` feature reads a zero row).
+        lengths: int64 ``[batch]``, ids per example (non-negative, adding up to ``n``).
+        weights: float32 ``[n]``, one per id, or None (a weight of one each).
+    """
+
+    path: str
+    feature: FeatureConfig
+    ids: tf.Tensor
+    lengths: tf.Tensor
+    weights: tf.Tensor | None = None
+
+
+Check = tuple[tf.Tensor, str]
+"""A run-time check of a request: a scalar bool that must hold, and the message (naming the
+feature) an error shows when it does not."""
+
+
+def check_ids(path: str, ids: tf.Tensor, feature: FeatureConfig) -> tuple[tf.Tensor, list[Check]]:
+    """``ids`` under the feature's ``out_of_range`` policy, as in training, and the checks the
+    policy needs: ``"error"`` checks that every id is in range (pass the check to
+    ``assert_all`` and gate the ids on it), ``"clamp"`` clamps, ``"zero"`` marks them ``-1``
+    (``lookup`` reads a zero row for them)."""
     vocabulary_size = feature.table.vocabulary_size
     top = tf.constant(vocabulary_size, ids.dtype)
     if feature.out_of_range == "clamp":
-        return tf.clip_by_value(ids, tf.zeros_like(top), top - 1)
+        return tf.clip_by_value(ids, tf.zeros_like(top), top - 1), []
     if feature.out_of_range == "zero":
-        return tf.where((ids >= 0) & (ids < top), ids, -tf.ones_like(ids))
-    message = f"feature {path}: ids must be in [0, {vocabulary_size}), the table vocabulary"
-    checks = [
-        tf.debugging.assert_non_negative(ids, message=message),
-        tf.debugging.assert_less(ids, top, message=message),
+        return tf.where((ids >= 0) & (ids < top), ids, -tf.ones_like(ids)), []
+    # One unsigned comparison checks both bounds (a negative id is a huge uint64).
+    in_range = tf.reduce_all(tf.bitcast(ids, tf.uint64) < tf.constant(vocabulary_size, tf.uint64))
+    return ids, [
+        (in_range, f"feature {path}: ids must be in [0, {vocabulary_size}), the table vocabulary")
     ]
-    with tf.control_dependencies(checks):
-        return tf.identity(ids)
 
 
-def _gather(table, ragged: tf.RaggedTensor, zero_marked: bool) -> tf.RaggedTensor:
-    """``table`` rows of ``ragged`` ids; with ``zero_marked``, an id ``-1`` reads a zero row."""
-    if not zero_marked:
-        return tf.nn.embedding_lookup(table, ragged)
+def assert_all(checks: Sequence[Check]) -> list[tf.Operation]:
+    """One ``Assert`` op for all ``checks`` (none if there are none): when any fails, the error
+    lists the messages of those that failed. One op instead of one per check keeps the serving
+    graph short (each op costs scheduling time on every request)."""
+    if not checks:
+        return []
+    if len(checks) == 1:
+        ok, message = checks[0]
+        return [tf.debugging.Assert(ok, [message])]
+    ok = tf.stack([c for c, _ in checks])
+    messages = tf.constant([f"{m}; " for _, m in checks])
+    failed = tf.strings.reduce_join(tf.where(ok, tf.constant(""), messages))
+    return [tf.debugging.Assert(tf.reduce_all(ok), [failed])]
 
-    def rows(ids):
-        found = tf.gather(table, tf.maximum(ids, 0))
-        return found * tf.cast(ids >= 0, table.dtype)[:, None]
 
-    return tf.ragged.map_flat_values(rows, ragged)
+def gated(x: tf.Tensor, ops: Sequence[tf.Operation]) -> tf.Tensor:
+    """``x``, available only after ``ops`` (e.g. ``assert_all``'s) have run."""
+    if not ops:
+        return x
+    with tf.control_dependencies(ops):
+        return tf.identity(x)
 
 
-def _reduce(
-    table,
-    ragged: tf.RaggedTensor,
-    weights: tf.RaggedTensor | None,
-    combiner: str,
-    zero_marked: bool = False,
-):
-    """TF's ``_ragged_embedding_lookup_with_reduce``: the same ops in the same order.
+def lookup(features: Sequence[FeatureIds], gather_rows: RowGather) -> dict[str, tf.Tensor]:
+    """Every feature's activations, by path: one ``gather_rows`` call per table.
+
+    All features must have the same batch (the caller checks it).
+    """
+    groups: dict[TableConfig, list[FeatureIds]] = {}
+    for f in features:
+        groups.setdefault(f.feature.table, []).append(f)
+    out: dict[str, tf.Tensor] = {}
+    for table, group in groups.items():
+        out.update(_table_lookup(table, group, gather_rows))
+    return {f.path: out[f.path] for f in features}
+
+
+def _kind(feature: FeatureConfig) -> str:
+    """``"shaped"`` (output_shape: decided at run time), ``"sequence"`` or ``"combined"``."""
+    if feature.output_shape is not None:
+        return "shaped"
+    return "sequence" if feature.max_sequence_length > 0 else "combined"
+
+
+def _concat(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
+    return tensors[0] if len(tensors) == 1 else tf.concat(tensors, axis=0)
+
+
+def _split(x: tf.Tensor, sizes: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+    """``x`` cut along its first axis into pieces of ``sizes`` (one op; the pieces share
+    ``x``'s buffer)."""
+    return [x] if len(sizes) == 1 else tf.split(x, tf.stack(sizes), num=len(sizes))
+
+
+def _table_lookup(
+    table: TableConfig, group: Sequence[FeatureIds], gather_rows: RowGather
+) -> dict[str, tf.Tensor]:
+    """The activations of the features of one table: one gather, one segment sum."""
+    # Combined and output_shape features first (their rows are summed), sequence features last.
+    pooled = [f for f in group if _kind(f.feature) != "sequence"]
+    ordered = pooled + [f for f in group if _kind(f.feature) == "sequence"]
+    ids = _concat([f.ids for f in ordered])
+    marked = any(f.feature.out_of_range == "zero" for f in ordered)
+    rows = _rows(gather_rows, table, ids, marked)
+    sizes = [tf.size(f.ids, out_type=tf.int64) for f in ordered]
+    need_pieces = len(pooled) < len(ordered) or any(_kind(f.feature) == "shaped" for f in pooled)
+    pieces = _split(rows, sizes) if need_pieces else []
+    out: dict[str, tf.Tensor] = {}
+    if pooled:
+        if len(pooled) < len(ordered):  # the head of `rows` (a slice: no copy)
+            head = _split(rows, [tf.add_n(sizes[: len(pooled)]), tf.add_n(sizes[len(pooled) :])])
+            pooled_rows = head[0]
+        else:
+            pooled_rows = rows
+        combined = _combine(pooled_rows, pooled, table.combiner)
+        for i, f in enumerate(pooled):
+            if _kind(f.feature) == "combined":
+                out[f.path] = combined[i]
+            else:
+                out[f.path] = _shaped(f, combined[i], pieces[i], table.dim)
+    for i, f in enumerate(ordered[len(pooled) :], start=len(pooled)):
+        shape = [None, f.feature.max_sequence_length, table.dim]
+        out[f.path] = _sequence(pieces[i], f.lengths, shape)
+    return out
+
+
+def _rows(gather_rows: RowGather, table: TableConfig, ids: tf.Tensor, marked: bool) -> tf.Tensor:
+    """The float32 rows of ``ids``; with ``marked``, an id ``-1`` reads a zero row (a select,
+    so the other rows keep their bits)."""
+    if not marked:
+        return gather_rows(table, ids)
+    found = gather_rows(table, tf.maximum(ids, 0))
+    return tf.where((ids >= 0)[:, None], found, tf.constant(0.0, found.dtype))
+
+
+def _segment_ids(lengths: tf.Tensor, n: tf.Tensor) -> tf.Tensor:
+    """The row of each of ``n`` values of a ragged tensor with row ``lengths``: the number of
+    row ends at or before the value's position (one binary search each)."""
+    ends = tf.cumsum(lengths)[None, :]
+    positions = tf.range(n, dtype=lengths.dtype)[None, :]
+    return tf.raw_ops.UpperBound(sorted_inputs=ends, values=positions, out_type=tf.int64)[0]
+
+
+def _combine(rows: tf.Tensor, pooled: Sequence[FeatureIds], combiner: str) -> list[tf.Tensor]:
+    """TF's ``_ragged_embedding_lookup_with_reduce`` for the features of one table at once:
+    ``[batch, dim]`` per feature.
 
     Without weights TF multiplies every row by a weight of 1 and sums the ones; both are exact,
     so the rows are summed as gathered and the denominators are the row lengths: the same bits,
-    one pass over the gathered rows fewer.
+    one pass over the gathered rows fewer. An unweighted feature sharing a table with a weighted
+    one gets weights of one (``x * 1`` is ``x``, and the ones sum exactly).
     """
-    if weights is None:
-        rows = tf.reduce_sum(_gather(table, ragged, zero_marked), axis=1)
-        if combiner == "sum":
-            return rows
-        count = tf.cast(ragged.row_lengths(), table.dtype)[:, None]
-        return tf.math.divide_no_nan(rows, count if combiner == "mean" else tf.sqrt(count))
-    weights = tf.expand_dims(weights, axis=2)
-    rows = tf.reduce_sum(_gather(table, ragged, zero_marked) * weights, axis=1)
-    if combiner == "mean":
-        return tf.math.divide_no_nan(rows, tf.reduce_sum(weights, axis=1))
-    if combiner == "sqrtn":
-        return tf.math.divide_no_nan(rows, tf.sqrt(tf.reduce_sum(weights * weights, axis=1)))
-    return rows
-
-
-def _sequence(
-    table, ragged: tf.RaggedTensor, length: int, dim: int, zero_marked: bool
-) -> tf.Tensor:
-    """Left-aligned rows, truncated or zero-padded to ``[batch, length, dim]``."""
-    return _gather(table, ragged, zero_marked).to_tensor(shape=[None, length, dim])
-
-
-def ragged_lookup(
-    table,
-    ragged: tf.RaggedTensor,
-    weights: tf.RaggedTensor | None,
-    feature: FeatureConfig,
-    path: str,
-) -> tf.Tensor:
-    """One feature's activations from a ``[batch, None]`` ragged tensor of ids."""
-    dim, combiner = feature.table.dim, feature.table.combiner
-    zero = feature.out_of_range == "zero"
-    if feature.output_shape is None:
-        if feature.max_sequence_length > 0:
-            return _sequence(table, ragged, feature.max_sequence_length, dim, zero)
-        return _reduce(table, ragged, weights, combiner, zero)
-    # output_shape: the batch decides at run time between combining (prod == batch) and
-    # sequence mode (prod == k * batch), as TF's eager path decides it from the static batch.
-    shape = [int(d or 0) for d in feature.output_shape] + [dim]  # fully defined (validated)
-    total = math.prod(shape[:-1])
-    batch = tf.cast(ragged.nrows(), tf.int64)
-    check = tf.debugging.assert_equal(
-        total % batch,
-        tf.constant(0, tf.int64),
-        message=(
-            f"feature {path}: output_shape {list(feature.output_shape)} needs a batch that "
-            f"divides {total}"
-        ),
-    )
-    with tf.control_dependencies([check]):
-        per_row = total // batch
-
-    def combined():
-        return tf.reshape(_reduce(table, ragged, weights, combiner, zero), shape)
-
-    def sequence():
-        rows = _gather(table, ragged, zero).to_tensor(
-            shape=tf.stack([batch, per_row, tf.constant(dim, tf.int64)])
+    lengths = _concat([f.lengths for f in pooled])
+    segments = _segment_ids(lengths, tf.shape(rows, out_type=tf.int64)[0])
+    num = tf.size(lengths, out_type=tf.int64)
+    if all(f.weights is None for f in pooled):
+        sums = tf.math.unsorted_segment_sum(rows, segments, num)
+        if combiner in ("mean", "sqrtn"):
+            count = tf.cast(lengths, rows.dtype)
+            denominator = count if combiner == "mean" else tf.sqrt(count)
+            sums = tf.math.divide_no_nan(sums, denominator[:, None])
+    else:
+        weights = _concat(
+            [tf.ones_like(f.ids, rows.dtype) if f.weights is None else f.weights for f in pooled]
         )
-        return tf.reshape(rows, shape)
+        sums = tf.math.unsorted_segment_sum(rows * weights[:, None], segments, num)
+        if combiner == "mean":
+            denominator = tf.math.unsorted_segment_sum(weights, segments, num)
+            sums = tf.math.divide_no_nan(sums, denominator[:, None])
+        elif combiner == "sqrtn":
+            denominator = tf.sqrt(tf.math.unsorted_segment_sum(weights * weights, segments, num))
+            sums = tf.math.divide_no_nan(sums, denominator[:, None])
+    return [sums] if len(pooled) == 1 else tf.split(sums, len(pooled), axis=0)
 
-    return tf.cond(tf.equal(per_row, 1), combined, sequence)
+
+def _sequence(rows: tf.Tensor, lengths: tf.Tensor, shape) -> tf.Tensor:
+    """Left-aligned rows, truncated or zero-padded to ``shape``, ``[batch, length, dim]`` (a
+    copy: the rows keep their bits)."""
+    ragged = tf.RaggedTensor.from_row_lengths(rows, lengths, validate=False)
+    return ragged.to_tensor(shape=shape)
+
+
+def _shaped(f: FeatureIds, combined: tf.Tensor, rows: tf.Tensor, dim: int) -> tf.Tensor:
+    """An ``output_shape`` feature: the batch decides at run time between combining
+    (``prod == batch``) and sequence mode (``prod == k * batch``), as TF's eager path decides it
+    from the static batch."""
+    output_shape = f.feature.output_shape
+    assert output_shape is not None
+    shape = [int(d or 0) for d in output_shape] + [dim]  # fully defined (validated)
+    total = math.prod(shape[:-1])
+    batch = tf.size(f.lengths, out_type=tf.int64)
+    message = (
+        f"feature {f.path}: output_shape {list(output_shape)} needs a batch that divides {total}"
+    )
+    total_t = tf.constant(total, tf.int64)
+    safe_batch = tf.maximum(batch, 1)
+    divides = tf.equal(tf.math.floormod(total_t, safe_batch), 0) & (batch > 0)
+    with tf.control_dependencies([tf.debugging.Assert(divides, [message])]):
+        per_row = total_t // safe_batch
+
+    def combined_rows():
+        return tf.reshape(combined, shape)
+
+    def sequence_rows():
+        padded = _sequence(rows, f.lengths, tf.stack([batch, per_row, tf.constant(dim, tf.int64)]))
+        return tf.reshape(padded, shape)
+
+    return tf.cond(tf.equal(per_row, 1), combined_rows, sequence_rows)

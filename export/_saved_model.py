@@ -8,9 +8,9 @@ The module holds one ``tf.Variable`` per table (and per model parameter) and two
 * ``serving_examples``: ``examples``, serialized ``tf.Example``s whose int64 feature ``p`` holds
   an example's ids (and float feature ``p_weights`` its weights).
 
-Both run the ragged lookup of ``_lookup`` and then, if given, the model translated by
-``_jaxpr``. The export is written to a temporary directory, reloaded, compared with the JAX
-outputs on random inputs, and only then renamed into place.
+Both run the lookup of ``_lookup`` (one gather and one segment sum per table) and then, if
+given, the model translated by ``_jaxpr``. The export is written to a temporary directory,
+reloaded, compared with the JAX outputs on random inputs, and only then renamed into place.
 
 Guarantees (each refusal happens before anything is written):
 
@@ -42,12 +42,14 @@ import numpy as np
 
 from jaxembed import _nest
 from jaxembed.checkpoint import config_metadata
-from jaxembed.configs import FeatureConfig
+from jaxembed.configs import FeatureConfig, TableConfig
 from jaxembed.embedding import Embedding, EmbeddingState
 from jaxembed.inputs import Ragged
 from jaxembed.lookup import embedding_lookup
 
-from ._lookup import check_ids, ragged_lookup
+from . import _quantize
+from ._lookup import Check, FeatureIds, assert_all, check_ids, gated, lookup
+from ._simulated_quantization import simulate
 from ._tf import tf
 
 METADATA_FILE = "assets.extra/jaxembed.json"
@@ -82,6 +84,14 @@ class ExportOptions:
             no id for it), with an error naming the feature. By default a missing feature is an
             empty bag (zeros), as TF's parser reads an absent ``VarLen`` feature; TF cannot tell an
             absent feature from an empty one, so strict mode also rejects empty ones.
+        quantize: How the tables are stored for serving (``_quantize``): None (float32),
+            ``"int8"`` (row-wise asymmetric, FBGEMM's 8-bit row-wise layout: ``dim + 8`` bytes a
+            row), ``"float16"`` or ``"bfloat16"`` (``2 * dim`` bytes a row); a string applies to
+            the tables where it saves memory (at least 1 MiB of float32, and ``dim >= 8`` for
+            int8), a ``{table name: scheme or None}`` mapping exactly to the tables it names.
+            Only the gathered rows are dequantized in the serving graph. The verification
+            compares the served outputs with JAX on the dequantized tables (what is served),
+            and the metadata records each table's dtype, bytes and quantization error.
 
     Example:
         >>> from jaxembed import export
@@ -100,6 +110,7 @@ class ExportOptions:
     progress: Callable[[str, int, int], None] | None = None
     allow_non_finite: bool = False
     strict_examples: bool = False
+    quantize: Any = None
 
     def __post_init__(self) -> None:
         for flag in ("overwrite", "verify", "allow_non_finite", "strict_examples"):
@@ -108,6 +119,7 @@ class ExportOptions:
                     f"ExportOptions.{flag} must be True or False, got {getattr(self, flag)!r}."
                 )
         object.__setattr__(self, "weighted", tuple(self.weighted))
+        object.__setattr__(self, "quantize", _quantize.check_option(self.quantize))
         object.__setattr__(self, "sample_batch_sizes", tuple(self.sample_batch_sizes))
         if self.version is not None and (not isinstance(self.version, int) or self.version < 0):
             raise ValueError(f"`version` must be an int >= 0 or None, got {self.version!r}.")
@@ -191,15 +203,38 @@ class _ServingModule(tf.Module):
         self._weighted = set(options.weighted)
         self._strict_examples = options.strict_examples
         self.tables = {}
+        self.layouts: dict[str, _quantize.Layout] = {}
+        self.table_info: dict[str, dict] = {}
+        self.served_tables: dict[TableConfig, np.ndarray] = {}  # the dequantized ones
         names = list(emb.table_names.values())
         steps = len(names) + 3
+        schemes = _quantize.plan(
+            options.quantize,
+            {emb.table_names[t]: (t.vocabulary_size, t.dim) for t in emb.table_names},
+        )
         for i, (table, array) in enumerate(emb.embedding_tables(state).items()):
             name = emb.table_names[table]
             _report(options, f"table {name} {list(array.shape)}", i, steps)
             values = np.asarray(array)
             if not options.allow_non_finite:
                 _check_finite_table(name, values)
-            self.tables[name] = tf.Variable(values, name=name, trainable=False)
+            layout = _quantize.Layout(schemes[name], table.vocabulary_size, table.dim)
+            stored = _quantize.quantize(values, layout.scheme, name)
+            error = 0.0
+            if layout.scheme is not None:
+                served = _quantize.dequantize(stored, layout.scheme, table.dim)
+                self.served_tables[table] = served
+                error = _quantize.max_abs_error(values, served)
+            self.tables[name] = tf.Variable(stored, name=name, trainable=False)
+            self.layouts[name] = layout
+            self.table_info[name] = {
+                "dtype": layout.dtype,
+                "shape": list(layout.shape),
+                "bytes": layout.nbytes,
+                "float32_bytes": layout.float32_bytes,
+                "quantization": layout.scheme,
+                "max_abs_error": error,
+            }
         self.model = None
         if model is not None:
             from ._jaxpr import TFModel
@@ -223,60 +258,56 @@ class _ServingModule(tf.Module):
             input_signature=[tf.TensorSpec([None], tf.string, name="examples")],
         )
 
-    def _ragged(self, path: str, ids, lengths, weights):
-        ids = check_ids(path, ids, self._features[path])
-        n = tf.size(ids, out_type=tf.int64)
-        checks = [
-            tf.debugging.assert_non_negative(
-                lengths, message=f"feature {path}: lengths must be >= 0"
-            ),
-            tf.debugging.assert_equal(
-                tf.reduce_sum(lengths),
-                n,
-                message=f"feature {path}: the lengths must add up to the number of ids",
-            ),
-        ]
-        if weights is not None:
-            checks.append(
-                tf.debugging.assert_equal(
-                    tf.size(weights, out_type=tf.int64),
-                    n,
-                    message=f"feature {path}: give one weight per id",
-                )
-            )
-        with tf.control_dependencies(checks):
-            ragged = tf.RaggedTensor.from_row_lengths(ids, lengths, validate=False)
-            if weights is not None:
-                weights = tf.RaggedTensor.from_row_lengths(weights, lengths, validate=False)
-        return ragged, weights
+    def _gather_rows(self, table: TableConfig, ids: tf.Tensor) -> tf.Tensor:
+        """The float32 rows ``[n, dim]`` of ``table`` for ``ids`` (all in range): the one read
+        of a table variable in the serving graph (a quantized table's gathered rows are
+        dequantized), then the table's simulated quantization (``TableConfig.quantization_config``)
+        as in training."""
+        name = self._emb.table_names[table]
+        rows = _quantize.gather_rows(self.tables[name], ids, self.layouts[name])
+        if table.quantization_config is not None:
+            rows = simulate(rows, table.quantization_config)
+        return rows
 
-    def _outputs(self, rows: dict[str, tuple]) -> dict[str, tf.Tensor]:
-        """Activations for every feature, then the model (or the activations) by output name."""
-        names = self._emb.table_names
-        acts = {}
-        for path, (ragged, weights) in rows.items():
-            feature = self._features[path]
-            table = self.tables[names[feature.table]]
-            acts[path] = ragged_lookup(table, ragged, weights, feature, path)
+    def _outputs(
+        self, requested: list[tuple[FeatureIds, list[Check]]], checks: list[Check]
+    ) -> dict[str, tf.Tensor]:
+        """Activations for every feature, then the model (or the activations) by output name.
+
+        ``requested`` pairs each feature with the checks of its ids, ``checks`` are those of the
+        rest of the request (lengths, weights, batch sizes). Each group is one ``Assert``: the
+        ids are gated on theirs, so the gathers (the long ops) start as soon as the ids are
+        checked, and the lengths and weights on all of them, so nothing that reads them (the
+        segment sums) runs on a malformed request.
+        """
+        ids_ok = assert_all([c for _, id_checks in requested for c in id_checks])
+        request_ok = assert_all(checks)
+        features = [
+            dataclasses.replace(
+                f,
+                ids=gated(f.ids, ids_ok),
+                lengths=gated(f.lengths, request_ok),
+                weights=None if f.weights is None else gated(f.weights, request_ok),
+            )
+            for f, _ in requested
+        ]
+        acts = lookup(features, self._gather_rows)
         nested = _nest.pack_like(self._emb.feature_config, [acts[p] for p in self._features])
         return _named_outputs(nested if self.model is None else self.model(nested))
 
     def _serve(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        rows = {}
-        batches = []
-        for path in self._features:
+        requested, checks, batches = [], [], []
+        for path, feature in self._features.items():
+            ids, id_checks = check_ids(path, inputs[input_name(path, "ids")], feature)
             lengths = inputs[input_name(path, "lengths")]
             weights = inputs.get(input_name(path, "weights"))
-            rows[path] = self._ragged(path, inputs[input_name(path, "ids")], lengths, weights)
+            checks += _request_checks(path, ids, lengths, weights)
+            requested.append((FeatureIds(path, feature, ids, lengths, weights), id_checks))
             batches.append(tf.size(lengths, out_type=tf.int64))
-        checks = [
-            tf.debugging.assert_equal(
-                b, batches[0], message="every feature's _lengths must have the same batch size"
-            )
-            for b in batches[1:]
-        ]
-        with tf.control_dependencies(checks):
-            return self._outputs(rows)
+        if len(batches) > 1:
+            same = tf.reduce_all(tf.equal(tf.stack(batches), batches[0]))
+            checks.append((same, "every feature's _lengths must have the same batch size"))
+        return self._outputs(requested, checks)
 
     def _serve_examples(self, examples: tf.Tensor) -> dict[str, tf.Tensor]:
         spec = {}
@@ -285,22 +316,32 @@ class _ServingModule(tf.Module):
             if path in self._weighted:
                 spec[f"{path}_weights"] = tf.io.RaggedFeature(tf.float32, row_splits_dtype=tf.int64)
         parsed = tf.io.parse_example(examples, spec)
-        rows = {}
-        for path in self._features:
+        requested, checks = [], []
+        for path, feature in self._features.items():
             ragged, weights = parsed[path], parsed.get(f"{path}_weights")
             if self._strict_examples:
                 ragged = _require_feature(path, ragged)
-            ids = check_ids(path, ragged.flat_values, self._features[path])
+            ids, id_checks = check_ids(path, ragged.flat_values, feature)
+            lengths = ragged.row_lengths()
             if weights is not None:
-                check = tf.debugging.assert_equal(
-                    weights.row_lengths(),
-                    ragged.row_lengths(),
-                    message=f"feature {path}: give one weight per id in every example",
-                )
-                with tf.control_dependencies([check]):
-                    weights = tf.identity(weights)
-            rows[path] = (ragged.with_flat_values(ids), weights)
-        return self._outputs(rows)
+                same = tf.reduce_all(tf.equal(weights.row_lengths(), lengths))
+                checks.append((same, f"feature {path}: give one weight per id in every example"))
+                weights = weights.flat_values
+            requested.append((FeatureIds(path, feature, ids, lengths, weights), id_checks))
+        return self._outputs(requested, checks)
+
+
+def _request_checks(path: str, ids: tf.Tensor, lengths: tf.Tensor, weights) -> list[Check]:
+    """Run-time checks of one feature of a ``serving_default`` request, naming the feature:
+    lengths non-negative and adding up to the number of ids, one weight per id."""
+    n = tf.size(ids, out_type=tf.int64)
+    checks = [(tf.reduce_all(lengths >= 0), f"feature {path}: lengths must be >= 0")]
+    add_up = tf.equal(tf.reduce_sum(lengths), n)
+    checks.append((add_up, f"feature {path}: the lengths must add up to the number of ids"))
+    if weights is not None:
+        same = tf.equal(tf.size(weights, out_type=tf.int64), n)
+        checks.append((same, f"feature {path}: give one weight per id"))
+    return checks
 
 
 def _non_finite_rows(values: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
@@ -433,12 +474,13 @@ def sample_inputs(
 
 def jax_outputs(
     emb: Embedding,
-    state: EmbeddingState,
+    tables: Mapping[Any, Any],
     samples: Mapping[str, Mapping[str, np.ndarray]],
     model: Callable | None = None,
     params: Any = None,
 ) -> dict[str, np.ndarray]:
-    """What the SavedModel must return for ``samples``, computed with jaxembed (and the model)."""
+    """What the SavedModel must return for ``samples``, computed with jaxembed (and the model)
+    on ``tables`` (``{TableConfig: [V, dim] array}``, as the SavedModel serves them)."""
     paths = [p for p, _ in _nest.flatten_with_paths(emb.feature_config)]
 
     def ragged(key):
@@ -450,9 +492,7 @@ def jax_outputs(
         ]
         return _nest.pack_like(emb.feature_config, leaves)
 
-    acts = embedding_lookup(
-        ragged("ids"), ragged("weights"), emb.embedding_tables(state), emb.feature_config
-    )
+    acts = embedding_lookup(ragged("ids"), ragged("weights"), tables, emb.feature_config)
     out = acts if model is None else model(params, acts)
     return {k: np.asarray(v) for k, v in _named_outputs(out).items()}
 
@@ -520,7 +560,22 @@ def _as_float(x: np.ndarray) -> np.ndarray:
     return x if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact) else x.astype(np.float64)
 
 
-def _verify(directory: str, emb, state, model, params, options: ExportOptions) -> None:
+def served_tables(emb: Embedding, state: EmbeddingState, module: _ServingModule) -> dict:
+    """The tables as the SavedModel serves them: the trained ones, the quantized ones
+    dequantized (``{TableConfig: [V, dim] array}``)."""
+    tables: dict[TableConfig, Any] = dict(emb.embedding_tables(state))
+    tables.update(module.served_tables)
+    return tables
+
+
+def _verify(directory: str, emb, tables, model, params, options: ExportOptions) -> None:
+    """Compares the reloaded SavedModel with JAX on ``tables``, the tables it serves.
+
+    A quantized table is compared as served, dequantized: the served lookup equals JAX's on the
+    same rows (bit for bit), so the tolerance need not cover the quantization error, and a wrong
+    dequantization still fails. The quantization error itself, a property of the tables, is
+    measured exactly at export (``max_abs_error`` per table in the metadata).
+    """
     loaded = tf.saved_model.load(directory)
     default = loaded.signatures["serving_default"]
     examples = loaded.signatures["serving_examples"]
@@ -529,7 +584,7 @@ def _verify(directory: str, emb, state, model, params, options: ExportOptions) -
     for batch in _sample_batches(features, options.sample_batch_sizes):
         min_length = 1 if options.strict_examples else 0  # strict: no empty (absent) features
         samples = sample_inputs(emb, batch, options.weighted, rng, min_length)
-        want = jax_outputs(emb, state, samples, model, params)
+        want = jax_outputs(emb, tables, samples, model, params)
         request = {k: tf.constant(v) for k, v in serving_request(samples).items()}
         _compare(default(**request), want, f"serving_default (batch {batch})", options)
         serialized = tf.constant(serialized_examples(samples))
@@ -545,6 +600,8 @@ def _metadata(emb: Embedding, module: _ServingModule, options: ExportOptions) ->
         "config": config_metadata(emb),
         "weighted": list(options.weighted),
         "model": module.model is not None,
+        "quantize": options.quantize,
+        "tables": module.table_info,
     }
 
 
@@ -766,7 +823,8 @@ def save_serving_model(
         meta.write_text(json.dumps(_metadata(emb, module, options), indent=1))
         if options.verify:
             _report(options, "reloading and checking against JAX", steps - 2, steps)
-            _verify(str(tmp), emb, state, model, params, options)
+            tables = served_tables(emb, state, module)
+            _verify(str(tmp), emb, tables, model, params, options)
         _report(options, f"publishing {final}", steps - 1, steps)
         _publish(tmp, final, options.overwrite, source)
         _report(options, f"published {final}", steps, steps)

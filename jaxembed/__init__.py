@@ -2,7 +2,7 @@
 
 Public API (see README.md for a tour):
 
-* ``TableConfig``, ``FeatureConfig``: TF's configs, frozen.
+* ``TableConfig``, ``FeatureConfig``, ``QuantizationConfig``: TF's configs, frozen.
 * ``Sparse``, ``Ragged``: id inputs (a plain integer array is a dense input).
 * ``embedding_lookup``: TF's ``serving_embedding_lookup`` over nested structures.
 * ``Embedding``: tables + optimizer slots; ``preprocess``, ``lookup``, ``apply_gradients``.
@@ -19,6 +19,7 @@ from jaxembed import optimizers as optimizers
 from jaxembed._kernels import status as cpu_kernels_status
 from jaxembed.batch import Batch as Batch
 from jaxembed.configs import FeatureConfig as FeatureConfig
+from jaxembed.configs import QuantizationConfig as QuantizationConfig
 from jaxembed.configs import TableConfig as TableConfig
 from jaxembed.embedding import Embedding as Embedding
 from jaxembed.embedding import EmbeddingState as EmbeddingState
@@ -34,6 +35,7 @@ __all__ = [
     "Embedding",
     "EmbeddingState",
     "FeatureConfig",
+    "QuantizationConfig",
     "Ragged",
     "Sparse",
     "TableConfig",

@@ -468,6 +468,10 @@ def slot_sums(
                [2.]], dtype=float32)
     """
     weighted = head_w is not None
+    if ids is not None and jnp.shape(ids)[0] == 0:
+        # No ids (e.g. all dropped as out of range): every slot is empty. The kernel reads an
+        # empty ids operand as "no indirection", so pass no rows instead.
+        rows, ids = rows[:0], None
     if not enabled():
         if ids is not None:
             rows = _take(rows, _as_index(ids))

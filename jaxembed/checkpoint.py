@@ -1,13 +1,18 @@
 """Checkpoints with orbax: tables and slots in logical row order, configs as metadata.
 
-A checkpoint step directory holds two orbax items (three with ``CheckpointManager``'s
-``extra``, e.g. the dense model's params and optax state):
+A checkpoint step directory holds two orbax items, plus ``extra`` (any pytree, e.g. optax
+state) and ``model`` (a ``DenseModel``'s params) when they are saved:
 
 * ``embedding``: ``{"tables": {name: [V, dim]}, "slots": {name: slots}, "step": int}``, every
   table-shaped array in **logical row order**, so a checkpoint written on 8 devices restores onto
   1, 2 or 64 (the physical layout of a mesh is rebuilt on restore);
 * ``config``: JSON describing the tables (name, vocabulary_size, dim, combiner, optimizer class
-  and hyperparameters) and the features, enough to rebuild the configs without the training code.
+  and hyperparameters) and the features, enough to rebuild the configs without the training code;
+  with a ``DenseModel``, also its import path (``"package.module:attribute"``), its JSON kwargs
+  and the structure, shapes and dtypes of its params (``"model"``);
+* ``model``: the ``DenseModel``'s params, so ``jaxembed export`` serves the whole model from the
+  checkpoint alone (``restore_model``; ``DenseModel.resolve`` imports the named module, which
+  runs its code as any import does: nothing is pickled).
 
 Orbax writes each step to a temporary directory and renames it when complete, so an interrupted
 save never looks like a finished step. Nothing is pickled.
@@ -21,14 +26,15 @@ Failure modes (each one an error naming the step, table, path or holder, and the
   ``CheckpointLockedError`` naming the holder. A lock whose holder died on this host is taken
   over with a ``RuntimeWarning``. Readers (``restore``, ``read_config``, ``latest_step``) take no
   lock. In a multi-process JAX job only process 0 takes the lock, for the whole job.
-* **Checksums.** Every saved array (each table, each slot, the step, each leaf of ``extra``) gets
-  a checksum in the step's ``config`` JSON (``"checksums"``): a position-weighted sum of hashed
-  bit patterns, computed with ``jnp`` under ``jit`` on the sharded arrays (nothing gathered to
-  one host; small arrays held by this process with numpy, bit for bit the same) and independent
-  of the device count (``checksums``). ``restore`` verifies them; a mismatch, or files that are
-  missing, truncated or cannot be decoded, raise ``CheckpointCorruptedError`` naming the step
-  and the table (or file). With ``step=None`` the error also names the newest older step that
-  restores intact; nothing falls back silently.
+* **Checksums.** Every saved array (each table, each slot, the step, each leaf of ``extra``
+  and of a ``DenseModel``'s params) gets a checksum in the step's ``config`` JSON
+  (``"checksums"``): a position-weighted sum of hashed bit patterns, computed with ``jnp`` under
+  ``jit`` on the sharded arrays (nothing gathered to one host; small arrays held by this process
+  with numpy, bit for bit the same) and independent of the device count (``checksums``).
+  ``restore`` and ``restore_model`` verify them; a mismatch, or files that are missing,
+  truncated or cannot be decoded, raise ``CheckpointCorruptedError`` naming the step and the
+  table (or file). With ``step=None`` the error also names the newest older step that restores
+  intact; nothing falls back silently.
 * **Steps.** A step is a non-negative integer; a step that exists is never overwritten
   (``StepExistsError``); a state that does not fit the ``Embedding`` is refused before anything
   is written.
@@ -67,11 +73,14 @@ except ImportError:  # Windows: no flock; the lock file alone keeps writers apar
     fcntl = None  # type: ignore[assignment]
 
 from jaxembed._checksums import CHECKSUM_ALGORITHM, checksums
-from jaxembed.configs import FeatureConfig, TableConfig
+from jaxembed.configs import FeatureConfig, QuantizationConfig, TableConfig
+from jaxembed.dense_model import DenseModel as DenseModel  # public here: je.checkpoint.DenseModel
+from jaxembed.dense_model import check_model, params_from_structure, plain_params
+from jaxembed.dense_model import model_summary as model_summary  # je.checkpoint.model_summary
 from jaxembed.embedding import Embedding, EmbeddingState
 from jaxembed.optimizers import OptaxOptimizer
 
-_ITEMS = ("embedding", "config", "extra")
+_ITEMS = ("embedding", "config", "extra", "model")
 _LOCK_FILE = ".jaxembed-writer.lock"
 _TRASH_DIR = ".jaxembed-deleted"
 
@@ -173,6 +182,8 @@ def _leaf_label(name: str) -> str:
         return f"slot {slot!r} of table {table!r}" if slot else f"slots of table {table!r}"
     if kind == "extra":
         return f"extra item {rest!r}"
+    if kind == "model":
+        return f"dense model parameter {rest!r}"
     return "the step counter" if name == "step" else repr(name)
 
 
@@ -465,6 +476,11 @@ def config_metadata(emb: Embedding) -> dict:
             "dim": table.dim,
             "combiner": table.combiner,
             "optimizer": optimizer_config(emb.optimizers[name]),
+            "quantization_config": (
+                None
+                if table.quantization_config is None
+                else dataclasses.asdict(table.quantization_config)
+            ),
         }
         for table, name in emb.table_names.items()
     ]
@@ -537,13 +553,20 @@ def read_config(directory: str | os.PathLike, step: int | None = None) -> dict:
 def feature_config_from(config: dict) -> Any:
     """Rebuilds the nested ``FeatureConfig``s of ``read_config``'s result.
 
-    Tables get their saved name, shape and combiner, TF's default initializer and no optimizer
-    (a learning-rate schedule cannot be stored): enough to restore and serve the tables, e.g.
+    Tables get their saved name, shape, combiner and quantization config, TF's default
+    initializer and no optimizer (a learning-rate schedule cannot be stored): enough to restore
+    and serve the tables, e.g.
     ``je.checkpoint.restore(dir, je.Embedding(feature_config_from(cfg)), tables_only=True)``.
     """
     tables = {
         t["name"]: TableConfig(
-            t["vocabulary_size"], t["dim"], combiner=t["combiner"], name=t["name"]
+            t["vocabulary_size"],
+            t["dim"],
+            combiner=t["combiner"],
+            name=t["name"],
+            quantization_config=QuantizationConfig(**t["quantization_config"])
+            if t.get("quantization_config")
+            else None,
         )
         for t in config["tables"]
     }
@@ -598,14 +621,25 @@ def _restore_target(emb: Embedding) -> dict:
     return {"tables": tables, "slots": slots, "step": struct((), np.int32)}
 
 
-def save(directory: str | os.PathLike, emb: Embedding, state: EmbeddingState, step: int) -> None:
+def save(
+    directory: str | os.PathLike,
+    emb: Embedding,
+    state: EmbeddingState,
+    step: int,
+    *,
+    model: DenseModel | None = None,
+) -> None:
     """Writes ``state`` (logical row order) and ``emb``'s configs as checkpoint ``step``.
 
-    Holds the directory's writer lock while it writes (see ``CheckpointManager``).
+    With ``model`` (a ``DenseModel``), its import path, kwargs and params are saved too, so
+    ``jaxembed export`` serves the whole model (``restore_model`` reads it back). Holds the
+    directory's writer lock while it writes (see ``CheckpointManager``).
 
     Raises:
-        ValueError: ``step`` is not a non-negative integer, or ``state`` does not fit ``emb``
-            (checked before anything is written).
+        ValueError: ``step`` is not a non-negative integer, ``state`` does not fit ``emb``, or
+            ``model``'s target does not import here (checked before anything is written).
+        TypeError: ``model`` is not a ``DenseModel``, or its target is neither a function nor a
+            ``flax.linen.Module`` subclass.
         StepExistsError: ``step`` is already in ``directory`` (steps are never overwritten).
         CheckpointLockedError: another writer owns ``directory``.
         CheckpointWriteError: the write failed; the step was not committed.
@@ -622,7 +656,7 @@ def save(directory: str | os.PathLike, emb: Embedding, state: EmbeddingState, st
         True
     """
     with CheckpointManager(directory, emb, max_to_keep=None, async_save=False) as manager:
-        manager.save(step, state, force=True)
+        manager.save(step, state, model=model, force=True)
 
 
 def _slot_kind(optimizer: dict | None) -> tuple:
@@ -698,11 +732,34 @@ def restore(
     return state
 
 
+def restore_model(
+    directory: str | os.PathLike, step: int | None = None, *, sharding: Any = None
+) -> DenseModel | None:
+    """The ``DenseModel`` saved with checkpoint ``step`` (latest if None), or None.
+
+    Imports nothing: call ``.resolve()`` on the result for the apply function (which imports
+    the module named in the checkpoint). See ``CheckpointManager.restore_model``.
+
+    Example:
+        >>> import jax, tempfile, jaxembed as je
+        >>> table = je.TableConfig(10, 4, name="items")
+        >>> emb = je.Embedding({"items": je.FeatureConfig(table)})
+        >>> path = tempfile.mkdtemp()
+        >>> je.checkpoint.save(path, emb, emb.init(jax.random.key(0)), step=1)
+        >>> je.checkpoint.restore_model(path) is None  # saved without a model
+        True
+    """
+    with CheckpointManager(directory, None, create=False) as manager:
+        return manager.restore_model(step, sharding=sharding)
+
+
 class CheckpointManager:
     """Checkpoints for a training loop: keep the last N, save every K steps, save asynchronously.
 
     Each step directory holds the embedding state (logical row order), the configs and, if
-    given, an ``extra`` pytree such as the dense model's params and optax state. Asynchronous
+    given, the dense model (a ``DenseModel``: import path, kwargs and params, which
+    ``jaxembed export`` serves with the tables) and an ``extra`` pytree such as optax state.
+    Asynchronous
     saves return as soon as the arrays are copied off the device; ``wait_until_finished`` (and
     leaving a ``with`` block) waits for the writes.
 
@@ -775,19 +832,31 @@ class CheckpointManager:
 
     # -- writing --
     def save(
-        self, step: int, state: EmbeddingState, *, extra: Any = None, force: bool = False
+        self,
+        step: int,
+        state: EmbeddingState,
+        *,
+        extra: Any = None,
+        model: DenseModel | None = None,
+        force: bool = False,
     ) -> bool:
-        """Saves ``state`` (and ``extra``) as ``step``; returns whether a save was started.
+        """Saves ``state`` (and ``extra``, and ``model``) as ``step``; returns whether a save
+        was started.
 
-        ``step`` must be new: an existing step raises ``StepExistsError``, and a step older than
-        the latest one raises a ValueError unless ``force`` (which also ignores
-        ``save_interval_steps``). The state is checked against the Embedding, and the directory
-        lock taken, before anything is written. Checksums of every array go into the step's
-        config. Errors as ``save``.
+        ``model`` is a ``DenseModel``: its import path and kwargs go into the step's config and
+        its params into the ``model`` item, so ``jaxembed export`` serves the whole model;
+        ``extra`` is any other pytree (e.g. optax state). ``step`` must be new: an existing step
+        raises ``StepExistsError``, and a step older than the latest one raises a ValueError
+        unless ``force`` (which also ignores ``save_interval_steps``). The state is checked
+        against the Embedding, ``model``'s target is imported, and the directory lock taken,
+        before anything is written. Checksums of every array go into the step's config. Errors
+        as ``save``.
         """
         step = _check_step(step)
         emb = self._embedding()
         _check_state(emb, state)
+        if model is not None:
+            model = check_model(model)
         self._own_directory()
         self.wait_until_finished()  # the previous save, and its deletions, are complete
         self._empty_trash()
@@ -808,6 +877,12 @@ class CheckpointManager:
         }
         if extra is not None:
             items["extra"] = ocp.args.PyTreeSave(extra)
+        if model is not None:
+            params = plain_params(model.params)
+            arrays.update(checksums({"model": params}))
+            config["model"] = model.metadata()
+            if jax.tree.leaves(params):  # a model without params has nothing to write
+                items["model"] = ocp.args.PyTreeSave(params)
         self._written.add(step)
         try:
             return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
@@ -924,6 +999,80 @@ class CheckpointManager:
         state = emb.state_from_logical(host["tables"], slots, host["step"])
         return state, restored_extra
 
+    def restore_model(self, step: int | None = None, *, sharding: Any = None) -> DenseModel | None:
+        """The ``DenseModel`` saved with ``step`` (latest if None), or None if it has none.
+
+        Reads the import path and kwargs from the step's config and the params from its
+        ``model`` item, verifying their checksums; it imports nothing (``DenseModel.resolve``
+        does). Needs no Embedding.
+
+        Args:
+            step: which step; None for the latest.
+            sharding: where to place the params: a ``jax.sharding.Sharding`` for every array
+                (e.g. ``NamedSharding(mesh, PartitionSpec())`` to replicate them on a mesh of
+                any device count), a pytree of shardings that is a prefix of the params' tree
+                (e.g. ``{"params": {"Dense_0": s0, "Dense_1": s1}}``), or None for this
+                process's first device.
+
+        Raises:
+            FileNotFoundError: no complete checkpoint (or no such step).
+            CheckpointCorruptedError: the params' files are missing or damaged, or their data
+                does not match the checksums recorded at save, naming the step and the array;
+                with ``step=None`` it also names the newest older step whose model restores.
+        """
+        requested = None if step is None else _check_step(step)
+        resolved = self._resolve_step(requested)
+        try:
+            return self._restore_model_step(resolved, sharding)
+        except CheckpointCorruptedError as err:
+            if requested is not None:
+                raise
+            older = sorted((s for s in self._manager.all_steps() if s < err.step), reverse=True)
+            hint = "there is no older step" if not older else "no older step's model restores"
+            for candidate in older:
+                try:
+                    self._restore_model_step(candidate, sharding)
+                except CheckpointCorruptedError:
+                    continue
+                hint = f"the newest intact step is {candidate}: restore it with step={candidate}"
+                break
+            raise CheckpointCorruptedError(
+                f"{err} The latest step is damaged and nothing falls back silently: {hint}.",
+                directory=err.directory,
+                step=err.step,
+                damaged=err.damaged,
+            ) from err
+
+    def _restore_model_step(self, step: int, sharding: Any) -> DenseModel | None:
+        config = self._read_config(step)
+        stored = config.get("model")
+        if stored is None:
+            return None
+        if sharding is None:
+            sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+        def struct(shape: list[int], dtype: str) -> jax.ShapeDtypeStruct:
+            return jax.ShapeDtypeStruct(tuple(shape), jax.numpy.dtype(dtype))
+
+        target = params_from_structure(stored["params"], struct)
+
+        def place(where: Any, subtree: Any) -> Any:
+            return jax.tree.map(lambda x: x.update(sharding=where), subtree)
+
+        try:  # ``sharding`` is a prefix of the params' tree (one Sharding: all of them)
+            target = jax.tree.map(place, sharding, target)
+        except (ValueError, TypeError) as err:
+            raise ValueError(
+                "`sharding` must be a jax.sharding.Sharding or a pytree of them that is a prefix "
+                f"of the dense model's params ({jax.tree.structure(target)}): {_short(err)}."
+            ) from err
+        params = target
+        if jax.tree.leaves(target):
+            params = self._restore_item(step, "model", target, partial=False)
+            recorded = config.get("checksums", {}).get("arrays", {})
+            self._verify(step, recorded, {"model": params})
+        return DenseModel(stored["apply"], params, kwargs=stored["kwargs"])
+
     def _read_config(self, step: int) -> dict:
         """Step ``step``'s config JSON; CheckpointCorruptedError naming the file if unreadable."""
         path = os.path.join(self.directory, str(step), "config", "metadata")
@@ -971,6 +1120,12 @@ class CheckpointManager:
                 label for label, part in _parts(target) if not self._readable(step, item, part)
             ] or ["the embedding item"]
             hint = "restore another step, or save this one again from a run that has it"
+        elif item == "model":
+            damaged = ["the dense model's params"]
+            hint = (
+                "restore another step, or save this one again (`jaxembed export --tables-only` "
+                "still exports its tables)"
+            )
         else:
             damaged = ["the extra item"]
             hint = (

@@ -3,10 +3,14 @@
 * ``jaxembed demo --out DIR`` runs the main job (``jaxembed.demo.run``): train a sharded
   recommender on a click log, checkpoint it, export a SavedModel, serve it from a TensorFlow-only
   process and compare with JAX, plot the training curve.
-* ``jaxembed export CKPT_DIR OUT [--step N]`` turns a checkpoint into a SavedModel for CPU TF
-  Serving (configs read from the checkpoint).
+* ``jaxembed export CKPT_DIR OUT [--step N] [--tables-only] [--quantize Q]`` turns a checkpoint
+  into a SavedModel for CPU TF Serving (configs read from the checkpoint): the whole model when
+  the step stores a dense model (``je.checkpoint.DenseModel``: its module is imported, which runs
+  that module's code), the tables alone otherwise or with ``--tables-only``; ``--quantize``
+  stores the serving tables as int8, float16 or bfloat16.
 * ``jaxembed inspect PATH`` shows what a checkpoint, a TF checkpoint or a SavedModel holds (for
-  a TF Serving base folder of versions ``1/``, ``2/``, ...: the latest version, and the list).
+  a TF Serving base folder of versions ``1/``, ``2/``, ...: the latest version, and the list);
+  a checkpoint's dense model is shown by its import path, never imported.
 
 TensorFlow is imported only by ``export`` and by ``inspect`` of TF files.
 
@@ -29,8 +33,12 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
 
 import jaxembed as je
 
@@ -115,37 +123,84 @@ def export_checkpoint(
     version: int | None = None,
     weighted: Sequence[str] = (),
     overwrite: bool = False,
+    tables_only: bool = False,
+    quantize: str | dict[str, str | None] | None = None,
 ) -> str:
     """Checkpoint ``step`` (latest if None) -> SavedModel at ``out`` (``out/<version>``).
 
+    The SavedModel serves the whole model (lookup, then the dense model) when the step stores a
+    ``DenseModel`` and not ``tables_only``; otherwise the activations, one output per feature.
+    The dense model's module is imported (running its code) before TensorFlow is. ``quantize``
+    is ``ExportOptions.quantize`` (serving tables stored as int8, float16 or bfloat16).
+
     Raises:
         FileNotFoundError: no checkpoint (or no such step) at ``ckpt_dir``.
-        ValueError: ``out`` overlaps ``ckpt_dir``, a negative step or version, or a target that
-            ``save_serving_model`` refuses (FileExistsError too).
+        ValueError: ``out`` overlaps ``ckpt_dir``, a negative step or version, a stored dense
+            model that cannot be imported here, or a target that ``save_serving_model`` refuses
+            (FileExistsError too).
     """
     from rich.progress import Progress
 
     _check_export_paths(Path(ckpt_dir), Path(out), step, version)
     config = je.checkpoint.read_config(ckpt_dir, step)
+    step = config["step"]
+    summary = je.checkpoint.model_summary(config)
+    apply_fn, params = None, None
+    if summary is None:
+        print(
+            f"tables-only export: step {step} of {ckpt_dir} stores no dense model, so the "
+            "SavedModel serves the activations (one output per feature); to serve the whole "
+            "model, save it with the step: manager.save(step, state, "
+            "model=je.checkpoint.DenseModel('package.module:predict', params))"
+        )
+    elif tables_only:
+        print(
+            f"tables-only export (--tables-only): the dense model {summary['apply']} stored in "
+            f"step {step} is left out; the SavedModel serves the activations"
+        )
+    else:
+        apply_fn, params = _load_dense_model(ckpt_dir, step)
     _import_tensorflow()
     from jaxembed import export
 
     emb = je.Embedding(je.checkpoint.feature_config_from(config))
     with Progress(transient=False) as progress:
-        task = progress.add_task(f"restoring step {config['step']}", total=None)
-        state = je.checkpoint.restore(ckpt_dir, emb, config["step"], tables_only=True)
+        task = progress.add_task(f"restoring step {step}", total=None)
+        state = je.checkpoint.restore(ckpt_dir, emb, step, tables_only=True)
 
         def report(description: str, done: int, total: int) -> None:
             progress.update(task, description=description, completed=done, total=total)
 
         options = export.ExportOptions(
-            version=version, weighted=tuple(weighted), overwrite=overwrite, progress=report
+            version=version,
+            weighted=tuple(weighted),
+            overwrite=overwrite,
+            progress=report,
+            quantize=quantize,
         )
         path = export.save_serving_model(
-            out, emb, state, options=options, source_checkpoint=ckpt_dir
+            out, emb, state, apply_fn, params, options=options, source_checkpoint=ckpt_dir
         )
-    print(f"exported step {config['step']} of {ckpt_dir} to {path}")
+    what = "the tables"
+    if apply_fn is not None and summary is not None:
+        what = f"the tables and the dense model {summary['apply']}"
+    print(f"exported step {step} of {ckpt_dir} ({what}) to {path}")
     return path
+
+
+def _load_dense_model(ckpt_dir: Path, step: int) -> tuple[Callable, Any]:
+    """The stored dense model's apply function (imported) and params; a ValueError if its
+    module cannot be imported here."""
+    model = je.checkpoint.restore_model(ckpt_dir, step)
+    assert model is not None  # the config says one is stored
+    try:
+        apply_fn = model.resolve()
+    except (ImportError, TypeError) as err:
+        raise ValueError(
+            f"step {step} of {ckpt_dir}: {str(err).rstrip('.')}; or pass --tables-only to "
+            "export the tables alone."
+        ) from err
+    return apply_fn, jax.tree.map(np.asarray, model.params)
 
 
 def _overlaps(a: Path, b: Path) -> bool:
@@ -248,6 +303,10 @@ def describe(path: Path) -> dict:
     )
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def _print_inspection(info: dict) -> None:
     print(f"{info['kind']}: {info['path']}")
     if "versions" in info:
@@ -272,7 +331,29 @@ def _print_inspection(info: dict) -> None:
             if f["output_shape"] is not None:
                 extra.append(f"output_shape={f['output_shape']}")
             print(f"    {f['path']} -> {f['table']} {' '.join(extra)}".rstrip())
+        model = je.checkpoint.model_summary(info)
+        if model is None:
+            print(
+                "  dense model: none (no dense model stored; `jaxembed export` writes tables only)"
+            )
+        else:
+            size = (
+                f"{_count(model['parameters'], 'parameter')} in {_count(model['arrays'], 'array')}"
+            )
+            print(
+                f"  dense model: {model['apply']} kwargs={json.dumps(model['kwargs'])} ({size}; "
+                "imported only by `jaxembed export`)"
+            )
         return
+    if info.get("tables"):
+        print("  tables:")
+        for name, t in info["tables"].items():
+            saved = ""
+            if t["float32_bytes"] and t["float32_bytes"] != t["bytes"]:
+                saved = f" (float32: {t['float32_bytes']:,} B)"
+            how = t["quantization"] or "float32"
+            error = f", max abs error {t['max_abs_error']:.3g}" if t["max_abs_error"] else ""
+            print(f"    {name}: {t['dtype']}{t['shape']} {t['bytes']:,} B{saved} {how}{error}")
     for key, sig in info.get("signatures", {}).items():
         print(f"  signature {key}:")
         for side in ("inputs", "outputs"):
@@ -357,6 +438,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--weighted", default="", help="comma-separated feature paths that take _weights inputs"
     )
     p_export.add_argument("--overwrite", action="store_true", help="replace an existing model")
+    p_export.add_argument(
+        "--tables-only",
+        action="store_true",
+        help="export the tables alone, even if the checkpoint stores a dense model (whose "
+        "module is otherwise imported)",
+    )
+    p_export.add_argument(
+        "--quantize",
+        default=None,
+        help="serving tables stored smaller: int8 (row-wise, FBGEMM's 8-bit layout), float16 or "
+        "bfloat16 for every table of at least 1 MiB, or per table: users=int8,tags=float16",
+    )
     p_inspect = sub.add_parser("inspect", help="what a checkpoint or SavedModel holds")
     p_inspect.add_argument("path", type=Path)
     p_inspect.add_argument("--json", action="store_true", help="print JSON")
@@ -378,6 +471,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _quantize_option(text: str | None) -> str | dict[str, str | None] | None:
+    """``--quantize``: ``int8`` (every table it pays for) or ``a=int8,b=float16`` (per table,
+    ``none`` keeps one float32); the values are checked by ``ExportOptions``."""
+    if text is None or "=" not in text:
+        return text
+    mapping: dict[str, str | None] = {}
+    for part in filter(None, text.split(",")):
+        table, sep, scheme = part.partition("=")
+        if not sep or not table:
+            raise ValueError(
+                f"--quantize {text!r}: {part!r} is not TABLE=SCHEME; write e.g. "
+                "--quantize users=int8,tags=float16 (or one scheme for every table: --quantize "
+                "int8)."
+            )
+        mapping[table] = None if scheme.lower() == "none" else scheme
+    return mapping
+
+
 def _dispatch(args: argparse.Namespace) -> None:
     """Runs the parsed subcommand."""
     if args.command == "demo":
@@ -391,6 +502,8 @@ def _dispatch(args: argparse.Namespace) -> None:
             version=args.version,
             weighted=weighted,
             overwrite=args.overwrite,
+            tables_only=args.tables_only,
+            quantize=_quantize_option(args.quantize),
         )
     elif args.command == "inspect":
         info = describe(args.path)

@@ -1,13 +1,15 @@
 """Table and feature configs with TensorFlow's names, defaults and validation.
 
-``TableConfig`` and ``FeatureConfig`` mirror ``tf.tpu.experimental.embedding.TableConfig`` and
-``FeatureConfig``: same argument names, order, defaults and error conditions. Unlike TF they are
-frozen: nothing (no ``Embedding``, no lookup) ever writes a name or an optimizer into them.
+``TableConfig``, ``FeatureConfig`` and ``QuantizationConfig`` mirror their
+``tf.tpu.experimental.embedding`` twins: same argument names, order, defaults and error
+conditions. Unlike TF they are frozen: nothing (no ``Embedding``, no lookup) ever writes a name
+or an optimizer into them.
 
 Like TF, configs compare and hash by identity: two features share a table when they hold the same
 ``TableConfig`` object, and ``{TableConfig: array}`` is how tables are passed around. Tables are
 also orderable (by name, then size, then creation order) so that JAX can sort the keys of such a
-dict when it flattens it, e.g. under ``jax.jit``.
+dict when it flattens it, e.g. under ``jax.jit``. ``QuantizationConfig`` is plain data: equal
+(and equally hashed) when its three values are.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 COMBINERS = ("mean", "sum", "sqrtn")
 
@@ -37,6 +40,135 @@ def default_initializer(dim: int) -> Initializer:
     return jax.nn.initializers.truncated_normal(stddev=1.0 / math.sqrt(dim), lower=-2.0, upper=2.0)
 
 
+_INT32_MAX = 2**31 - 1  # the TPU proto's SimulatedQuantization.num_buckets is an int32
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizationConfig:
+    """Simulated quantization of a table's looked-up rows: TF's ``QuantizationConfig``.
+
+    In the forward pass every looked-up row is clipped to ``[lower, upper]`` and rounded to one of
+    ``num_buckets`` evenly spaced levels *before* the combiner, as the TPU embedding engine does
+    (``optimization_parameters.proto``, ``SimulatedQuantization``), in float32::
+
+        x = clip(x, lower, upper)
+        quantum = (upper - lower) / (num_buckets - 1)
+        x = floor((x - lower) / quantum + 0.5) * quantum + lower
+
+    ``floor(v + 0.5)`` is the documented rounding (halves round up, towards ``+inf``); ``lower``
+    and ``upper`` are taken as float32 (the proto's ``FloatValue``), ``quantum`` is computed in
+    float32, the division is a true division and the product is rounded before ``lower`` is
+    added (no FMA). The backward pass is unchanged (straight-through: the gradient of a row is
+    that of its quantized value, also where the row was clipped). The stored table stays
+    float32 and unquantized: checkpoints and ``embedding_tables`` hold the raw rows.
+
+    Validation: TF's only check, ``num_buckets < 2``, raises TF's ``ValueError`` with TF's
+    message. jaxembed also rejects at construction what TF accepts here but fails on later (a
+    non-int ``num_buckets`` such as ``2.0`` or NaN, more than ``2**31 - 1`` buckets, non-number
+    limits: the errors TF raises when it writes the TPU config) and what TF accepts but cannot
+    quantize with (NaN or infinite limits, ``lower >= upper`` as float32, a float32 ``quantum``
+    that is infinite, zero or denormal; bools as limits). The limits are stored as Python floats
+    (TF keeps ints as given, so ``repr`` shows ``-1.0`` where TF's shows ``-1``).
+
+    Unlike TF (identity), two configs with the same values are equal and hash alike.
+
+    Args:
+        num_buckets: Number of quantization levels, an int >= 2 (at most ``2**31 - 1``).
+        lower: Lower clipping limit (the lowest level), a finite number.
+        upper: Upper clipping limit (the highest level), a finite number > ``lower``.
+
+    Raises:
+        ValueError: ``num_buckets`` below 2 (TF's message) or above ``2**31 - 1``; NaN or
+            infinite limits; ``lower >= upper``; a step that is not a normal finite float32.
+        TypeError: ``num_buckets`` not an int; limits not real numbers.
+
+    Example:
+        >>> import jaxembed as je
+        >>> je.QuantizationConfig(num_buckets=5, lower=-1.0, upper=1.0)
+        QuantizationConfig(num_buckets=5, lower=-1.0, upper=1.0)
+        >>> table = je.TableConfig(100, 8, quantization_config=je.QuantizationConfig(256, -1, 1))
+    """
+
+    num_buckets: int
+    lower: float
+    upper: float
+
+    def __post_init__(self) -> None:
+        n = self.num_buckets
+        if isinstance(n, numbers.Real) and n < 2:  # TF's check and message (bools included)
+            raise ValueError(f"num_buckets is {n}, must be at least 2 for simulated quantization.")
+        if not _is_int(n):
+            raise TypeError(
+                f"`num_buckets` must be an int >= 2, got {n!r} (type {type(n).__name__}); TF "
+                "accepts it here but fails writing the TPU config (an int32 field). Pass e.g. "
+                "num_buckets=256."
+            )
+        if n > _INT32_MAX:
+            raise ValueError(
+                f"`num_buckets` must be at most 2**31 - 1 (the TPU config's int32), got {n}."
+            )
+        object.__setattr__(self, "num_buckets", int(n))
+        for arg in ("lower", "upper"):
+            value = getattr(self, arg)
+            if not _is_real(value):
+                raise TypeError(
+                    f"`{arg}` must be a real number (a float), got {value!r} (type "
+                    f"{type(value).__name__})."
+                )
+            with np.errstate(over="ignore"):  # 1e39 is inf as a float32: rejected below
+                as_float32 = np.float32(value)
+            if not math.isfinite(float(value)) or not np.isfinite(as_float32):
+                raise ValueError(
+                    f"`{arg}` must be finite as a float32 (the TPU config stores it as one), got "
+                    f"{value!r}; NaN or infinite limits make every quantized value NaN or inf."
+                )
+            object.__setattr__(self, arg, float(value))
+        lower, upper, quantum = self.float32_parameters()
+        if not lower < upper:
+            raise ValueError(
+                f"`lower` must be less than `upper` (as float32), got lower={self.lower!r}, "
+                f"upper={self.upper!r}; with lower >= upper there is no range to quantize. "
+                "Swap them or widen the range."
+            )
+        if not np.finfo(np.float32).tiny <= quantum < np.inf:  # no denormal step either
+            raise ValueError(
+                f"The quantization step (upper - lower) / (num_buckets - 1) = {quantum} in "
+                f"float32 must be a positive, finite, normal float32, got lower={self.lower!r}, "
+                f"upper={self.upper!r}, num_buckets={self.num_buckets}. Use a narrower range "
+                "if it is infinite, a wider range or fewer buckets if it is (near) zero."
+            )
+
+    def float32_parameters(self) -> tuple[np.float32, np.float32, np.float32]:
+        """``(lower, upper, quantum)`` as the float32 values the quantization uses:
+        ``quantum = (upper - lower) / (num_buckets - 1)``, each operation in float32."""
+        lower, upper = np.float32(self.lower), np.float32(self.upper)
+        with np.errstate(over="ignore"):  # an infinite range is rejected by the caller
+            quantum = np.float32(upper - lower) / np.float32(self.num_buckets - 1)
+        return lower, upper, np.float32(quantum)
+
+    def quantize(self, values: Any) -> np.ndarray:
+        """``values`` quantized (float32, numpy): what the lookup applies to each looked-up row.
+
+        TF's docstring asks users to quantize the stored variable by hand for serving; this is
+        that function, bit for bit the lookup's.
+        """
+        lower, upper, quantum = self.float32_parameters()
+        x = np.asarray(values, np.float32)
+        clipped = np.where(x < lower, lower, np.where(x > upper, upper, x))
+        level = np.floor((clipped - lower) / quantum + np.float32(0.5))
+        return (level * quantum + lower).astype(np.float32)
+
+    def __repr__(self) -> str:
+        return (
+            f"QuantizationConfig(num_buckets={self.num_buckets!r}, lower={self.lower!r}, "
+            f"upper={self.upper!r})"
+        )
+
+
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class TableConfig:
     """One embedding table: ``vocabulary_size`` rows of ``dim`` floats.
@@ -51,6 +183,9 @@ class TableConfig:
             ``"sqrtn"``.
         name: Unique table name, used as the checkpoint and export key. None lets ``Embedding``
             name it ``table_{i}`` by first appearance (without writing it here).
+        quantization_config: A ``QuantizationConfig``: looked-up rows are clipped and quantized
+            before the combiner (training and serving lookups; the stored table is not), with a
+            straight-through gradient. None (default): no quantization.
 
     Raises:
         ValueError: For any argument TF would reject, naming the argument and the value.
@@ -68,6 +203,7 @@ class TableConfig:
     optimizer: Any = None
     combiner: str = "mean"
     name: str | None = None
+    quantization_config: QuantizationConfig | None = None
     _order: int = dataclasses.field(default_factory=lambda: next(_creation_counter), init=False)
 
     def __post_init__(self) -> None:
@@ -92,6 +228,14 @@ class TableConfig:
             )
         if self.name is not None and not isinstance(self.name, str):
             raise ValueError(f"`name` must be a str or None, got {self.name!r}.")
+        quantization = self.quantization_config
+        if quantization is not None and not isinstance(quantization, QuantizationConfig):
+            raise ValueError(
+                f"`quantization_config` must be a jaxembed.QuantizationConfig or None, got "
+                f"{quantization!r} (type {type(quantization).__name__}); build one with "
+                "je.QuantizationConfig(num_buckets, lower, upper) (a TF QuantizationConfig has "
+                "the same arguments)."
+            )
 
     @property
     def initializer_fn(self) -> Initializer:
@@ -163,10 +307,13 @@ class TableConfig:
         return self._sort_key() > other._sort_key()
 
     def __repr__(self) -> str:
+        # TF always prints quantization_config; it is left out when None, as before it existed.
+        quantization = self.quantization_config
+        tail = "" if quantization is None else f", quantization_config={quantization!r}"
         return (
             f"TableConfig(vocabulary_size={self.vocabulary_size}, dim={self.dim}, "
             f"initializer={self.initializer!r}, optimizer={self.optimizer!r}, "
-            f"combiner={self.combiner!r}, name={self.name!r})"
+            f"combiner={self.combiner!r}, name={self.name!r}{tail})"
         )
 
 

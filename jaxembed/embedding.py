@@ -35,7 +35,7 @@ from jaxembed import batch as _batch
 from jaxembed.batch import Batch
 from jaxembed.configs import FeatureConfig, TableConfig
 from jaxembed.layouts import Layout
-from jaxembed.lookup import combine_rows, feature_paths, slot_cotangents
+from jaxembed.lookup import combine_rows, feature_paths, quantize_source, slot_cotangents
 from jaxembed.optimizers import Optimizer
 from jaxembed.sharding import ShardingPlan, plan_sharding
 
@@ -520,7 +520,11 @@ class Embedding:
         return P(self.plan.batch_axes)
 
     def lookup(self, state: EmbeddingState, batch: Batch) -> Any:
-        """Activations for ``batch``, nested like its inputs; equal to ``embedding_lookup``."""
+        """Activations for ``batch``, nested like its inputs; equal to ``embedding_lookup``.
+
+        Rows of a table with a ``quantization_config`` are quantized as they are read (only the
+        requested rows); ``apply_gradients`` takes the gradient straight through.
+        """
         self._check_batch(batch)
         self.check_state(state, slots=False)
 
@@ -529,10 +533,23 @@ class Embedding:
                 name: self.plan.layout(name).rows(tables[name], req[0])
                 for name, req in requests.items()
             }
+            quantized: dict[tuple[str, Any], tuple[jax.Array, Any]] = {}
+
+            def source(path: str) -> tuple[jax.Array, Any]:
+                # A quantized table's requested rows, quantized once per array and config.
+                name = self._layout_of_path(path).name
+                config = self.features[path].table.quantization_config
+                if config is None:
+                    return sources[name]
+                if (name, config) not in quantized:
+                    rows, ids = sources[name]
+                    quantized[name, config] = quantize_source(rows, ids, config)
+                return quantized[name, config]
+
             return [
                 combine_rows(rows, _batch.local(plan), ids=ids)
                 for path, plan in zip(batch.paths, plans, strict=True)
-                for rows, ids in [sources[self._layout_of_path(path).name]]
+                for rows, ids in [source(path)]
             ]
 
         spec = self._batch_spec()

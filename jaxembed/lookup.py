@@ -21,6 +21,11 @@ its sum as ``M`` *overflow* blocks (``M`` of the order of the ids, not of ``R`` 
 row): block ``m`` (one entry for sequential rows, 8 for block-ordered ones) is summed left to
 right and added to the running total of row ``overflow_rows[m]``, blocks in order, after the
 head and the blocks. These are TF's additions in TF's order, so results stay bit-identical.
+
+Simulated quantization. A table with a ``QuantizationConfig`` has the rows a lookup reads
+clipped and quantized (``simulate_quantization``) before they are placed or combined: only the
+gathered rows, never the whole table, and the ids outside the table (padding, "no entry") still
+read zero rows. The gradient passes through unchanged (straight-through).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxembed import _kernels, _nest
-from jaxembed.configs import FeatureConfig, TableConfig
+from jaxembed.configs import FeatureConfig, QuantizationConfig, TableConfig
 from jaxembed.inputs import Ragged, Sparse, is_traced
 
 _BLOCK = 8
@@ -677,20 +682,93 @@ def gather_rows(table: jax.Array, ids: Any) -> jax.Array:
     return _kernels.gather_rows(table, ids)
 
 
-def apply_plan(table: jax.Array, plan: LookupPlan) -> jax.Array:
+def simulate_quantization(rows: jax.Array, config: QuantizationConfig) -> jax.Array:
+    """``rows`` clipped to ``[lower, upper]`` and quantized to ``config.num_buckets`` levels.
+
+    The TPU embedding's simulated quantization (``optimization_parameters.proto``,
+    ``SimulatedQuantization``), elementwise in float32 (the result in ``rows.dtype``)::
+
+        x = clip(x, lower, upper)
+        x = floor((x - lower) / quantum + 0.5) * quantum + lower
+
+    with ``lower``, ``upper`` and ``quantum = (upper - lower) / (num_buckets - 1)`` the float32
+    values of ``config.float32_parameters()``: a true division, the product rounded before
+    ``lower`` is added. Bit for bit ``config.quantize`` (numpy) and the serving graph's
+    ``export._simulated_quantization.simulate`` (TF). NaN stays NaN.
+
+    Its derivative is the identity (straight-through, as on TPU: "the backward pass operations
+    are unchanged"), also where ``x`` was clipped.
+    """
+    return _simulate(rows, config)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _simulate(rows: jax.Array, config: QuantizationConfig) -> jax.Array:
+    lower, upper, quantum = (jnp.asarray(v, jnp.float32) for v in config.float32_parameters())
+    x = jnp.asarray(rows).astype(jnp.float32)
+    clipped = jnp.where(x < lower, lower, jnp.where(x > upper, upper, x))
+    # XLA rewrites x / broadcast(q) as x * (1 / q) (then fused with the + 0.5 into an FMA),
+    # which rounds differently from the formula and from TF: divide by a materialised
+    # full-shape step, as _finish does.
+    steps = jax.lax.optimization_barrier(jnp.broadcast_to(quantum, x.shape))
+    level = jnp.floor((clipped - lower) / steps + jnp.float32(0.5))
+    # XLA:CPU also fuses level * quantum + lower into an FMA (under jit, not op by op): the
+    # product is rounded first by adding it and lower to a zero in a two-trip loop.
+    terms = jnp.stack([level * quantum, jnp.broadcast_to(lower, x.shape)])
+    out, _ = jax.lax.scan(lambda acc, term: (acc + term, None), jnp.zeros_like(x), terms)
+    return out.astype(jnp.asarray(rows).dtype)
+
+
+@_simulate.defjvp
+def _simulate_jvp(
+    config: QuantizationConfig, primals: tuple, tangents: tuple
+) -> tuple[jax.Array, jax.Array]:
+    (rows,), (dot,) = primals, tangents
+    return _simulate(rows, config), dot
+
+
+def quantize_source(
+    rows: jax.Array, ids: Any, config: QuantizationConfig | None
+) -> tuple[jax.Array, Any]:
+    """``combine_rows``'s ``(rows, ids)`` with the rows a lookup reads quantized per ``config``.
+
+    With ``ids``, only the rows they name are gathered and quantized (the cost follows the ids,
+    not the table), and ids outside the table (the padding id ``vocabulary_size``) keep reading
+    a zero row; returns ``(quantized rows, None)``. Without ``ids``, ``rows`` are the fetched
+    rows themselves. ``config`` None: ``(rows, ids)`` unchanged.
+    """
+    if config is None:
+        return rows, ids
+    if ids is None:
+        return simulate_quantization(rows, config), None
+    ids = jnp.asarray(ids)
+    inside = (ids >= 0) & (ids < rows.shape[0])
+    quantized = simulate_quantization(gather_rows(rows, ids), config)
+    return jnp.where(inside[:, None], quantized, jnp.zeros((), quantized.dtype)), None
+
+
+def apply_plan(
+    table: jax.Array, plan: LookupPlan, quantization: QuantizationConfig | None = None
+) -> jax.Array:
     """Gathers and combines ``table`` rows as ``plan`` says; returns ``plan.shape + (dim,)``.
+
+    With ``quantization`` (the table's ``QuantizationConfig``) the gathered rows are quantized
+    before they are combined.
 
     Compiled once per plan shape: one XLA program instead of one dispatch per operation. An
     empty overflow (``[0, w]``) is dropped first: without long rows, no overflow operands.
     """
     if plan.overflow is not None and not plan.has_overflow:
         plan = dataclasses.replace(plan, overflow=None, overflow_weights=None, overflow_rows=None)
-    return _apply_plan(table, plan)
+    return _apply_plan(table, plan, quantization)
 
 
-@jax.jit
-def _apply_plan(table: jax.Array, plan: LookupPlan) -> jax.Array:
-    return combine_rows(table, plan, ids=plan.ids)
+@functools.partial(jax.jit, static_argnums=2)
+def _apply_plan(
+    table: jax.Array, plan: LookupPlan, quantization: QuantizationConfig | None
+) -> jax.Array:
+    rows, ids = quantize_source(table, plan.ids, quantization)
+    return combine_rows(rows, plan, ids=ids)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -786,7 +864,9 @@ def embedding_lookup(
     inputs; float64 weights are cast to the table dtype; out-of-range ids raise ``ValueError``
     naming the feature, the id and the range; ``validate_weights_and_indices=False`` keeps
     trailing empty rows (TF drops them, P3); ragged ``output_shape`` works under ``jax.jit``
-    (TF's fails in ``tf.function``, P6).
+    (TF's fails in ``tf.function``, P6). A table with a ``quantization_config`` has its
+    looked-up rows quantized before they are combined, as TF's TPU lookup does (TF's CPU
+    ``serving_embedding_lookup`` ignores the config; see ``QuantizationConfig``).
 
     ``inputs`` (and ``weights``) are read on the host, so sparse and ragged inputs must be
     concrete arrays; ``tables`` may be traced, so ``jax.jit`` and ``jax.grad`` over the tables
@@ -819,7 +899,11 @@ def embedding_lookup(
         [[6.0, 8.0], [2.0, 3.0]]
     """
     outputs = [
-        apply_plan(_table_for(tables, path, feature), plan_feature(path, inp, weight, feature))
+        apply_plan(
+            _table_for(tables, path, feature),
+            plan_feature(path, inp, weight, feature),
+            feature.table.quantization_config,
+        )
         for path, inp, weight, feature in flatten_features(inputs, weights, feature_config)
     ]
     return _nest.pack_like(inputs, outputs)

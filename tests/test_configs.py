@@ -91,7 +91,7 @@ def test_table_rejects_non_str_name(bad):
 
 def test_table_defaults_match_tf():
     ours, theirs = je.TableConfig(8, 4), tf_emb.TableConfig(8, 4)
-    for attr in ("vocabulary_size", "dim", "optimizer", "combiner", "name"):
+    for attr in ("vocabulary_size", "dim", "optimizer", "combiner", "name", "quantization_config"):
         assert getattr(ours, attr) == getattr(theirs, attr), attr
     assert ours.initializer is None
 

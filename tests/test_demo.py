@@ -50,10 +50,27 @@ def test_demo_writes_checkpoint_savedmodel_plot_and_log(demo):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
-def test_demo_checkpoint_exports_with_the_cli(demo, tmp_path):
+def test_demo_checkpoint_exports_the_whole_model_with_the_cli(demo, tmp_path, capsys):
+    import numpy as np
+    import tensorflow as tf
+
+    from jaxembed.demo import data, model
+
     out, _ = demo
-    assert cli.main(["export", str(out / "checkpoints"), str(tmp_path / "m")]) == 0
-    assert (tmp_path / "m" / "saved_model.pb").exists()
+    argv = ["export", str(out / "checkpoints"), str(tmp_path / "m"), "--weighted", "categories"]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "(the tables and the dense model jaxembed.demo.model:predict)" in text
+    assert cli.main(["inspect", str(out / "checkpoints")]) == 0
+    assert "dense model: jaxembed.demo.model:predict kwargs={}" in capsys.readouterr().out
+    # The checkpoint's export serves what the demo's own export (same step, same params) does.
+    log = data.synthetic(64, users=3000, items=2000, seed=7)
+    request = {k: tf.constant(v) for k, v in model.serving_request(log).items()}
+    served = {
+        name: tf.saved_model.load(str(path)).signatures["serving_default"](**request)["ctr"]
+        for name, path in (("cli", tmp_path / "m"), ("demo", out / "saved_model" / "1"))
+    }
+    np.testing.assert_allclose(served["cli"].numpy(), served["demo"].numpy(), rtol=0, atol=1e-6)
 
 
 def test_demo_help(capsys):

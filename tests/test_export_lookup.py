@@ -1,22 +1,50 @@
 """The serving lookup's TF ops (export/_lookup.py) against TF's own serving_embedding_lookup.
 
-Every combiner, weighted and unweighted, rows from empty to 50 ids: bit for bit, eagerly and in
-a ``tf.function`` with a dynamic batch (as a SavedModel serves it), and equal to jaxembed's
-lookup too.
+Every combiner, weighted and unweighted, rows from empty to 50 ids (and up to 600): bit for bit,
+eagerly and in a ``tf.function`` with a dynamic batch (as a SavedModel serves it), and equal to
+jaxembed's lookup too. Features sharing a table are served by one gather and one segment sum,
+and still match TF's per-feature lookup bit for bit.
 """
 
 from __future__ import annotations
 
+import collections
+
+import jax
 import numpy as np
 import pytest
 
 tf = pytest.importorskip("tensorflow")
 
-from jaxembed.export._lookup import ragged_lookup  # noqa: E402
+from jaxembed.export._lookup import FeatureIds, lookup  # noqa: E402
 
 import jaxembed as je  # noqa: E402
+from jaxembed import export  # noqa: E402
 
 TF_EMB = tf.tpu.experimental.embedding
+
+
+def _served(variable, features, ids, lengths, weights):
+    """``lookup`` of numpy requests, eagerly and traced with dynamic shapes."""
+    paths = list(features)
+
+    def run(ids, lengths, weights):
+        parts = [FeatureIds(p, features[p], ids[p], lengths[p], weights.get(p)) for p in features]
+        return lookup(parts, lambda table, i: tf.gather(variable, i))
+
+    specs = (
+        {p: tf.TensorSpec([None], tf.int64) for p in paths},
+        {p: tf.TensorSpec([None], tf.int64) for p in paths},
+        {p: tf.TensorSpec([None], tf.float32) for p in weights},
+    )
+    args = (
+        {p: tf.constant(ids[p]) for p in paths},
+        {p: tf.constant(lengths[p]) for p in paths},
+        {p: tf.constant(w) for p, w in weights.items()},
+    )
+    eager = {k: v.numpy() for k, v in run(*args).items()}
+    traced = tf.function(run, input_signature=specs)(*args)
+    return eager, {k: v.numpy() for k, v in traced.items()}
 
 
 @pytest.mark.parametrize("combiner", ["sum", "mean", "sqrtn"])
@@ -27,6 +55,7 @@ def test_serving_lookup_is_tfs_lookup_bit_for_bit(combiner, weighted):
     table = rng.normal(size=(vocab, dim)).astype(np.float32)
     lengths = rng.integers(0, 51, size=40)
     lengths[::7] = 0
+    lengths[5] = 600  # long rows are summed in order too
     ids = rng.integers(0, vocab, size=int(lengths.sum()))
     weights = rng.uniform(-0.5, 3.0, size=ids.size).astype(np.float32) if weighted else None
 
@@ -41,23 +70,171 @@ def test_serving_lookup_is_tfs_lookup_bit_for_bit(combiner, weighted):
     want = TF_EMB.serving_embedding_lookup(
         {"f": ragged}, {"f": tf_weights}, {tf_config: variable}, {"f": tf_feature}
     )["f"].numpy()
-    served = tf.function(
-        lambda values, row_lengths, w: ragged_lookup(
-            variable,
-            tf.RaggedTensor.from_row_lengths(values, row_lengths),
-            None if w is None else tf.RaggedTensor.from_row_lengths(w, row_lengths),
-            feature,
-            "f",
-        )
+    eager, traced = _served(
+        variable,
+        {"f": feature},
+        {"f": ids},
+        {"f": lengths},
+        {} if weights is None else {"f": weights},
     )
-    eager = ragged_lookup(variable, ragged, tf_weights, feature, "f").numpy()
-    traced = served(
-        tf.constant(ids), tf.constant(lengths), None if weights is None else tf.constant(weights)
-    ).numpy()
-    np.testing.assert_array_equal(eager, want)
-    np.testing.assert_array_equal(traced, want)
+    np.testing.assert_array_equal(eager["f"], want)
+    np.testing.assert_array_equal(traced["f"], want)
 
     je_ids = {"f": je.Ragged.from_row_lengths(ids, lengths)}
     je_w = None if weights is None else {"f": je.Ragged.from_row_lengths(weights, lengths)}
     got = je.embedding_lookup(je_ids, je_w, {config: table}, {"f": feature})["f"]
     np.testing.assert_array_equal(np.asarray(got), want)
+
+
+@pytest.mark.parametrize("combiner", ["sum", "mean", "sqrtn"])
+def test_features_sharing_a_table_match_tf_bit_for_bit(combiner):
+    """Weighted, unweighted and sequence features of one table, fused into one gather and one
+    segment sum, equal TF's per-feature lookup bit for bit (and jaxembed's)."""
+    rng = np.random.default_rng(11)
+    vocab, dim, batch = 500, 8, 30
+    table = rng.normal(size=(vocab, dim)).astype(np.float32)
+    config = je.TableConfig(vocab, dim, combiner=combiner, name="t")
+    tf_config = TF_EMB.TableConfig(vocab, dim, combiner=combiner, name="t")
+    features = {
+        "a": je.FeatureConfig(config),
+        "b": je.FeatureConfig(config),
+        "seq": je.FeatureConfig(config, max_sequence_length=5),
+        "c": je.FeatureConfig(config),
+    }
+    tf_features = {
+        p: TF_EMB.FeatureConfig(tf_config, max_sequence_length=f.max_sequence_length)
+        for p, f in features.items()
+    }
+    lengths = {p: rng.integers(0, 40, size=batch).astype(np.int64) for p in features}
+    lengths["a"][:3] = 0
+    ids = {
+        p: rng.integers(0, vocab, size=int(n.sum())).astype(np.int64) for p, n in lengths.items()
+    }
+    weights = {p: rng.uniform(-0.5, 3.0, size=ids[p].size).astype(np.float32) for p in ("a", "c")}
+    variable = tf.Variable(table)
+    ragged = {p: tf.RaggedTensor.from_row_lengths(ids[p], lengths[p]) for p in features}
+    tf_weights = {
+        p: tf.RaggedTensor.from_row_lengths(weights[p], lengths[p]) if p in weights else None
+        for p in features
+    }
+    want = TF_EMB.serving_embedding_lookup(ragged, tf_weights, {tf_config: variable}, tf_features)
+    eager, traced = _served(variable, features, ids, lengths, weights)
+    je_ids = {p: je.Ragged.from_row_lengths(ids[p], lengths[p]) for p in features}
+    je_w = {
+        p: je.Ragged.from_row_lengths(weights[p], lengths[p]) if p in weights else None
+        for p in features
+    }
+    mine = je.embedding_lookup(je_ids, je_w, {config: table}, features)
+    for p in features:
+        np.testing.assert_array_equal(eager[p], want[p].numpy(), err_msg=p)
+        np.testing.assert_array_equal(traced[p], want[p].numpy(), err_msg=p)
+        np.testing.assert_array_equal(np.asarray(mine[p]), want[p].numpy(), err_msg=p)
+
+
+def _op_counts(concrete) -> collections.Counter:
+    graph = concrete.graph.as_graph_def()
+    counts = collections.Counter(n.op for n in graph.node)
+    for f in graph.library.function:
+        counts.update(n.op for n in f.node_def)
+    return counts
+
+
+def test_saved_model_gathers_each_table_once(tmp_path):
+    """Seven features over three tables (shared, weighted, sequence, out_of_range zero and
+    clamp): three gathers in each signature, and outputs equal to TF's lookup bit for bit."""
+    users = je.TableConfig(200, 8, combiner="mean", name="users")
+    items = je.TableConfig(300, 4, combiner="sqrtn", name="items")
+    tags = je.TableConfig(50, 4, combiner="sum", name="tags")
+    features = {
+        "user": je.FeatureConfig(users),
+        "friends": je.FeatureConfig(users, out_of_range="zero"),
+        "item": je.FeatureConfig(items),
+        "clicked": je.FeatureConfig(items, out_of_range="clamp"),
+        "history": je.FeatureConfig(items, max_sequence_length=3),
+        "tag": je.FeatureConfig(tags),
+        "tag2": je.FeatureConfig(tags),
+    }
+    emb = je.Embedding(features)
+    state = emb.init(jax.random.key(1))
+    options = export.ExportOptions(weighted=("friends", "item"))
+    path = export.save_serving_model(tmp_path / "m", emb, state, options=options)
+    loaded = tf.saved_model.load(str(path))
+    for key in ("serving_default", "serving_examples"):
+        counts = _op_counts(loaded.signatures[key])
+        assert counts["ResourceGather"] + counts["GatherV2"] == 3, (key, counts)
+
+    rng = np.random.default_rng(3)
+    batch = 7
+    lengths = {p: rng.integers(0, 6, size=batch).astype(np.int64) for p in features}
+    ids = {
+        p: rng.integers(0, f.table.vocabulary_size, size=int(lengths[p].sum())).astype(np.int64)
+        for p, f in features.items()
+    }
+    weights = {
+        p: rng.uniform(0.2, 2.0, size=ids[p].size).astype(np.float32) for p in options.weighted
+    }
+    request = {f"{p}_ids": tf.constant(v) for p, v in ids.items()}
+    request |= {f"{p}_lengths": tf.constant(v) for p, v in lengths.items()}
+    request |= {f"{p}_weights": tf.constant(v) for p, v in weights.items()}
+    got = loaded.signatures["serving_default"](**request)
+    tables = emb.embedding_tables(state)
+    tf_tables = {}
+    tf_features = {}
+    for table, values in tables.items():
+        tf_tables[table] = (
+            TF_EMB.TableConfig(table.vocabulary_size, table.dim, combiner=table.combiner),
+            tf.Variable(np.asarray(values)),
+        )
+    for p, f in features.items():
+        tf_features[p] = TF_EMB.FeatureConfig(
+            tf_tables[f.table][0], max_sequence_length=f.max_sequence_length
+        )
+    want = TF_EMB.serving_embedding_lookup(
+        {p: tf.RaggedTensor.from_row_lengths(ids[p], lengths[p]) for p in features},
+        {
+            p: tf.RaggedTensor.from_row_lengths(weights[p], lengths[p]) if p in weights else None
+            for p in features
+        },
+        dict(tf_tables.values()),
+        tf_features,
+    )
+    for p in features:
+        np.testing.assert_array_equal(got[p].numpy(), want[p].numpy(), err_msg=p)
+
+
+def test_out_of_range_policies_in_a_shared_table(tmp_path):
+    """``zero`` reads zero rows (counted by the combiner), ``clamp`` clamps, ``error`` names the
+    feature; the three share one table and one gather."""
+    table = je.TableConfig(10, 4, combiner="mean", name="t")
+    features = {
+        "z": je.FeatureConfig(table, out_of_range="zero"),
+        "c": je.FeatureConfig(table, out_of_range="clamp"),
+        "e": je.FeatureConfig(table),
+    }
+    emb = je.Embedding(features)
+    state = emb.init(jax.random.key(2))
+    path = export.save_serving_model(tmp_path / "m", emb, state)
+    serve = tf.saved_model.load(str(path)).signatures["serving_default"]
+    values = np.asarray(emb.embedding_tables(state)[table])
+    lengths = tf.constant([2, 1], tf.int64)
+    out = serve(
+        z_ids=tf.constant([3, 12, -4], tf.int64),
+        z_lengths=lengths,
+        c_ids=tf.constant([3, 12, -4], tf.int64),
+        c_lengths=lengths,
+        e_ids=tf.constant([1, 2, 3], tf.int64),
+        e_lengths=lengths,
+    )
+    np.testing.assert_array_equal(out["z"].numpy(), np.stack([values[3] / 2, values[0] * 0]))
+    np.testing.assert_array_equal(
+        out["c"].numpy(), np.stack([(values[3] + values[9]) / 2, values[0]])
+    )
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"feature e: .*\[0, 10\)"):
+        serve(
+            z_ids=tf.constant([1, 2, 3], tf.int64),
+            z_lengths=lengths,
+            c_ids=tf.constant([1, 2, 3], tf.int64),
+            c_lengths=lengths,
+            e_ids=tf.constant([1, -2, 3], tf.int64),
+            e_lengths=lengths,
+        )

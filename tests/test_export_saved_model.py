@@ -350,3 +350,22 @@ def test_output_shape_feature_without_model(tmp_path):
             {"a": je.Ragged.from_row_lengths(ids, lengths)}, None, tables, emb.feature_config
         )["a"]
         np.testing.assert_array_equal(got, np.asarray(want))
+
+
+def _op_counts(concrete) -> dict[str, int]:
+    graph = concrete.graph.as_graph_def()
+    counts: dict[str, int] = {}
+    for node in list(graph.node) + [n for f in graph.library.function for n in f.node_def]:
+        counts[node.op] = counts.get(node.op, 0) + 1
+    return counts
+
+
+def test_lookup_is_one_gather_per_table_and_few_ops(exported):
+    """Three tables, four features (two share ``items``): three gathers and a small graph in
+    both signatures (251 ops for serving_default; the per-feature ragged lookup took 1577)."""
+    loaded = tf.saved_model.load(exported["plain"])
+    for key in ("serving_default", "serving_examples"):
+        counts = _op_counts(loaded.signatures[key])
+        assert counts.get("ResourceGather", 0) + counts.get("GatherV2", 0) == 3, (key, counts)
+        assert counts.get("UnsortedSegmentSum", 0) <= 4, (key, counts)  # 3 tables + a mean's Σw
+        assert sum(counts.values()) < 400, (key, sum(counts.values()))

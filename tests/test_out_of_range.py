@@ -74,6 +74,16 @@ def test_out_of_range_zero_reads_a_zero_row(combiner):
         np.testing.assert_array_equal(out[path], want[path], err_msg=path)
 
 
+@pytest.mark.parametrize("combiner", ["sum", "mean", "sqrtn"])
+def test_out_of_range_zero_with_no_id_left_reads_zeros(combiner):
+    """Every id of the batch outside the table: zero rows (not row 0), in every input kind."""
+    table = je.TableConfig(VOCAB, DIM, combiner=combiner, name="t")
+    ids = np.array([VOCAB, -1, VOCAB + 5, 100, -7, VOCAB, 9, -2, 50], np.int64)
+    out = je.embedding_lookup(_inputs(ids), None, {table: _table() + 1}, _features(table, "zero"))
+    for path, value in out.items():
+        np.testing.assert_array_equal(value, np.zeros_like(value), err_msg=path)
+
+
 def test_out_of_range_error_names_feature_id_and_policies():
     table = je.TableConfig(VOCAB, DIM, name="t")
     with pytest.raises(ValueError, match=r"Id 9 of feature 'dense'.*\[0, 6\).*out_of_range="):

@@ -15,6 +15,7 @@ JAXEMBED = {
     "Embedding",
     "EmbeddingState",
     "FeatureConfig",
+    "QuantizationConfig",
     "Ragged",
     "Sparse",
     "TableConfig",
@@ -63,7 +64,7 @@ def test_contract_signatures():
     assert _params(je.Embedding.preprocess) == ["self", "inputs", "weights", "batch_size"]
     assert _params(je.Embedding.lookup) == ["self", "state", "batch"]
     assert _params(je.Embedding.apply_gradients) == ["self", "state", "batch", "grads"]
-    assert _params(je.checkpoint.save) == ["directory", "emb", "state", "step"]
+    assert _params(je.checkpoint.save) == ["directory", "emb", "state", "step", "model"]
     assert _params(je.checkpoint.restore)[:3] == ["directory", "emb", "step"]
 
 

@@ -3,7 +3,8 @@
 ``jaxembed demo --out DIR`` calls ``run``: a click log (synthetic, or MovieLens), the DLRM-style
 model of ``jaxembed.demo.model`` trained on every local device (tables sharded, batch
 data-parallel) with jaxembed's Adagrad for the tables and Optax's Adam for the tower, orbax
-checkpoints, a SavedModel for CPU TF Serving, the SavedModel's predictions from a fresh
+checkpoints that hold the tower too (a ``DenseModel``: ``jaxembed export DIR/checkpoints OUT``
+serves the whole model), a SavedModel for CPU TF Serving, the SavedModel's predictions from a fresh
 TensorFlow-only process compared with JAX's, and a PNG of the training curve and of the ids each
 shard served. Everything lands in ``DIR``; ``DIR/demo.log`` has the report.
 """
@@ -123,6 +124,12 @@ def _plot(path: Path, history: dict, shard_counts: dict[str, np.ndarray]) -> Non
     os.replace(tmp, path)
 
 
+def _dense_model(params: Any) -> je.checkpoint.DenseModel:
+    """The tower as a checkpoint stores it: ``model.predict``'s import path and its params, so
+    ``jaxembed export out/checkpoints OUT`` serves the whole model, as the demo's own export."""
+    return je.checkpoint.DenseModel("jaxembed.demo.model:predict", params)
+
+
 def _train_step(emb: je.Embedding, tx: optax.GradientTransformation):
     @jax.jit
     def step(state, params, opt_state, batch, labels):
@@ -229,11 +236,11 @@ def run(config: DemoConfig, console: Console | None = None) -> dict[str, Any]:
                 auc = model.auc(eval_log.label, scores)
                 history["eval_step"].append(step)
                 history["auc"].append(auc)
-            checkpoints.save(step, state, extra={"params": params})
+            checkpoints.save(step, state, model=_dense_model(params))
             progress.update(task, advance=1, description=f"loss {ema:.4f}  test AUC {auc:.3f}")
     checkpoints.wait_until_finished()
     if config.steps not in checkpoints.all_steps():
-        checkpoints.save(config.steps, state, extra={"params": params}, force=True)
+        checkpoints.save(config.steps, state, model=_dense_model(params), force=True)
     checkpoints.close()
     train_seconds = time.perf_counter() - train_started
     console.print(
@@ -246,7 +253,10 @@ def run(config: DemoConfig, console: Console | None = None) -> dict[str, Any]:
     if eval_log.probability is not None:
         oracle = model.auc(eval_log.label, eval_log.probability)
         console.print(f"the true click probabilities would score a test AUC of {oracle:.4f}")
-    console.print(f"checkpoints: {out / 'checkpoints'} (steps {checkpoints.all_steps()})")
+    console.print(
+        f"checkpoints: {out / 'checkpoints'} (steps {checkpoints.all_steps()}; tables and the "
+        "tower, which `jaxembed export` serves as a whole)"
+    )
 
     summary = _export_and_compare(config, emb, state, params, test, out, console)
     _plot(out / "training.png", history, shard_counts)
