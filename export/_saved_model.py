@@ -41,6 +41,7 @@ import jax
 import numpy as np
 
 from jaxembed import _nest
+from jaxembed._serving_dirs import saved_model_versions
 from jaxembed.checkpoint import config_metadata
 from jaxembed.configs import FeatureConfig, TableConfig
 from jaxembed.embedding import Embedding, EmbeddingState
@@ -621,15 +622,6 @@ def _checkpoint_steps(directory: Path) -> list[int]:
     return sorted(int(e.name) for e in entries if e.name.isdigit() and (e / "embedding").is_dir())
 
 
-def _model_versions(directory: Path) -> list[int]:
-    """The numbered SavedModel subdirectories of a TF Serving base directory."""
-    return sorted(
-        int(e.name)
-        for e in directory.iterdir()
-        if e.name.isdigit() and (e / "saved_model.pb").is_file()
-    )
-
-
 def _is_saved_model_entry(entry: Path) -> bool:
     if entry.name in _SAVED_MODEL_FILES:
         return entry.is_file() and not entry.is_symlink()
@@ -650,7 +642,7 @@ def _describe_target(path: Path) -> tuple[str, bool]:
     steps = _checkpoint_steps(path)
     if steps:
         return f"a jaxembed checkpoint (steps {_first(steps, 10)})", False
-    versions = _model_versions(path)
+    versions = saved_model_versions(path)
     if versions:
         return f"a TF Serving base directory (versions {_first(versions, 10)})", False
     others = [e.name + ("/" if e.is_dir() else "") for e in entries if not _is_saved_model_entry(e)]

@@ -41,6 +41,7 @@ import jax
 import numpy as np
 
 import jaxembed as je
+from jaxembed._serving_dirs import is_saved_model, saved_model_versions
 
 #: The exceptions the CLI reports as one line (the library's clear-error types).
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -235,17 +236,6 @@ def _is_tf_checkpoint(path: Path) -> bool:
     return Path(f"{path}.index").exists() or (path / "checkpoint").is_file()
 
 
-def _saved_model_versions(path: Path) -> list[int]:
-    """TF Serving's version folders under a base path: integer names holding a SavedModel."""
-    if not path.is_dir():
-        return []
-    return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and _is_saved_model(p))
-
-
-def _is_saved_model(path: Path) -> bool:
-    return (path / "saved_model.pb").is_file() or (path / "saved_model.pbtxt").is_file()
-
-
 def _describe_saved_model(path: Path) -> dict:
     _import_tensorflow()
     from jaxembed.export._inspect import describe_saved_model
@@ -275,9 +265,9 @@ def describe(path: Path) -> dict:
             f"{path} does not exist; give a jaxembed checkpoint directory, a SavedModel "
             "directory (or its base folder of versions) or a TF checkpoint prefix."
         )
-    if _is_saved_model(path):
+    if is_saved_model(path):
         return _describe_saved_model(path)
-    versions = _saved_model_versions(path)
+    versions = saved_model_versions(path)
     if versions:
         info = _describe_saved_model(path / str(versions[-1]))
         return {**info, "base": str(path), "version": versions[-1], "versions": versions}
