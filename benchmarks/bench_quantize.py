@@ -44,6 +44,7 @@ from bench_w import interleaved  # noqa: E402
 
 import jaxembed as je  # noqa: E402
 from jaxembed import export  # noqa: E402
+from jaxembed.demo.data import Column  # noqa: E402
 
 
 class Ratings:
@@ -60,24 +61,20 @@ class Ratings:
         index = {g: i for i, g in enumerate(names)}
         order = np.argsort(movie_ids)
         self.movie = order[np.searchsorted(movie_ids[order], raw[:, 1].astype(np.int64))]
-        per_movie = [np.array([index[g] for g in gs], np.int64) for gs in genres]
-        self.genre_lengths = np.array([per_movie[m].size for m in self.movie], np.int64)
-        self.genre_values = np.concatenate([per_movie[m] for m in self.movie])
-        self.genre_starts = np.concatenate([[0], np.cumsum(self.genre_lengths)])
+        lengths = np.array([len(gs) for gs in genres], np.int64)
+        values = np.array([index[g] for gs in genres for g in gs], np.int64)
+        self.genres = Column(values, lengths).take(self.movie)  # one ragged row per rating
         self.rating = raw[:, 2].astype(np.float32)
         self.vocab = {"users": len(users), "movies": len(movie_ids), "genres": len(names)}
 
     def request(self, rows: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
         """``{feature: {"ids", "lengths"}}`` of the ratings ``rows``."""
-        lengths = self.genre_lengths[rows]
-        genre_ids = np.concatenate(
-            [self.genre_values[self.genre_starts[r] : self.genre_starts[r + 1]] for r in rows]
-        )
+        genres = self.genres.take(rows)
         ones = np.ones(len(rows), np.int64)
         return {
             "user": {"ids": self.user[rows].astype(np.int64), "lengths": ones},
             "movie": {"ids": self.movie[rows].astype(np.int64), "lengths": ones},
-            "genres": {"ids": genre_ids, "lengths": lengths},
+            "genres": {"ids": genres.values, "lengths": genres.lengths},
         }
 
 
@@ -114,12 +111,11 @@ def train(data: Ratings, rows: np.ndarray, args: argparse.Namespace):
         {f: je.FeatureConfig(t, name=f) for f, t in features.items()},
         je.optimizers.Adagrad(args.embedding_lr),
     )
-    predict = make_predict(float(data.rating[rows].mean()))
+    mean = float(data.rating[rows].mean())
+    predict = make_predict(mean)
     state = emb.init(jax.random.key(args.seed))
     first = emb.preprocess(je_inputs(data.request(rows[: args.batch])))
-    params = Tower(float(data.rating[rows].mean())).init(
-        jax.random.key(args.seed + 1), emb.lookup(state, first)
-    )
+    params = Tower(mean).init(jax.random.key(args.seed + 1), emb.lookup(state, first))
     tx = optax.adam(args.dense_lr)
     opt_state = tx.init(params)
 

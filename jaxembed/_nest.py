@@ -8,7 +8,8 @@ the keys joined with ``/``, as ``tf.nest.flatten_with_joined_string_paths`` writ
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import collections
+from collections.abc import Callable, Mapping
 from typing import Any
 
 
@@ -82,3 +83,24 @@ def structure_mismatch(a: Any, b: Any, path: str = "") -> str | None:
         if found:
             return found
     return None
+
+
+def from_json(node: dict, leaf: Callable[[dict], Any]) -> Any:
+    """A nested structure from its JSON form: ``{"dict": {k: node}}``, ``{"list": [node]}``,
+    ``{"tuple": [node]}`` or ``{"namedtuple": [fields], "values": [node]}``; any other node is a
+    leaf, built by ``leaf(node)``. Checkpoints record feature configs and dense-model params so.
+
+    Example:
+        >>> from_json({"dict": {"a": {"tuple": [{"x": 1}, {"x": 2}]}}}, lambda n: n["x"])
+        {'a': (1, 2)}
+    """
+    if "dict" in node:
+        return {k: from_json(v, leaf) for k, v in node["dict"].items()}
+    if "namedtuple" in node:
+        cls = collections.namedtuple("Features", list(node["namedtuple"]))  # type: ignore[misc]
+        return cls(*(from_json(v, leaf) for v in node["values"]))
+    if "list" in node:
+        return [from_json(v, leaf) for v in node["list"]]
+    if "tuple" in node:
+        return tuple(from_json(v, leaf) for v in node["tuple"])
+    return leaf(node)

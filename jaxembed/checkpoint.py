@@ -45,7 +45,6 @@ Failure modes (each one an error naming the step, table, path or holder, and the
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import datetime
@@ -72,6 +71,7 @@ try:
 except ImportError:  # Windows: no flock; the lock file alone keeps writers apart
     fcntl = None  # type: ignore[assignment]
 
+from jaxembed import _nest
 from jaxembed._checksums import CHECKSUM_ALGORITHM, checksums
 from jaxembed.configs import FeatureConfig, QuantizationConfig, TableConfig
 from jaxembed.dense_model import DenseModel as DenseModel  # public here: je.checkpoint.DenseModel
@@ -523,15 +523,7 @@ def _encode_structure(tree: Any, path: str = "") -> Any:
 
 
 def _decode_structure(node: dict, leaf: Any) -> Any:
-    if "feature" in node:
-        return leaf(node["feature"])
-    if "dict" in node:
-        return {k: _decode_structure(v, leaf) for k, v in node["dict"].items()}
-    if "namedtuple" in node:
-        cls = collections.namedtuple("Features", list(node["namedtuple"]))  # type: ignore[misc]
-        return cls(*(_decode_structure(v, leaf) for v in node["values"]))
-    kind = "list" if "list" in node else "tuple"
-    return (list if kind == "list" else tuple)(_decode_structure(v, leaf) for v in node[kind])
+    return _nest.from_json(node, lambda n: leaf(n["feature"]))
 
 
 def read_config(directory: str | os.PathLike, step: int | None = None) -> dict:

@@ -25,6 +25,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxembed import _nest
+
 __all__ = [
     "DenseModel",
     "check_model",
@@ -167,12 +169,8 @@ def _is_float(dtype: np.dtype) -> bool:
 
 
 def params_from_structure(node: dict, leaf: Callable[[list[int], str], Any]) -> Any:
-    if "array" in node:
-        return leaf(node["array"]["shape"], node["array"]["dtype"])
-    if "dict" in node:
-        return {k: params_from_structure(v, leaf) for k, v in node["dict"].items()}
-    kind = "list" if "list" in node else "tuple"
-    return (list if kind == "list" else tuple)(params_from_structure(v, leaf) for v in node[kind])
+    """The params' structure (``params_structure``) with ``leaf(shape, dtype)`` for each array."""
+    return _nest.from_json(node, lambda n: leaf(n["array"]["shape"], n["array"]["dtype"]))
 
 
 def plain_params(tree: Any) -> Any:
