@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The README's two commands:
-#   bash run.sh demo [--out DIR]   the main job
-#   bash run.sh test [PYTEST ARGS] the test suite
+#   bash run.sh demo [--out DIR]   the main job (--resume continues a run in DIR)
+#   bash run.sh test [PYTEST ARGS] the test suite (what CI runs: bash run.sh test -q)
+#   bash run.sh test --quick       a subset touching every part, a few minutes
+#                                  (tests/conftest.py QUICK; any pytest args work too)
 # Each creates (or reuses) ./.venv with Python >= 3.11 and installs what it needs.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -25,7 +27,7 @@ ensure_env() {  # $1: extras to install, e.g. "tf" or "tf,test"
   fi
   local stamp=".venv/.installed-${1//,/-}"
   if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] ||
-    [ csrc/cpu_kernels.cc -nt "$stamp" ] || [ jaxembed/_kernel_abi.py -nt "$stamp" ]; then
+    [ csrc/cpu_kernels.cc -nt "$stamp" ] || [ csrc/fingerprint.cc -nt "$stamp" ] || [ jaxembed/_kernel_abi.py -nt "$stamp" ]; then
     echo "installing jaxembed[$1] into .venv ..." >&2
     .venv/bin/python -m pip install --quiet -e ".[$1]"
     touch "$stamp"
@@ -36,5 +38,5 @@ cmd="${1:-}"; shift || true
 case "$cmd" in
   demo) ensure_env demo; exec .venv/bin/jaxembed demo "$@" ;;
   test) ensure_env tf,test; exec .venv/bin/python -m pytest -n 2 "$@" ;;
-  *) echo "usage: bash run.sh demo [--out DIR] | bash run.sh test [PYTEST ARGS]" >&2; exit 2 ;;
+  *) echo "usage: bash run.sh demo [--out DIR] [--resume] | bash run.sh test [--quick] [PYTEST ARGS]" >&2; exit 2 ;;
 esac

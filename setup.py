@@ -1,4 +1,5 @@
-"""Builds jaxembed's CPU kernels (csrc/cpu_kernels.cc) against the XLA FFI headers of jaxlib.
+"""Builds jaxembed's CPU kernels (csrc/cpu_kernels.cc) against the XLA FFI headers of jaxlib,
+and its FarmHash library for raw ids (csrc/fingerprint.cc).
 
 Everything else about the package is in pyproject.toml. The kernels are optional: without a C++
 compiler the package still installs, and jaxembed runs its pure-JAX path on CPU too
@@ -45,4 +46,13 @@ kernels = Extension(
     optional=True,
 )
 
-setup(ext_modules=[kernels], cmdclass={"build_ext": OptionalBuildExt})
+# FarmHash Fingerprint64 for raw ids (plain C entry points, no XLA headers).
+farmhash = Extension(
+    "jaxembed._farmhash",
+    sources=["csrc/fingerprint.cc"],
+    language="c++",
+    extra_compile_args=["-std=c++17", "-O3", "-g0", "-fvisibility=hidden"],
+    optional=True,
+)
+
+setup(ext_modules=[kernels, farmhash], cmdclass={"build_ext": OptionalBuildExt})

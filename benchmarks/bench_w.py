@@ -119,9 +119,11 @@ def fixed_grads(num_features: int, batch: int, dim: int) -> dict[str, np.ndarray
 
 # -- timing --
 def interleaved(
-    cases: dict[str, Callable[[], Any]], repeats: int, warmup: int
+    cases: dict[str, Callable[[], Any]], repeats: int, warmup: int, settle: float = 0.0
 ) -> dict[str, list[float]]:
-    """Seconds per call of each case; one call of each per repeat, in rotating order."""
+    """Seconds per call of each case; one call of each per repeat, in rotating order, each
+    after ``settle`` seconds of untimed sleep (TF's thread pool spins for a while after its
+    ops; a call timed right after one would share the CPUs with those threads)."""
     for fn in cases.values():
         for _ in range(warmup):
             fn()
@@ -133,6 +135,7 @@ def interleaved(
         for r in range(repeats):
             k = r % len(names)
             for name in names[k:] + names[:k]:
+                time.sleep(settle)
                 t0 = time.perf_counter()
                 cases[name]()
                 times[name].append(time.perf_counter() - t0)

@@ -13,8 +13,8 @@
 //                           then blocks of 8 slots summed and added in turn; rows may be read
 //                           through ids (table[ids[slot]]) to skip the gathered copy
 //   jaxembed_combine_grad   the transpose of jaxembed_combine: grads[slot] += (w *) cot[r]
-//   jaxembed_apply_rows     TF's optimizer rules on rows ids[i] of the table and its slots, in
-//                           place, with given row gradients
+//   jaxembed_apply_rows     TF's optimizer rules (and FBGEMM's row-wise ones) on rows ids[i] of
+//                           the table and its slots, in place, with given row gradients
 //   jaxembed_apply_slots    the same, with the row gradients taken from slots and cotangents
 
 #include <algorithm>
@@ -422,7 +422,11 @@ enum OptimizerKind : int32_t {
   kAdagradMomentum = JAXEMBED_KIND_ADAGRAD_MOMENTUM,
   kAdam = JAXEMBED_KIND_ADAM,
   kFtrl = JAXEMBED_KIND_FTRL,
+  kRowWiseAdagrad = JAXEMBED_KIND_ROWWISE_ADAGRAD,
+  kPartialRowWiseAdam = JAXEMBED_KIND_PARTIAL_ROWWISE_ADAM,
 };
+
+inline bool RowWise(int32_t kind) { return kind == kRowWiseAdagrad || kind == kPartialRowWiseAdam; }
 
 enum Flags : int32_t {
   kClipGradMin = JAXEMBED_FLAG_CLIP_GRAD_MIN,
@@ -435,6 +439,8 @@ enum Flags : int32_t {
   kPlainAccumulator = JAXEMBED_FLAG_PLAIN_ACCUMULATOR,
   kSumInsideSqrt = JAXEMBED_FLAG_SUM_INSIDE_SQRT,
   kLinearTimesLr = JAXEMBED_FLAG_LINEAR_TIMES_LR,
+  kRowDecayL2 = JAXEMBED_FLAG_ROW_DECAY_L2,
+  kRowDecayDecoupled = JAXEMBED_FLAG_ROW_DECAY_DECOUPLED,
 };
 
 // hyper: clip_grad_min, clip_grad_max, weight_decay, clip_weight_min, clip_weight_max, then the
@@ -451,6 +457,9 @@ struct Rule {
   int32_t kind, flags;
   const float* h;  // hyper
   float lr;
+  // Partial row-wise Adam's bias corrections 1 - beta_1^t and 1 - beta_2^t (the scalars
+  // operand after the learning rate; computed in JAX, as the pure path does).
+  float bias1 = 1.0f, bias2 = 1.0f;
 
   // One element: weight w, slots a (slot 0) and b (slot 1), gradient g.
   inline void operator()(float& w, float* a, float* b, float g) const {
@@ -514,31 +523,111 @@ struct Rule {
   }
 };
 
-// Arrays updated in place: the table and up to two slots, all [V, D] float32.
+// FBGEMM's row-wise rules on one row (p = the rule's own constants after kHyperCommon):
+//   kRowWiseAdagrad (EXACT_ROWWISE_ADAGRAD), p = epsilon, weight_decay; slot 0 = [V]:
+//     acc += sum(g'^2) / D (g' = g + wd * w under kRowDecayL2); mult = lr / (sqrt(acc) + eps);
+//     w = corr * w - mult * g, corr = 1 - mult * wd (L2) | 1 - lr * wd (decoupled) | 1
+//   kPartialRowWiseAdam (PARTIAL_ROWWISE_ADAM), p = beta_1, 1 - beta_1, beta_2, 1 - beta_2,
+//     epsilon, weight_decay; slot 0 = momenta [V, D], slot 1 = velocities [V]:
+//     v = sum(g^2) / D * (1 - beta_2) + v * beta_2; m = beta_1 * m + (1 - beta_1) * g;
+//     w -= lr * (m / bias1 / (sqrt(v / bias2) + eps) + wd * w)
+// The same operations, in the same order, as RowWiseAdagrad / PartialRowWiseAdam in
+// jaxembed/optimizers.py (the row sum is sequential here, a tree in XLA: equal to rounding).
+inline void RowWiseRule(const Rule& rule, float* w, float* a, float* b, const float* g,
+                        int64_t d) {
+  const float* p = rule.h + kHyperCommon;
+  const float n = static_cast<float>(d);
+  if (rule.kind == kRowWiseAdagrad) {
+    const float eps = p[0], wd = p[1];
+    const bool l2 = rule.flags & kRowDecayL2;
+    float squares = 0.0f;
+    for (int64_t k = 0; k < d; ++k) {
+      const float gk = l2 ? g[k] + wd * w[k] : g[k];
+      squares += gk * gk;
+    }
+    const float acc = *a + squares / n;
+    *a = acc;
+    const float mult = rule.lr / (std::sqrt(acc) + eps);
+    if (l2) {
+      const float corr = 1.0f - mult * wd;
+      for (int64_t k = 0; k < d; ++k) w[k] = corr * w[k] - mult * g[k];
+    } else if (rule.flags & kRowDecayDecoupled) {
+      const float corr = 1.0f - rule.lr * wd;
+      for (int64_t k = 0; k < d; ++k) w[k] = corr * w[k] - mult * g[k];
+    } else {
+      for (int64_t k = 0; k < d; ++k) w[k] = w[k] - mult * g[k];
+    }
+    return;
+  }
+  // kPartialRowWiseAdam: a = momenta (D floats), b = velocities (one float).
+  float squares = 0.0f;
+  for (int64_t k = 0; k < d; ++k) squares += g[k] * g[k];
+  const float v = squares / n * p[3] + *b * p[2];
+  *b = v;
+  const float denom = std::sqrt(v / rule.bias2) + p[4];
+  const float wd = p[5];
+  for (int64_t k = 0; k < d; ++k) {
+    const float m = p[0] * a[k] + p[1] * g[k];
+    a[k] = m;
+    float update = m / rule.bias1 / denom;
+    if (wd != 0.0f) update = update + wd * w[k];
+    w[k] = w[k] - rule.lr * update;
+  }
+}
+
+// Arrays updated in place: the table [V, D] and up to two slots, float32: [V, D], or [V] (one
+// value per row) for FBGEMM's row-wise slots.
 struct Params {
   float* table;
   float* slot[2];
+  int64_t width[2];  // floats per row of each slot: D, or 1 for a [V] slot
   int64_t num_rows, d;
 };
 
+// How many slots a kind has, and which of them hold one value per row.
+size_t SlotCount(int32_t kind) {
+  switch (kind) {
+    case kSgd:
+      return 0;
+    case kAdagrad:
+    case kRowWiseAdagrad:
+      return 1;
+    default:
+      return 2;
+  }
+}
+
+bool RowSlot(int32_t kind, size_t slot) {
+  return (kind == kRowWiseAdagrad && slot == 0) || (kind == kPartialRowWiseAdam && slot == 1);
+}
+
 ffi::Error AsParams(ffi::RemainingArgs args, ffi::RemainingRets rets, int32_t kind, Params* out) {
-  const size_t want = kind == kSgd ? 1 : (kind == kAdagrad ? 2 : 3);
+  const size_t want = 1 + SlotCount(kind);
   if (args.size() != want || rets.size() != want) {
     return ffi::Error::InvalidArgument("apply: expected the table and its slots, in and out");
   }
-  *out = Params{nullptr, {nullptr, nullptr}, 0, 0};
+  *out = Params{nullptr, {nullptr, nullptr}, {0, 0}, 0, 0};
   for (size_t i = 0; i < want; ++i) {
     auto in = args.get<ffi::Buffer<ffi::F32>>(i);
     auto res = rets.get<ffi::Buffer<ffi::F32>>(i);
     if (in.has_error()) return in.error();
     if (res.has_error()) return res.error();
     auto dims = in->dimensions();
-    if (dims.size() != 2) return ffi::Error::InvalidArgument("apply: arrays must be [V, D]");
-    if (i == 0) {
+    const bool row_slot = i > 0 && RowSlot(kind, i - 1);
+    if (row_slot) {
+      if (dims.size() != 1 || dims[0] != out->num_rows) {
+        return ffi::Error::InvalidArgument("apply: row-wise slots must be [V]");
+      }
+      out->width[i - 1] = 1;
+    } else if (dims.size() != 2) {
+      return ffi::Error::InvalidArgument("apply: arrays must be [V, D]");
+    } else if (i == 0) {
       out->num_rows = dims[0];
       out->d = dims[1];
     } else if (dims[0] != out->num_rows || dims[1] != out->d) {
       return ffi::Error::InvalidArgument("apply: slots must have the table's shape");
+    } else {
+      out->width[i - 1] = out->d;
     }
     float* dst = (*res)->typed_data();
     if (dst != in->typed_data()) {  // not aliased after all: start from a copy
@@ -552,8 +641,12 @@ ffi::Error AsParams(ffi::RemainingArgs args, ffi::RemainingRets rets, int32_t ki
 inline void UpdateRow(const Rule& rule, const Params& t, int64_t r, const float* g) {
   const int64_t d = t.d;
   float* w = t.table + r * d;
-  float* a = t.slot[0] ? t.slot[0] + r * d : nullptr;
-  float* b = t.slot[1] ? t.slot[1] + r * d : nullptr;
+  float* a = t.slot[0] ? t.slot[0] + r * t.width[0] : nullptr;
+  float* b = t.slot[1] ? t.slot[1] + r * t.width[1] : nullptr;
+  if (RowWise(rule.kind)) {
+    RowWiseRule(rule, w, a, b, g, d);
+    return;
+  }
   float unused = 0.0f;
   for (int64_t k = 0; k < d; ++k) {
     rule(w[k], a ? a + k : &unused, b ? b + k : &unused, g[k]);
@@ -562,10 +655,11 @@ inline void UpdateRow(const Rule& rule, const Params& t, int64_t r, const float*
 
 inline void PrefetchRow(const Params& t, int64_t r) {
   if (r < 0 || r >= t.num_rows) return;
-  const int64_t bytes = t.d * 4;
-  Prefetch(reinterpret_cast<const char*>(t.table), r, t.num_rows, bytes, true);
-  for (float* s : t.slot) {
-    if (s) Prefetch(reinterpret_cast<const char*>(s), r, t.num_rows, bytes, true);
+  Prefetch(reinterpret_cast<const char*>(t.table), r, t.num_rows, t.d * 4, true);
+  for (int i = 0; i < 2; ++i) {
+    if (t.slot[i]) {
+      Prefetch(reinterpret_cast<const char*>(t.slot[i]), r, t.num_rows, t.width[i] * 4, true);
+    }
   }
 }
 
@@ -584,6 +678,13 @@ ffi::Error PrepareUpdate(ffi::Buffer<ffi::F32> lr, ffi::AnyBuffer ids, ffi::Rema
   if (ffi::Error e = AsIndices(ids, &u->index); e.failure()) return e;
   u->n = static_cast<int64_t>(ids.element_count());
   u->rule = Rule{kind, flags, hyper.begin(), *lr.typed_data()};
+  if (kind == kPartialRowWiseAdam) {
+    if (lr.element_count() != 3) {
+      return ffi::Error::InvalidArgument("apply: partial row-wise Adam needs [lr, bias1, bias2]");
+    }
+    u->rule.bias1 = lr.typed_data()[1];
+    u->rule.bias2 = lr.typed_data()[2];
+  }
   return ffi::Error::Success();
 }
 

@@ -1,15 +1,17 @@
 """A TF Serving client for the demo recommender exported by ``jaxembed.export``.
 
-The request holds a few impressions of the synthetic click log (``jaxembed.demo.data``), with ids
-drawn within the exported model's vocabularies (read from the SavedModel's
-``assets.extra/jaxembed.json``). Two request bodies are shown:
+The request holds a few impressions of the synthetic click log (``jaxembed.demo.data``), with raw
+ids as a client has them (64-bit user and item ids, category names): the served model maps them
+to rows itself, as training did. The log's catalogue sizes are read from the SavedModel's
+``assets.extra/jaxembed.json``. Two request bodies are shown:
 
 * ``serving_default`` in TF Serving's columnar REST format: per feature ``p``, ``p_ids`` (every id
   of the batch, example after example), ``p_lengths`` (ids per example) and, for weighted
   features, ``p_weights`` (one per id)::
 
       {"signature_name": "serving_default",
-       "inputs": {"user_ids": [3, 17], "user_lengths": [1, 1], ...}}
+       "inputs": {"user_ids": [-4898300427212290447, 1753585040578123346],
+                  "user_lengths": [1, 1], "categories_ids": ["category-3", ...], ...}}
 
 * ``serving_examples`` (``--examples-signature``): serialized ``tf.Example``s, one per impression,
   base64-encoded the way TF Serving's REST API takes binary strings::
@@ -97,19 +99,32 @@ def click_log(model_dir: str | Path, n: int, seed: int = 0) -> tuple[data.ClickL
             f"{list(DEMO_FEATURES)} (jaxembed.demo.model.feature_config), lacking {missing}."
         )
 
-    def vocab(path: str) -> int:
-        return int(tables[features[path]["table"]]["vocabulary_size"])
+    def size(path: str) -> int:
+        """The id space's size: a vocabulary's keys, or the users behind a hashing's bins."""
+        vocabulary = features[path].get("vocabulary")
+        if vocabulary is None:
+            return int(tables[features[path]["table"]]["vocabulary_size"])
+        if vocabulary["kind"] == "hashing":
+            return max(1, vocabulary["num_bins"] // 2)  # the demo hashes into 2x its users
+        return len(vocabulary["keys"])
 
     history_length = int(features["history"]["max_sequence_length"]) or 8
     log = data.synthetic(
         n,
-        users=vocab("user"),
-        items=min(vocab("item"), vocab("history")),
-        categories=vocab("categories"),
+        users=size("user"),
+        items=min(size("item"), size("history")),
+        categories=size("categories"),
         history_length=history_length,
         seed=seed,
     )
     return log, meta
+
+
+def _json_list(value: np.ndarray) -> list:
+    """A column as JSON: ints, floats, or (string ids) UTF-8 text."""
+    if value.dtype.kind == "S":
+        return np.char.decode(value, "utf-8").tolist()
+    return value.tolist()
 
 
 def serving_inputs(log: data.ClickLog, meta: dict) -> dict[str, np.ndarray]:
@@ -130,18 +145,20 @@ def serving_inputs(log: data.ClickLog, meta: dict) -> dict[str, np.ndarray]:
 
 
 def request_body(model_dir: str | Path, n: int, seed: int = 0) -> dict[str, Any]:
-    """A columnar ``serving_default`` REST body for ``n`` impressions (lists of ints/floats)."""
+    """A columnar ``serving_default`` REST body for ``n`` impressions (lists of ints, floats or
+    strings)."""
     log, meta = click_log(model_dir, n, seed)
     inputs = serving_inputs(log, meta)
     return {
         "signature_name": "serving_default",
-        "inputs": {name: value.tolist() for name, value in inputs.items()},
+        "inputs": {name: _json_list(value) for name, value in inputs.items()},
     }
 
 
 def examples_body(model_dir: str | Path, n: int, seed: int = 0) -> dict[str, Any]:
     """A ``serving_examples`` REST body: the same impressions as ``request_body`` as base64
-    serialized ``tf.Example``s (int64 feature ``p`` with the ids, float ``p_weights``)."""
+    serialized ``tf.Example``s (feature ``p`` with the ids: an int64 or bytes list; float
+    ``p_weights``)."""
     from jaxembed.export import serialized_examples  # imports TensorFlow
 
     log, meta = click_log(model_dir, n, seed)

@@ -171,7 +171,7 @@ def train(
 
     # The tables (jaxembed) and the tower (Flax + Optax).
     emb = je.Embedding(
-        model.feature_config(log.vocab, dim, HISTORY_LENGTH),
+        model.feature_config(log.vocabularies, dim, HISTORY_LENGTH),
         je.optimizers.Adagrad(learning_rate=embedding_lr),
     )
     tower = model.Tower()
@@ -265,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         dataset = "synthetic"
         log = synthetic(**SYNTHETIC_SIZE, history_length=HISTORY_LENGTH, seed=args.seed)
     if not args.json:
-        print(f"{dataset}: {len(log)} impressions, click rate {log.label.mean():.3f}, {log.vocab}")
+        print(f"{dataset}: {len(log)} impressions, click rate {log.label.mean():.3f}")
     summary = train(
         log,
         dataset=dataset,

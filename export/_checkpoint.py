@@ -5,12 +5,20 @@ TF keys (tf_semantics §5.4), under ``tf.train.Checkpoint(embedding=...)``:
 ``embedding/<table>.S<slot>/.ATTRIBUTES/VARIABLE_VALUE`` for each slot (``/`` is escaped as
 ``.S``, ``.`` as ``..``), every value a ``[vocabulary_size, dim]`` tensor in natural row order,
 the same whether TF wrote it on one host or many.
+
+The first part of a key is the *root*: the object path from the checkpoint to the embedding
+object, which is whatever attribute the TF program hung it on (``Checkpoint(my_emb=...)`` gives
+``my_emb``, ``Checkpoint(model=model)`` with ``model.embedding_api = emb`` gives
+``model/embedding_api``). ``save_tf_checkpoint(..., root=...)`` writes under any root (default
+``embedding``); ``load_tf_checkpoint`` finds the one object that holds every table, or takes
+``root=``.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +26,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxembed.embedding import Embedding, EmbeddingState
-from jaxembed.optimizers import OptaxOptimizer
+from jaxembed.optimizers import OptaxOptimizer, RowWiseOptimizer
 
 from ._configs import logical_arrays, tf_feature_config, tf_table_configs
 from ._tf import tf
 
 _SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
+
+# Optimizers without a TF twin: their tables are written and read without slots.
+_NO_TF_TWIN = (OptaxOptimizer, RowWiseOptimizer)
 
 
 def _escape(local_name: str) -> str:
@@ -48,16 +59,57 @@ def _tf_embedding(emb: Embedding, step: int) -> Any:
 
 
 def _slot_arrays(emb: Embedding, state: EmbeddingState) -> dict[str, dict[str, np.ndarray]]:
-    """``{table name: {slot name: [V, dim]}}`` for the TF-twin optimizers (not Optax ones)."""
+    """``{table name: {slot name: [V, dim]}}`` for the TF-twin optimizers (not Optax or
+    row-wise ones)."""
     out = {}
     for table, slots in emb.slot_variables(state).items():
         name = emb.table_names[table]
-        if not isinstance(emb.optimizers[name], OptaxOptimizer):
+        if not isinstance(emb.optimizers[name], _NO_TF_TWIN):
             out[name] = {k: np.asarray(v) for k, v in slots.items()}
     return out
 
 
-def save_tf_checkpoint(prefix: str | os.PathLike, emb: Embedding, state: EmbeddingState) -> str:
+def _root_parts(root: str) -> list[str]:
+    """The attribute names of a root path (``"model/emb"`` -> ``["model", "emb"]``; ``""``:
+    none, the embedding object is the checkpoint's root)."""
+    if not isinstance(root, str):
+        raise TypeError(
+            f"`root` must be a str, the object path of the embedding object in the checkpoint "
+            f"(e.g. 'embedding' or 'model/embedding_api'), got {type(root).__name__} {root!r}."
+        )
+    parts = root.split("/") if root else []
+    if any(not p for p in parts):
+        raise ValueError(
+            f"`root` {root!r} has an empty name; give attribute names joined by '/', e.g. "
+            "'embedding' or 'model/embedding_api' ('' for the embedding object itself)."
+        )
+    return parts
+
+
+def _checkpoint_with(root: str, embedding: Any) -> Any:
+    """A ``tf.train.Checkpoint`` holding ``embedding`` at the object path ``root``: what TF
+    writes for ``tf.train.Checkpoint(<root>=embedding)`` (or an attribute path of nested
+    objects, e.g. ``Checkpoint(model=model)`` with ``model.embedding_api = embedding``)."""
+    parts = _root_parts(root)
+    if not parts:
+        return tf.train.Checkpoint(root=embedding)
+    node = embedding
+    for name in reversed(parts):
+        holder = tf.train.Checkpoint()
+        try:
+            setattr(holder, name, node)
+        except AttributeError as err:  # e.g. "save_counter", a property of Checkpoint
+            raise ValueError(
+                f"`root` {root!r}: {name!r} cannot be an attribute of a tf.train.Checkpoint "
+                f"({err}); choose another name."
+            ) from None
+        node = holder
+    return node
+
+
+def save_tf_checkpoint(
+    prefix: str | os.PathLike, emb: Embedding, state: EmbeddingState, *, root: str = "embedding"
+) -> str:
     """Writes the tables and slots as a TF checkpoint; returns its path (``prefix`` + suffix).
 
     The checkpoint restores into TF's own objects, e.g.
@@ -66,9 +118,20 @@ def save_tf_checkpoint(prefix: str | os.PathLike, emb: Embedding, state: Embeddi
     AdagradMomentum, Adam and FTRL. Tables trained with an Optax optimizer (``from_optax``) are
     written without slots (TF has no twin for them).
 
+    Args:
+        prefix: where to write (``prefix.index``, ``prefix.data-*``).
+        emb, state: the tables and slots to write.
+        root: the object path of the embedding object in the checkpoint: the attribute name
+            the TF program restores it under (``"my_emb"`` for
+            ``tf.train.Checkpoint(my_emb=embedding)``), names joined by ``/`` for a nested
+            object (``"model/embedding_api"`` for ``tf.train.Checkpoint(model=model)`` with
+            ``model.embedding_api = embedding``), ``""`` for the embedding object itself as
+            the checkpoint root. Default ``"embedding"``.
+
     Raises:
         FileExistsError: a checkpoint (or any file) already exists at ``prefix``: TF would
             overwrite it; nothing is written.
+        ValueError: ``root`` is not a usable object path.
 
     Example:
         >>> import jax, tempfile, jaxembed as je
@@ -80,6 +143,7 @@ def save_tf_checkpoint(prefix: str | os.PathLike, emb: Embedding, state: Embeddi
         >>> sorted(k for k, _ in tf.train.list_variables(path) if k.startswith("embedding/"))
         ['embedding/items.Saccumulators/.ATTRIBUTES/VARIABLE_VALUE', 'embedding/items/.ATTRIBUTES/VARIABLE_VALUE']
     """  # noqa: E501
+    _root_parts(root)  # before any work
     taken = sorted(glob.glob(glob.escape(os.fspath(prefix)) + ".index")) + sorted(
         glob.glob(glob.escape(os.fspath(prefix)) + ".data-*")
     )
@@ -96,7 +160,7 @@ def save_tf_checkpoint(prefix: str | os.PathLike, emb: Embedding, state: Embeddi
         variables[name]["parameters"].assign(table)
         for slot, value in slots.get(name, {}).items():
             variables[name][slot].assign(value)
-    return tf.train.Checkpoint(embedding=embedding).write(os.fspath(prefix))
+    return _checkpoint_with(root, embedding).write(os.fspath(prefix))
 
 
 def _resolve(path: str | os.PathLike) -> str:
@@ -115,33 +179,72 @@ def _resolve(path: str | os.PathLike) -> str:
     return path
 
 
-def _root(shapes: dict[str, list[int]], names: list[str], path: str) -> str:
-    """The object path holding every table (``"embedding/"`` for ``Checkpoint(embedding=...)``)."""
-    roots = None
-    for name in names:
-        suffix = _escape(name) + _SUFFIX
-        found = {k[: -len(suffix)] for k in shapes if k.endswith(suffix)}
-        found = {r for r in found if r == "" or r.endswith("/")}
-        roots = found if roots is None else roots & found
-    if not roots:
+def _unescape(prefix: str) -> str:
+    """A key prefix (``"model/my..emb/"``) as the object path a user writes (``"model/my.emb"``):
+    TF escapes ``.`` as ``..`` and ``/`` as ``.S`` inside a name."""
+    names = prefix.rstrip("/").split("/") if prefix else []
+    unescaped = (re.sub(r"\.([.S])", lambda m: "." if m.group(1) == "." else "/", n) for n in names)
+    return "/".join(unescaped)
+
+
+def _prefix(root: str) -> str:
+    """The key prefix of an object path (``"model/emb"`` -> ``"model/emb/"``; ``""`` -> ``""``)."""
+    return "".join(_escape(name) + "/" for name in _root_parts(root))
+
+
+def _roots_holding(shapes: dict[str, list[int]], name: str) -> set[str]:
+    """The key prefixes of the objects that hold a variable named ``name``."""
+    suffix = _escape(name) + _SUFFIX
+    found = {k[: -len(suffix)] for k in shapes if k.endswith(suffix)}
+    return {r for r in found if r == "" or r.endswith("/")}
+
+
+def _root(shapes: dict[str, list[int]], names: list[str], path: str, root: str | None) -> str:
+    """The key prefix of the object holding every table: ``root``'s, or else the only object
+    that holds them all (``"embedding/"`` for ``Checkpoint(embedding=...)``)."""
+    holders = [_roots_holding(shapes, name) for name in names]
+    candidates = set.intersection(*holders) if holders else set()
+    shown = sorted(repr(_unescape(r)) for r in candidates)
+    if root is not None:
+        prefix = _prefix(root)
+        if prefix not in candidates:
+            missing = [n for n, h in zip(names, holders, strict=True) if prefix not in h]
+            where = f"the objects {', '.join(shown)}" if shown else "no single object"
+            raise ValueError(
+                f"TF checkpoint {path!r} has no tables {missing} under root {root!r}. The "
+                f"tables {names} are under {where}: pass one of those as root=, or root=None "
+                "to find it."
+            )
+        return prefix
+    if not candidates:
         stored = sorted(k[: -len(_SUFFIX)] for k in shapes if k.endswith(_SUFFIX))
         raise ValueError(
             f"TF checkpoint {path!r} does not hold the tables {names} under one object. It "
             f"holds the variables {stored}. Table names must match the TF TableConfig names "
             "(SparseCore checkpoints with stacked tables are not supported)."
         )
-    if len(roots) > 1:
+    if len(candidates) > 1:
         raise ValueError(
-            f"TF checkpoint {path!r} holds the tables {names} under several objects "
-            f"{sorted(roots)}; keep one embedding object per checkpoint."
+            f"TF checkpoint {path!r} holds the tables {names} under several objects: "
+            f"{', '.join(shown)}. Pass the one to read as root=, e.g. "
+            f"load_tf_checkpoint(path, emb, root={shown[0]})."
         )
-    return roots.pop()
+    return candidates.pop()
 
 
 def load_tf_checkpoint(
-    path: str | os.PathLike, emb: Embedding, *, tables_only: bool = False, step: int = 0
+    path: str | os.PathLike,
+    emb: Embedding,
+    *,
+    tables_only: bool = False,
+    step: int = 0,
+    root: str | None = None,
 ) -> EmbeddingState:
     """Reads a TF checkpoint of ``TPUEmbedding``/``TPUEmbeddingForServing`` into a state.
+
+    The embedding object may hang under any attribute of the TF program's checkpoint
+    (``tf.train.Checkpoint(my_emb=embedding)``, or nested: ``model/embedding_api``): with
+    ``root=None`` it is found as the one object that holds every table of ``emb``.
 
     Args:
         path: the checkpoint prefix (or a directory: its latest checkpoint).
@@ -149,19 +252,26 @@ def load_tf_checkpoint(
             places the result.
         tables_only: read the tables only; slots start at their initial values.
         step: the step count of the new state (TF keeps it outside the embedding object).
+        root: the object path of the embedding object (``"my_emb"``, ``"model/embedding_api"``,
+            ``""`` for the checkpoint's root object), or None to find it.
 
     Raises:
         FileNotFoundError: no checkpoint at ``path``.
-        ValueError: a table or a slot is missing or has the wrong shape, naming it.
+        ValueError: a table or a slot is missing or has the wrong shape, naming it; with
+            ``root=None``, several objects hold every table (the error lists them: pass one
+            as ``root``); with a ``root``, it does not hold them (the error lists the objects
+            that do).
     """
+    if root is not None:
+        _root_parts(root)  # before any work
     path = _resolve(path)
     reader = tf.train.load_checkpoint(path)
     shapes = reader.get_variable_to_shape_map()
     names = list(emb.table_names.values())
-    root = _root(shapes, names, path)
+    prefix = _root(shapes, names, path, root)
 
     def read(local: str, shape: tuple[int, int]) -> np.ndarray:
-        key = root + _escape(local) + _SUFFIX
+        key = prefix + _escape(local) + _SUFFIX
         if key not in shapes:
             raise ValueError(
                 f"TF checkpoint {path!r} has no variable {local!r} (key {key!r}). Pass "
@@ -179,10 +289,10 @@ def load_tf_checkpoint(
         shape = (table.vocabulary_size, table.dim)
         tables[name] = read(name, shape)
         opt = emb.optimizers[name]
-        if tables_only or opt is None or isinstance(opt, OptaxOptimizer):
+        if tables_only or opt is None or isinstance(opt, _NO_TF_TWIN):
             continue
         slots[name] = {s: read(f"{name}/{s}", shape) for s in opt.slot_names}
-    if slots:  # the tables not read (Optax, or no optimizer) start fresh
+    if slots:  # the tables not read (Optax, row-wise, or no optimizer) start fresh
         for name in names:
             if name not in slots:
                 opt = emb.optimizers[name]

@@ -12,7 +12,7 @@ import numpy as np
 from jaxembed import _nest
 from jaxembed.configs import FeatureConfig, QuantizationConfig, TableConfig
 from jaxembed.embedding import Embedding, EmbeddingState
-from jaxembed.optimizers import OptaxOptimizer, Optimizer
+from jaxembed.optimizers import OptaxOptimizer, Optimizer, RowWiseOptimizer
 
 from ._tf import tf
 
@@ -24,13 +24,14 @@ def tf_optimizer(optimizer: Optimizer | None, step: int = 0) -> Any:
 
     A learning-rate schedule becomes its value at ``step`` (TF's learning rate is a float or a
     zero-argument callable); a ``slot_variable_creation_fn`` works on JAX arrays and is dropped.
-    Optax optimizers (``from_optax``) have no TF twin and give None.
+    Optax optimizers (``from_optax``) and FBGEMM's row-wise optimizers (``RowWiseAdagrad``,
+    ``PartialRowWiseAdam``) have no TF twin and give None.
     """
-    if optimizer is None or isinstance(optimizer, OptaxOptimizer):
+    if optimizer is None or isinstance(optimizer, (OptaxOptimizer, RowWiseOptimizer)):
         return None
     args = {f.name: getattr(optimizer, f.name) for f in dataclasses.fields(optimizer)}  # type: ignore[arg-type]
-    if callable(args["learning_rate"]):
-        args["learning_rate"] = float(args["learning_rate"](step))
+    if callable(args["learning_rate"]):  # a schedule's value at step, a zero-arg callable's now
+        args["learning_rate"] = optimizer.learning_rate_value(step)
     if "slot_variable_creation_fn" in args:
         args["slot_variable_creation_fn"] = None
     return getattr(_TF, type(optimizer).__name__)(**args)

@@ -1,4 +1,10 @@
-"""What a SavedModel or a TF checkpoint holds, as JSON-able data (for ``jaxembed inspect``)."""
+"""What a SavedModel or a TF checkpoint holds, as JSON-able data (for ``jaxembed inspect``).
+
+Besides the raw ``variables`` (checkpoint keys and shapes), each description says what a user
+asks about: a SavedModel's serving ``tables`` (dtype, shape, bytes), the optimizer each table was
+trained with (``optimizers``), its ``dense_model`` (parameters and arrays) and signatures; a TF
+checkpoint's ``tables_by_root``, with their optimizer slots.
+"""
 
 from __future__ import annotations
 
@@ -63,13 +69,31 @@ def describe_saved_model(path: str | os.PathLike) -> dict:
         metadata = json.loads(meta.read_text()) if meta.exists() else None
     except ValueError as e:  # bad JSON or bad UTF-8
         raise _unreadable(meta, "jaxembed metadata file", fix, e) from e
+    tables = _tables(variables, dtypes, metadata)
     return {
         "kind": "SavedModel",
         "path": str(path),
         "signatures": signatures,
         "variables": variables,
-        "tables": _tables(variables, dtypes, metadata),
+        "tables": tables,
+        "optimizers": _optimizers(metadata),
+        "dense_model": _dense_model(variables, dtypes, metadata),
         "jaxembed": metadata,
+    }
+
+
+def _dense_model(variables: dict, dtypes: dict, metadata: dict | None) -> dict | None:
+    """The served dense model's parameters: the variables that are not serving tables (or their
+    quantization data), counted; None when the SavedModel serves the activations alone."""
+    if metadata is not None and not metadata.get("model"):
+        return None
+    arrays = {k: v for k, v in variables.items() if not k.startswith("tables/")}
+    if metadata is None and not arrays:
+        return None
+    return {
+        "arrays": len(arrays),
+        "parameters": sum(math.prod(shape) for shape in arrays.values()),
+        "bytes": sum(math.prod(shape) * dtypes[k].size for k, shape in arrays.items()),
     }
 
 
@@ -104,6 +128,68 @@ def _tables(variables: dict, dtypes: dict, metadata: dict | None) -> dict:
     return out
 
 
+def _optimizers(metadata: dict | None) -> dict:
+    """Per table, the optimizer it was trained with (class and arguments), as recorded in
+    jaxembed's metadata when the exported Embedding had one."""
+    tables = (metadata or {}).get("config", {}).get("tables", [])
+    return {t["name"]: t["optimizer"] for t in tables if t.get("optimizer")}
+
+
+def _unescape(name: str) -> str:
+    """A checkpoint key's object name as written (TF escapes ``/`` as ``.S``, ``.`` as ``..``)."""
+    out, i = [], 0
+    while i < len(name):
+        if name.startswith("..", i):
+            out.append(".")
+            i += 2
+        elif name.startswith(".S", i):
+            out.append("/")
+            i += 2
+        else:
+            out.append(name[i])
+            i += 1
+    return "".join(out)
+
+
+_OPTIMIZER_SLOTS = {
+    (): "SGD",
+    ("accumulators",): "Adagrad",
+    ("momenta", "velocities"): "Adam",
+    ("accumulators", "linears"): "FTRL",
+    ("accumulators", "momenta"): "AdagradMomentum",
+}
+
+
+def _checkpoint_tables(variables: dict, dtypes: dict) -> dict:
+    """``{root: {table: {dtype, shape, bytes, slots: {slot: {dtype, shape}}, optimizer}}}`` for
+    the keys ``ROOT/NAME/.ATTRIBUTES/VARIABLE_VALUE`` of a TPUEmbedding-style checkpoint, where
+    ``NAME`` is a table or ``TABLE/SLOT`` (a slot of a table of the same root)."""
+    suffix = "/.ATTRIBUTES/VARIABLE_VALUE"
+    roots: dict[str, dict[str, str]] = {}
+    for key in variables:
+        parts = key.removesuffix(suffix).split("/")
+        if key.endswith(suffix) and len(parts) == 2:
+            roots.setdefault(parts[0], {})[_unescape(parts[1])] = key
+    out: dict[str, dict] = {}
+    for root, names in roots.items():
+        tables: dict[str, dict] = {}
+        slots: dict[str, dict] = {}
+        for name, key in names.items():
+            shape, dtype = variables[key], dtypes[key]
+            info = {"dtype": dtype.name, "shape": shape, "bytes": math.prod(shape) * dtype.size}
+            table, _, slot = name.rpartition("/")
+            if table in names:
+                slots.setdefault(table, {})[slot] = info
+            else:
+                tables[name] = info
+        for name, info in tables.items():
+            info["slots"] = slots.get(name, {})
+            info["optimizer"] = _OPTIMIZER_SLOTS.get(tuple(sorted(info["slots"])))
+        if tables and all(len(t["shape"]) == 2 for t in tables.values()):
+            out[root] = tables
+    return out
+
+
 def describe_tf_checkpoint(path: str | os.PathLike) -> dict:
     """The variables (checkpoint keys and shapes) of a TF checkpoint prefix or directory.
 
@@ -119,7 +205,13 @@ def describe_tf_checkpoint(path: str | os.PathLike) -> dict:
             for name, shape in tf.train.list_variables(path)
             if not name.startswith("_CHECKPOINTABLE_OBJECT_GRAPH")
         }
+        dtypes = tf.train.load_checkpoint(path).get_variable_to_dtype_map()
     except _READ_ERRORS as e:
         fix = "save it again or restore it from a backup"
         raise _unreadable(path, "TF checkpoint", fix, e) from e
-    return {"kind": "TF checkpoint", "path": path, "variables": variables}
+    return {
+        "kind": "TF checkpoint",
+        "path": path,
+        "variables": variables,
+        "tables_by_root": _checkpoint_tables(variables, dtypes),
+    }

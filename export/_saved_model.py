@@ -41,14 +41,16 @@ import jax
 import numpy as np
 
 from jaxembed import _nest
+from jaxembed._files import follow_umask
 from jaxembed._serving_dirs import saved_model_versions
 from jaxembed.checkpoint import config_metadata
 from jaxembed.configs import FeatureConfig, TableConfig
 from jaxembed.embedding import Embedding, EmbeddingState
 from jaxembed.inputs import Ragged
 from jaxembed.lookup import embedding_lookup
+from jaxembed.vocabulary import Vocabulary
 
-from . import _quantize
+from . import _quantize, _raw_ids
 from ._lookup import Check, FeatureIds, assert_all, check_ids, gated, lookup
 from ._simulated_quantization import simulate
 from ._tf import tf
@@ -236,6 +238,12 @@ class _ServingModule(tf.Module):
                 "quantization": layout.scheme,
                 "max_abs_error": error,
             }
+        # TF's tables for the features with a je.Vocabulary (restored by the SavedModel loader).
+        self.vocabularies = {
+            path: _raw_ids.vocabulary_table(feature.vocabulary)
+            for path, feature in self._features.items()
+            if isinstance(feature.vocabulary, Vocabulary)
+        }
         self.model = None
         if model is not None:
             from ._jaxpr import TFModel
@@ -247,8 +255,8 @@ class _ServingModule(tf.Module):
             structure: Any = self.model.output_structure  # output names checked before saving
             _named_outputs(jax.tree_util.tree_unflatten(structure, range(structure.num_leaves)))
         specs = {}
-        for path in self._features:
-            specs[input_name(path, "ids")] = tf.TensorSpec([None], tf.int64)
+        for path, feature in self._features.items():
+            specs[input_name(path, "ids")] = tf.TensorSpec([None], _raw_ids.id_dtype(feature))
             specs[input_name(path, "lengths")] = tf.TensorSpec([None], tf.int64)
             if path in self._weighted:
                 specs[input_name(path, "weights")] = tf.TensorSpec([None], tf.float32)
@@ -258,6 +266,14 @@ class _ServingModule(tf.Module):
             self._serve_examples,
             input_signature=[tf.TensorSpec([None], tf.string, name="examples")],
         )
+
+    def _rows(self, path: str, feature: FeatureConfig, ids: tf.Tensor) -> tuple:
+        """A feature's served ids as rows, and the checks they need: raw ids are mapped as in
+        training (always in range); row ids are checked under the ``out_of_range`` policy."""
+        if feature.vocabulary is None:
+            return check_ids(path, ids, feature)
+        table = self.vocabularies.get(path)
+        return _raw_ids.to_rows(ids, feature.vocabulary, table), []
 
     def _gather_rows(self, table: TableConfig, ids: tf.Tensor) -> tf.Tensor:
         """The float32 rows ``[n, dim]`` of ``table`` for ``ids`` (all in range): the one read
@@ -299,7 +315,7 @@ class _ServingModule(tf.Module):
     def _serve(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         requested, checks, batches = [], [], []
         for path, feature in self._features.items():
-            ids, id_checks = check_ids(path, inputs[input_name(path, "ids")], feature)
+            ids, id_checks = self._rows(path, feature, inputs[input_name(path, "ids")])
             lengths = inputs[input_name(path, "lengths")]
             weights = inputs.get(input_name(path, "weights"))
             checks += _request_checks(path, ids, lengths, weights)
@@ -312,8 +328,9 @@ class _ServingModule(tf.Module):
 
     def _serve_examples(self, examples: tf.Tensor) -> dict[str, tf.Tensor]:
         spec = {}
-        for path in self._features:
-            spec[path] = tf.io.RaggedFeature(tf.int64, row_splits_dtype=tf.int64)
+        for path, feature in self._features.items():
+            dtype = _raw_ids.id_dtype(feature)
+            spec[path] = tf.io.RaggedFeature(dtype, row_splits_dtype=tf.int64)
             if path in self._weighted:
                 spec[f"{path}_weights"] = tf.io.RaggedFeature(tf.float32, row_splits_dtype=tf.int64)
         parsed = tf.io.parse_example(examples, spec)
@@ -322,7 +339,7 @@ class _ServingModule(tf.Module):
             ragged, weights = parsed[path], parsed.get(f"{path}_weights")
             if self._strict_examples:
                 ragged = _require_feature(path, ragged)
-            ids, id_checks = check_ids(path, ragged.flat_values, feature)
+            ids, id_checks = self._rows(path, feature, ragged.flat_values)
             lengths = ragged.row_lengths()
             if weights is not None:
                 same = tf.reduce_all(tf.equal(weights.row_lengths(), lengths))
@@ -466,8 +483,8 @@ def sample_inputs(
     for path, feature in _nest.flatten_with_paths(emb.feature_config):
         longest = max(4, feature.max_sequence_length + 2)
         lengths = rng.integers(min_length, longest, size=batch).astype(np.int64)
-        ids = rng.integers(0, feature.table.vocabulary_size, size=int(lengths.sum()))
-        out[path] = {"ids": ids.astype(np.int64), "lengths": lengths}
+        ids = _raw_ids.sample_ids(feature, int(lengths.sum()), rng)
+        out[path] = {"ids": ids, "lengths": lengths}
         if path in weighted:
             out[path]["weights"] = rng.uniform(0.25, 2.0, size=ids.size).astype(np.float32)
     return out
@@ -514,7 +531,10 @@ def serialized_examples(samples: Mapping[str, Mapping[str, np.ndarray]]) -> list
         for path, arrays in samples.items():
             lo, hi = splits[path][i], splits[path][i + 1]
             ids = arrays["ids"][lo:hi].tolist()
-            feature[path] = tf.train.Feature(int64_list=tf.train.Int64List(value=ids))
+            if arrays["ids"].dtype.kind == "S":  # raw string ids
+                feature[path] = tf.train.Feature(bytes_list=tf.train.BytesList(value=ids))
+            else:
+                feature[path] = tf.train.Feature(int64_list=tf.train.Int64List(value=ids))
             if "weights" in arrays:
                 w = arrays["weights"][lo:hi].tolist()
                 feature[f"{path}_weights"] = tf.train.Feature(
@@ -802,6 +822,7 @@ def save_serving_model(
     module = _ServingModule(emb, state, model, params, options)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    follow_umask(tmp)  # mkdtemp's 0700 would keep serving processes of other users out
     steps = len(emb.table_names) + 3
     try:
         _report(options, "writing the SavedModel", steps - 3, steps)

@@ -3,6 +3,7 @@
 Public API (see README.md for a tour):
 
 * ``TableConfig``, ``FeatureConfig``, ``QuantizationConfig``: TF's configs, frozen.
+* ``Hashing``, ``Vocabulary``: raw ids (strings, any int64) to rows, as TF's ops map them.
 * ``Sparse``, ``Ragged``: id inputs (a plain integer array is a dense input).
 * ``embedding_lookup``: TF's ``serving_embedding_lookup`` over nested structures.
 * ``Embedding``: tables + optimizer slots; ``preprocess``, ``lookup``, ``apply_gradients``.
@@ -27,6 +28,8 @@ from jaxembed.inputs import Ragged as Ragged
 from jaxembed.inputs import Sparse as Sparse
 from jaxembed.lookup import embedding_lookup as embedding_lookup
 from jaxembed.prefetch import prefetch as prefetch
+from jaxembed.vocabulary import Hashing as Hashing
+from jaxembed.vocabulary import Vocabulary as Vocabulary
 
 __version__ = "0.1.0"
 
@@ -35,10 +38,12 @@ __all__ = [
     "Embedding",
     "EmbeddingState",
     "FeatureConfig",
+    "Hashing",
     "QuantizationConfig",
     "Ragged",
     "Sparse",
     "TableConfig",
+    "Vocabulary",
     "checkpoint",
     "cpu_kernels_status",
     "embedding_lookup",

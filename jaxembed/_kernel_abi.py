@@ -6,7 +6,15 @@ reads this file (without importing jaxembed) to compile ``csrc/cpu_kernels.cc`` 
 cannot drift apart. No imports: setup.py runs it in a bare build environment.
 """
 
-KINDS = {"SGD": 0, "ADAGRAD": 1, "ADAGRAD_MOMENTUM": 2, "ADAM": 3, "FTRL": 4}
+KINDS = {
+    "SGD": 0,
+    "ADAGRAD": 1,
+    "ADAGRAD_MOMENTUM": 2,
+    "ADAM": 3,
+    "FTRL": 4,
+    "ROWWISE_ADAGRAD": 5,  # FBGEMM's EXACT_ROWWISE_ADAGRAD: slot 0 is [V]
+    "PARTIAL_ROWWISE_ADAM": 6,  # FBGEMM's PARTIAL_ROWWISE_ADAM: slot 1 is [V]
+}
 
 FLAGS = {
     "CLIP_GRAD_MIN": 1,
@@ -19,6 +27,8 @@ FLAGS = {
     "PLAIN_ACCUMULATOR": 128,  # AdagradMomentum with beta2 == 1
     "SUM_INSIDE_SQRT": 256,  # Adam
     "LINEAR_TIMES_LR": 512,  # FTRL multiply_linear_by_learning_rate
+    "ROW_DECAY_L2": 1024,  # RowWiseAdagrad weight_decay_mode="l2" (FBGEMM mode 1)
+    "ROW_DECAY_DECOUPLED": 2048,  # RowWiseAdagrad weight_decay_mode="decoupled" (mode 2)
 }
 
 

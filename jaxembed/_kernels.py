@@ -587,7 +587,10 @@ def _apply_generic(optimizer: Any, table, slots, ids, grads, step):
 
 
 def _same_shape(table: jax.Array, leaf: Any) -> bool:
-    return tuple(jnp.shape(leaf)) == tuple(table.shape)
+    """Whether a slot leaf has one entry per table row: the table's shape, or ``[V]`` (a
+    row-wise statistic); anything else (e.g. an Optax step count) is shared by all rows."""
+    shape = tuple(jnp.shape(leaf))
+    return shape == tuple(table.shape) or shape == tuple(table.shape[:1])
 
 
 def _split(optimizer: Any, operands: tuple) -> tuple[jax.Array, dict, tuple]:
@@ -638,15 +641,22 @@ def _apply_call(name: str, optimizer, lr, operands: list, table, slots: dict) ->
     )
 
 
+def _kernel_scalars(optimizer: Any, step: jax.Array) -> jax.Array:
+    """The kernel's run-time scalars: the learning rate, then whatever else the rule needs
+    (``optimizer.kernel_scalars``, e.g. Adam's bias corrections of a row-wise optimizer)."""
+    scalars = getattr(optimizer, "kernel_scalars", None)
+    return optimizer.learning_rate_at(step) if scalars is None else scalars(step)
+
+
 def _apply_rows_kernel(*operands, optimizer):
     table, slots, (step, ids, grads) = _split(optimizer, operands)
-    lr = optimizer.learning_rate_at(step)
+    lr = _kernel_scalars(optimizer, step)
     return _apply_call("apply_rows", optimizer, lr, [ids, grads], table, slots)
 
 
 def _apply_slots_kernel(*operands, optimizer, weighted):
     table, slots, (step, ids, cot, *slot_ops) = _split(optimizer, operands)
-    lr = optimizer.learning_rate_at(step)
+    lr = _kernel_scalars(optimizer, step)
     return _apply_call("apply_slots", optimizer, lr, [ids, cot, *slot_ops], table, slots)
 
 
@@ -655,7 +665,13 @@ def _apply_abstract(*avals, optimizer, **params):
 
 
 def _all_f32(*avals, optimizer, **params) -> bool:
-    return all(_f32(a) for a in avals[: 1 + len(optimizer.slot_names)])
+    """float32 ``[V, D]`` table and slots (row-wise slots: float32 ``[V]``)."""
+    table, *slots = avals[: 1 + len(optimizer.slot_names)]
+    row_slots = getattr(optimizer, "row_slots", ())
+    return _f32(table) and all(
+        a.dtype == jnp.float32 and a.ndim == (1 if name in row_slots else 2)
+        for name, a in zip(optimizer.slot_names, slots, strict=True)
+    )
 
 
 apply_rows_p = _primitive(

@@ -1,7 +1,8 @@
 """``Batch``: a preprocessed batch, and the host-side preprocessing that builds it.
 
 Host (numpy), per process: the process's examples are split evenly over its devices of the mesh;
-each device's slice is validated and planned with TF's rules (``lookup.plan_feature``). Per
+each device's slice is validated and planned with TF's rules (``lookup.plan_training_feature``:
+``serving_embedding_lookup``'s, with ``TPUEmbedding.enqueue``'s for dense ids). Per
 physical array, every device's ids become the array's keys (``Layout.keys``), their distinct
 values become the device's request array (``Layout.requests``), and each feature's plan is
 re-pointed at the rows those requests will bring back. Sizes that vary from batch to batch
@@ -27,9 +28,10 @@ from jaxembed.inputs import Ragged, Sparse
 from jaxembed.lookup import (
     LookupPlan,
     bucket,
+    check_structure,
     flatten_features,
     pad_axis,
-    plan_feature,
+    plan_training_feature,
     remap_plan,
     slot_bucket,
 )
@@ -75,6 +77,17 @@ MIN_BUCKET_EXAMPLES = 8
 MIN_CAPACITY = 64
 """Distinct rows a device requests per shard are padded to a power of two, at least this: small
 batches share one program, at the cost of a few padding rows."""
+
+
+_EVERY_FEATURE = (
+    "Embedding.preprocess, like TF's TPUEmbedding.enqueue, takes an input for every feature of "
+    "feature_config, in its nested structure; to look up a subset of the features, call "
+    "je.embedding_lookup(inputs, weights, emb.embedding_tables(state), feature_config)."
+)
+_WEIGHTS_FIX = (
+    "weights must have the nested structure of feature_config (like TF's TPUEmbedding.enqueue), "
+    "with None for the unweighted features."
+)
 
 
 def _examples(path: str, inp: Any) -> int:
@@ -157,10 +170,10 @@ def _global_max(values: list[int]) -> list[int]:
 
 
 def _local_feature(path: str, inp: Any, feature: FeatureConfig, devices: int) -> FeatureConfig:
-    """The feature as one device of ``devices`` sees it: a ragged ``output_shape`` covers the
-    whole batch, so each device's slice gets ``output_shape[0] / devices`` of it."""
+    """The feature as one device of ``devices`` sees it: a ragged or dense ``output_shape``
+    covers the whole batch, so each device's slice gets ``output_shape[0] / devices`` of it."""
     shape = feature.output_shape
-    if shape is None or devices == 1 or not isinstance(inp, Ragged):
+    if shape is None or devices == 1 or isinstance(inp, Sparse):
         return feature
     if not shape or shape[0] is None or shape[0] % devices:
         raise ValueError(
@@ -193,6 +206,9 @@ def preprocess(
         owner: the fingerprint of the ``Embedding`` (``Batch.owner``).
     """
     local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    check_structure(feature_config, inputs, "inputs", _EVERY_FEATURE)
+    if weights is not None:
+        check_structure(feature_config, weights, "weights", _WEIGHTS_FIX)
     leaves = flatten_features(inputs, weights, feature_config)
     given = [_examples(path, inp) for path, inp, _, _ in leaves]
     sizes = [
@@ -202,7 +218,8 @@ def preprocess(
         sizes = _global_max(sizes)
     per_device: list[dict[str, LookupPlan]] = [{} for _ in local]
     for (path, inp, weight, feature), n, size in zip(leaves, given, sizes, strict=True):
-        if size != n and feature.output_shape is not None and isinstance(inp, Ragged):
+        dense = not isinstance(inp, (Sparse, Ragged))  # padded after planning
+        if size != n and feature.output_shape is not None and not isinstance(inp, Sparse):
             raise ValueError(
                 f"Feature {path!r} has output_shape {feature.output_shape}, which fixes its "
                 f"batch of {n} examples; it cannot be padded to batch_size={size}. Pass "
@@ -211,11 +228,12 @@ def preprocess(
         inp, weight = _pad_examples(inp, size), _pad_examples(weight, size)
         bounds = split_evenly(size, len(local), f"{path!r} batch")
         part = _local_feature(path, inp, feature, mesh.size)
-        dense = not isinstance(inp, (Sparse, Ragged))  # padded after planning
         for d, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
             local_inp = slice_examples(inp, *((min(lo, n), min(hi, n)) if dense else (lo, hi)))
-            local_plan = plan_feature(path, local_inp, slice_examples(weight, lo, hi), part)
-            per_device[d][path] = _pad_gather(local_plan, hi - lo) if dense else local_plan
+            local_weight = slice_examples(weight, lo, hi)
+            local_plan = plan_training_feature(path, local_inp, local_weight, part)
+            padded = dense and size != n  # (a dense output_shape forbids padding, above)
+            per_device[d][path] = _pad_gather(local_plan, hi - lo) if padded else local_plan
 
     table_of = {path: table_names[feature.table] for path, _, _, feature in leaves}
     routed: dict[

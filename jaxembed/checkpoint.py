@@ -71,7 +71,7 @@ try:
 except ImportError:  # Windows: no flock; the lock file alone keeps writers apart
     fcntl = None  # type: ignore[assignment]
 
-from jaxembed import _nest
+from jaxembed import _nest, vocabulary
 from jaxembed._checksums import CHECKSUM_ALGORITHM, checksums
 from jaxembed.configs import FeatureConfig, QuantizationConfig, TableConfig
 from jaxembed.dense_model import DenseModel as DenseModel  # public here: je.checkpoint.DenseModel
@@ -493,6 +493,7 @@ def config_metadata(emb: Embedding) -> dict:
             "output_shape": None if feature.output_shape is None else list(feature.output_shape),
             "name": feature.name,
             "out_of_range": feature.out_of_range,
+            "vocabulary": vocabulary.to_json(feature.vocabulary),
         }
         for path, feature in emb.features.items()
     ]
@@ -570,6 +571,7 @@ def feature_config_from(config: dict) -> Any:
             output_shape=f["output_shape"],
             name=f["name"],
             out_of_range=f.get("out_of_range", "error"),
+            vocabulary=vocabulary.from_json(f.get("vocabulary")),
         )
         for f in config["features"]
     }
@@ -671,6 +673,7 @@ def _check_config(saved: dict, emb: Embedding, slots_needed: bool) -> None:
             f"Checkpoint tables {sorted(theirs)} do not match the Embedding's tables "
             f"{sorted(mine)}: table names must be the same."
         )
+    _check_vocabularies(saved, emb)
     for name, t in mine.items():
         for key in ("vocabulary_size", "dim"):
             if t[key] != theirs[name][key]:
@@ -684,6 +687,31 @@ def _check_config(saved: dict, emb: Embedding, slots_needed: bool) -> None:
                 f"the Embedding's {t['optimizer']}. Pass reinit_slots=True to keep the tables "
                 "and start fresh slots, or tables_only=True."
             )
+
+
+def _check_vocabularies(saved: dict, emb: Embedding) -> None:
+    """The rows of a table mean the ids its features' vocabularies map to them: a restore must
+    keep every feature's vocabulary."""
+    theirs = {f["path"]: f.get("vocabulary") for f in saved["features"]}
+    for path, feature in emb.features.items():
+        mine = vocabulary.to_json(feature.vocabulary)
+        if path in theirs and theirs[path] != mine:
+            describe = lambda v: "none" if v is None else v["kind"]  # noqa: E731
+            raise ValueError(
+                f"Feature {path!r}: the checkpoint was trained with vocabulary "
+                f"{describe(theirs[path])} ({_vocabulary_summary(theirs[path])}), the Embedding "
+                f"has {describe(mine)} ({_vocabulary_summary(mine)}); the table rows would mean "
+                "other ids. Build the Embedding from the checkpoint's configs: "
+                "je.checkpoint.feature_config_from(je.checkpoint.read_config(directory))."
+            )
+
+
+def _vocabulary_summary(data: dict | None) -> str:
+    if data is None:
+        return "ids are rows"
+    if data["kind"] == "hashing":
+        return f"{data['num_bins']} bins, {data['key_dtype']} ids"
+    return f"{len(data['keys'])} {data['key_dtype']} keys, {data['num_oov_buckets']} OOV buckets"
 
 
 def latest_step(directory: str | os.PathLike) -> int | None:

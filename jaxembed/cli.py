@@ -9,13 +9,20 @@
   that module's code), the tables alone otherwise or with ``--tables-only``; ``--quantize``
   stores the serving tables as int8, float16 or bfloat16.
 * ``jaxembed inspect PATH`` shows what a checkpoint, a TF checkpoint or a SavedModel holds (for
-  a TF Serving base folder of versions ``1/``, ``2/``, ...: the latest version, and the list);
-  a checkpoint's dense model is shown by its import path, never imported.
+  a TF Serving base folder of versions ``1/``, ``2/``, ...: the latest version, and the list):
+  tables (dtype, shape, bytes), optimizers and slots, features, the dense model, signatures;
+  ``--json`` adds the raw variable keys. A checkpoint's dense model is shown by its import
+  path, never imported.
 
-TensorFlow is imported only by ``export`` and by ``inspect`` of TF files.
+TensorFlow is imported only by ``demo``, ``export`` and ``inspect`` of TF files, without its
+C++ start-up log lines (``jaxembed._console``: ``TF_CPP_MIN_LOG_LEVEL`` is 3 unless set).
+Long phases show progress: live in a terminal, a plain line at least every 5 s in a log.
 
-``jaxembed demo`` checks every option before it starts, and refuses an ``--out`` that holds a
-previous demo run unless ``--overwrite`` (which deletes only that run's demo outputs).
+``jaxembed demo`` checks every option, its optional packages (the ``demo`` extra) and its export
+target before it starts, and refuses an ``--out`` that holds a previous demo run unless
+``--overwrite`` (which deletes only that run's demo outputs) or ``--resume`` (which continues
+its training from the latest checkpoint). ``jaxembed export`` refuses an existing target (a
+SavedModel or an empty folder with ``--overwrite`` excepted) before TensorFlow loads.
 
 A user error (a bad option or path, a refused target: ``USER_ERRORS``) prints one line,
 ``jaxembed <command>: error: <message>``, to stderr and exits with status 2, like argparse's own
@@ -28,11 +35,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import logging
+import math
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,7 +49,16 @@ import jax
 import numpy as np
 
 import jaxembed as je
+from jaxembed._console import (
+    Reporter,
+    drop_xla_gc_callback_at_exit,
+    import_tensorflow_quietly,
+    quiet_tensorflow_logs,
+    stderr_held,
+)
 from jaxembed._serving_dirs import is_saved_model, saved_model_versions
+
+_stderr_held = stderr_held  # the name earlier versions used
 
 #: The exceptions the CLI reports as one line (the library's clear-error types).
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -53,38 +70,11 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     IsADirectoryError,
     PermissionError,
     OSError,  # the rest of the environment's errors, e.g. a full disk: no bug of ours
+    ModuleNotFoundError,  # an optional package not installed: the message names the extra
 )
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a process killed by it
-
-
-@contextlib.contextmanager
-def _stderr_held() -> Iterator[None]:
-    """Holds back what is written to file descriptor 2, and replays it only on an exception.
-
-    TensorFlow's C++ runtime logs INFO lines (oneDNN, CUDA stubs) to stderr while its libraries
-    load, before any log level setting applies; the CLI keeps them out of its output.
-    """
-    sys.stderr.flush()
-    try:
-        saved = os.dup(2)
-    except OSError:  # no stderr to hold back
-        yield
-        return
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        try:
-            yield
-        except BaseException:
-            os.dup2(saved, 2)
-            held.seek(0)
-            sys.stderr.flush()
-            os.write(2, held.read())
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
 
 
 @contextlib.contextmanager
@@ -101,11 +91,15 @@ def _absl_errors_only() -> Iterator[None]:
 
 
 def _import_tensorflow() -> None:
-    """Imports TensorFlow (through ``jaxembed.export``) without its start-up log lines."""
-    if "jaxembed.export._tf" in sys.modules:
-        return
-    with _stderr_held():
-        import jaxembed.export._tf  # noqa: F401
+    """Imports TensorFlow (through ``jaxembed.export``) without its start-up log lines, or
+    raises ModuleNotFoundError saying how to install it."""
+    if importlib.util.find_spec("tensorflow") is None:
+        raise ModuleNotFoundError(
+            "this command needs TensorFlow, which this Python lacks; install the tf extra: pip "
+            "install 'jaxembed[tf]' (or pip install -e '.[tf]' in a clone).",
+            name="tensorflow",
+        )
+    import_tensorflow_quietly()
 
 
 def _one_line(error: BaseException) -> str:
@@ -140,9 +134,9 @@ def export_checkpoint(
             model that cannot be imported here, or a target that ``save_serving_model`` refuses
             (FileExistsError too).
     """
-    from rich.progress import Progress
-
-    _check_export_paths(Path(ckpt_dir), Path(out), step, version)
+    _check_export_paths(Path(ckpt_dir), Path(out), step, version, overwrite)
+    if importlib.util.find_spec("tensorflow") is None:
+        _import_tensorflow()  # raises, saying how to install it, before any work
     config = je.checkpoint.read_config(ckpt_dir, step)
     step = config["step"]
     summary = je.checkpoint.model_summary(config)
@@ -161,22 +155,24 @@ def export_checkpoint(
         )
     else:
         apply_fn, params = _load_dense_model(ckpt_dir, step)
-    _import_tensorflow()
+    report = Reporter()
+    with report.stage("loading TensorFlow"):
+        _import_tensorflow()
     from jaxembed import export
 
     emb = je.Embedding(je.checkpoint.feature_config_from(config))
-    with Progress(transient=False) as progress:
-        task = progress.add_task(f"restoring step {step}", total=None)
+    with report.stage(f"restoring step {step} of {ckpt_dir}"):
         state = je.checkpoint.restore(ckpt_dir, emb, step, tables_only=True)
+    with report.stage("exporting") as stage:
 
-        def report(description: str, done: int, total: int) -> None:
-            progress.update(task, description=description, completed=done, total=total)
+        def progress(description: str, done: int, total: int) -> None:
+            stage.update(description=f"exporting: {description}", completed=done, total=total)
 
         options = export.ExportOptions(
             version=version,
             weighted=tuple(weighted),
             overwrite=overwrite,
-            progress=report,
+            progress=progress,
             quantize=quantize,
         )
         path = export.save_serving_model(
@@ -210,8 +206,13 @@ def _overlaps(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
-def _check_export_paths(ckpt_dir: Path, out: Path, step: int | None, version: int | None) -> None:
-    """Up-front checks of ``jaxembed export``'s arguments (before TensorFlow is imported)."""
+def _check_export_paths(
+    ckpt_dir: Path, out: Path, step: int | None, version: int | None, overwrite: bool = False
+) -> None:
+    """Up-front checks of ``jaxembed export``'s arguments (before TensorFlow is imported and
+    the checkpoint restored): the paths, and a target that exists (refused without
+    ``--overwrite``; with it, only a SavedModel or an empty folder may be replaced, which
+    ``save_serving_model`` checks again in full)."""
     if not ckpt_dir.exists():
         raise FileNotFoundError(
             f"checkpoint directory {ckpt_dir} does not exist; give the folder a training run "
@@ -230,6 +231,30 @@ def _check_export_paths(ckpt_dir: Path, out: Path, step: int | None, version: in
     for flag, value in (("--step", step), ("--version", version)):
         if value is not None and value < 0:
             raise ValueError(f"{flag} {value} is negative; give an integer >= 0.")
+    _check_export_target(out if version is None else out / str(version), overwrite)
+
+
+def _check_export_target(target: Path, overwrite: bool) -> None:
+    if not (target.exists() or target.is_symlink()):
+        return
+    if target.is_symlink() or not target.is_dir():
+        what, replaceable = "a file or link", False
+    elif is_saved_model(target):
+        what, replaceable = "a SavedModel", True
+    elif not any(target.iterdir()):
+        what, replaceable = "an empty folder", True
+    else:
+        what, replaceable = "a folder that is not a SavedModel", False
+    if not replaceable:
+        raise FileExistsError(
+            f"OUT {target} already exists ({what}), and only a SavedModel or an empty folder may "
+            "be replaced (even with --overwrite); give a new OUT (or --version)."
+        )
+    if not overwrite:
+        raise FileExistsError(
+            f"OUT {target} already exists ({what}); add --overwrite to replace it (the new model "
+            "is verified before the old one goes), or give a new OUT (or --version)."
+        )
 
 
 def _is_tf_checkpoint(path: Path) -> bool:
@@ -315,12 +340,7 @@ def _print_inspection(info: dict) -> None:
             )
         print("  features:")
         for f in info["features"]:
-            extra = []
-            if f["max_sequence_length"]:
-                extra.append(f"max_sequence_length={f['max_sequence_length']}")
-            if f["output_shape"] is not None:
-                extra.append(f"output_shape={f['output_shape']}")
-            print(f"    {f['path']} -> {f['table']} {' '.join(extra)}".rstrip())
+            print(f"    {_feature_line(f)}")
         model = je.checkpoint.model_summary(info)
         if model is None:
             print(
@@ -335,23 +355,101 @@ def _print_inspection(info: dict) -> None:
                 "imported only by `jaxembed export`)"
             )
         return
-    if info.get("tables"):
-        print("  tables:")
-        for name, t in info["tables"].items():
+    if info["kind"] == "SavedModel":
+        _print_saved_model(info)
+    else:
+        _print_tf_checkpoint(info)
+    print("  (raw variable keys: add --json)")
+
+
+def _feature_line(f: dict) -> str:
+    """``path -> table`` and the feature's options, from a checkpoint's config JSON."""
+    extra = []
+    if f.get("max_sequence_length"):
+        extra.append(f"max_sequence_length={f['max_sequence_length']}")
+    if f.get("output_shape") is not None:
+        extra.append(f"output_shape={f['output_shape']}")
+    vocabulary = f.get("vocabulary")
+    if vocabulary is not None and vocabulary["kind"] == "hashing":
+        extra.append(
+            f"raw {vocabulary['key_dtype']} ids hashed into {vocabulary['num_bins']:,} rows"
+        )
+    elif vocabulary is not None:
+        extra.append(
+            f"raw {vocabulary['key_dtype']} ids: vocabulary of {len(vocabulary['keys']):,} keys "
+            f"+ {vocabulary['num_oov_buckets']} OOV"
+        )
+    return f"{f['path']} -> {f['table']} {' '.join(extra)}".rstrip()
+
+
+def _size(nbytes: int) -> str:
+    """``640 B``, ``1.5 MiB``: bytes for people (exact below 10 KiB)."""
+    if nbytes < 10 * 1024:
+        return f"{nbytes:,} B"
+    exponent = min(int(math.log(nbytes, 1024)), 4)
+    return f"{nbytes / 1024**exponent:.1f} {('B', 'KiB', 'MiB', 'GiB', 'TiB')[exponent]}"
+
+
+def _optimizer(opt: dict | None) -> str:
+    """``Adagrad(learning_rate=0.1, ...)`` from a checkpoint's optimizer record."""
+    if not opt:
+        return "none"
+    args = ", ".join(f"{k}={v}" for k, v in opt.get("args", {}).items() if v is not None)
+    return f"{opt['class']}({args})"
+
+
+def _print_saved_model(info: dict) -> None:
+    tables = info.get("tables") or {}
+    if tables:
+        print("  tables (as served):")
+        for name, t in tables.items():
             saved = ""
             if t["float32_bytes"] and t["float32_bytes"] != t["bytes"]:
-                saved = f" (float32: {t['float32_bytes']:,} B)"
+                saved = f" (float32: {_size(t['float32_bytes'])})"
             how = t["quantization"] or "float32"
             error = f", max abs error {t['max_abs_error']:.3g}" if t["max_abs_error"] else ""
-            print(f"    {name}: {t['dtype']}{t['shape']} {t['bytes']:,} B{saved} {how}{error}")
+            optimizer = info.get("optimizers", {}).get(name)
+            trained = f"; trained with {_optimizer(optimizer)}" if optimizer else ""
+            print(
+                f"    {name}: {t['dtype']}{t['shape']} {_size(t['bytes'])}{saved} "
+                f"{how}{error}{trained}"
+            )
+    config = (info.get("jaxembed") or {}).get("config") or {}
+    if config.get("features"):
+        print("  features:")
+        for f in config["features"]:
+            print(f"    {_feature_line(f)}")
+    model = info.get("dense_model")
+    if model is None:
+        print("  dense model: none (serves the activations, one output per feature)")
+    else:
+        print(
+            f"  dense model: {_count(model['parameters'], 'parameter')} in "
+            f"{_count(model['arrays'], 'array')} ({_size(model['bytes'])}), as plain TF ops"
+        )
     for key, sig in info.get("signatures", {}).items():
         print(f"  signature {key}:")
         for side in ("inputs", "outputs"):
             for name, spec in sig[side].items():
                 print(f"    {side[:-1]:6} {name}: {spec['dtype']}{spec['shape']}")
-    print("  variables:")
-    for name, shape in sorted(info["variables"].items()):
-        print(f"    {name}: {shape}")
+
+
+def _print_tf_checkpoint(info: dict) -> None:
+    roots = info.get("tables_by_root") or {}
+    for root, tables in roots.items():
+        print(f"  tables (root object {root!r}):")
+        for name, t in tables.items():
+            slots = ", ".join(f"{s} {v['dtype']}{v['shape']}" for s, v in t["slots"].items())
+            optimizer = t["optimizer"] or "unknown optimizer"
+            print(
+                f"    {name}: {t['dtype']}{t['shape']} {_size(t['bytes'])}; "
+                f"{optimizer} slots: {slots or 'none'}"
+            )
+    others = [k for k in info["variables"] if k.split("/")[0] not in roots]
+    if others:
+        names = ", ".join(sorted(k.split("/.ATTRIBUTES")[0] for k in others)[:5])
+        more = "" if len(others) <= 5 else f", ... ({len(others)} in all)"
+        print(f"  other variables: {names}{more}")
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -376,10 +474,21 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
         help="if --out holds a previous demo run, delete that run's outputs (only the files the "
         "demo writes) and start clean; without it such an --out is refused",
     )
+    add(
+        "--resume",
+        action="store_true",
+        help="continue the demo run in --out from its latest checkpoint (tables, optimizer "
+        "state, tower) up to --steps, with the same options; then export and plot again",
+    )
 
 
 def _run_demo(args: argparse.Namespace) -> None:
-    from jaxembed.demo.config import DemoConfig, check_options, check_previous_run
+    from jaxembed.demo.config import (
+        DemoConfig,
+        check_options,
+        check_previous_run,
+        check_requirements,
+    )
 
     if args.devices < 1:
         raise ValueError(f"--devices {args.devices} is out of range; give an integer >= 1.")
@@ -395,8 +504,10 @@ def _run_demo(args: argparse.Namespace) -> None:
         movielens=args.movielens,
         seed=args.seed,
         overwrite=args.overwrite,
+        resume=args.resume,
     )
     check_options(config)  # before JAX starts: a bad option fails fast
+    check_requirements()  # and a missing optional package (TensorFlow, matplotlib) too
     check_previous_run(config)
     # Simulate devices on CPU so the sharded path runs; must happen before JAX starts its
     # backends (importing jax does not). GPUs and TPUs are used as they are.
@@ -409,6 +520,8 @@ def _run_demo(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_tensorflow_logs()  # TF_CPP_MIN_LOG_LEVEL=3 unless the user set it
+    drop_xla_gc_callback_at_exit()  # no "Exception ignored in: _xla_gc_callback" after the end
     parser = argparse.ArgumentParser(prog="jaxembed", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_demo = sub.add_parser(

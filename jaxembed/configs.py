@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxembed.vocabulary import Hashing, Vocabulary
+
 COMBINERS = ("mean", "sum", "sqrtn")
 
 Initializer = Callable[..., jax.Array]
@@ -351,9 +353,10 @@ class FeatureConfig:
         validate_weights_and_indices: For sparse inputs: True prunes negative ids (and weights
             <= 0 unless the combiner is sum), like ``tf.nn.safe_embedding_lookup_sparse``; False
             uses every entry as given and raises on negative ids.
-        output_shape: The activation shape without ``dim``; only used for ragged inputs (as in
-            TF): ``prod(output_shape) == batch`` reshapes the combined output, ``k * batch``
-            gives ``k`` positions per example. Stored as a tuple; ``[]`` counts as set.
+        output_shape: The activation shape without ``dim``; in ``je.embedding_lookup`` only used
+            for ragged inputs (as in TF's serving lookup; ``Embedding`` also applies it to dense
+            ids, as TF's ``TPUEmbedding`` does): ``prod(output_shape) == batch`` reshapes the
+            combined output, ``k * batch`` gives ``k`` positions per example. Stored as a tuple; ``[]`` counts as set.
         name: Free text, used in messages.
         out_of_range: What an id outside ``[0, vocabulary_size)`` does (jaxembed only; TF's
             CPU lookup raises): ``"error"`` (default) raises naming the feature and the id (on
@@ -363,6 +366,11 @@ class FeatureConfig:
             past the end. Ids TF prunes (negative ids of a sparse input with
             ``validate_weights_and_indices``) are pruned first. The exported serving graph
             applies the same policy.
+        vocabulary: ``None`` (ids are row numbers), or a ``je.Hashing`` / ``je.Vocabulary``:
+            the feature then takes raw ids (str/bytes, or int64 of any value) and maps them to
+            rows exactly as TF's ``to_hash_bucket_fast`` / ``StaticVocabularyTable`` do, in
+            ``preprocess`` and inside the exported SavedModel. The table must have
+            ``vocabulary.num_rows`` rows (jaxembed only).
 
     Raises:
         ValueError: For any argument TF would reject, naming the argument and the value.
@@ -380,6 +388,7 @@ class FeatureConfig:
     output_shape: tuple[int | None, ...] | None = None
     name: str | None = None
     out_of_range: str = "error"
+    vocabulary: Hashing | Vocabulary | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.table, TableConfig):
@@ -407,11 +416,40 @@ class FeatureConfig:
                 f"Argument `out_of_range` must be one of {list(OUT_OF_RANGE)}, got "
                 f"{self.out_of_range!r}."
             )
+        _check_vocabulary(self)
 
     def __repr__(self) -> str:
         policy = "" if self.out_of_range == "error" else f", out_of_range={self.out_of_range!r}"
+        if self.vocabulary is not None:
+            policy += f", vocabulary={self.vocabulary!r}"
         return (
             f"FeatureConfig(table={self.table!r}, max_sequence_length={self.max_sequence_length}, "
             f"validate_weights_and_indices={self.validate_weights_and_indices}, "
             f"output_shape={self.output_shape!r}, name={self.name!r}{policy})"
+        )
+
+
+def _check_vocabulary(feature: FeatureConfig) -> None:
+    """A feature's vocabulary must be a ``Hashing``/``Vocabulary`` filling its table exactly."""
+    vocabulary = feature.vocabulary
+    if vocabulary is None:
+        return
+    what = f"feature {feature.name!r}" if feature.name else "a FeatureConfig"
+    if not isinstance(vocabulary, (Hashing, Vocabulary)):
+        raise ValueError(
+            f"Argument `vocabulary` of {what} must be None, je.Hashing(num_bins) or "
+            f"je.Vocabulary(keys), got {type(vocabulary).__name__}."
+        )
+    table = feature.table
+    if vocabulary.num_rows != table.vocabulary_size:
+        size = (
+            f"num_bins={vocabulary.num_rows}"
+            if isinstance(vocabulary, Hashing)
+            else f"{len(vocabulary.keys)} keys + {vocabulary.num_oov_buckets} OOV buckets = "
+            f"{vocabulary.num_rows}"
+        )
+        raise ValueError(
+            f"The vocabulary of {what} maps ids to {vocabulary.num_rows} rows ({size}), but its "
+            f"table {table.name or '(unnamed)'!r} has vocabulary_size={table.vocabulary_size}. "
+            f"Make them equal: TableConfig(vocabulary_size={vocabulary.num_rows}, ...)."
         )

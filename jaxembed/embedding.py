@@ -35,12 +35,25 @@ from jaxembed import batch as _batch
 from jaxembed.batch import Batch
 from jaxembed.configs import FeatureConfig, TableConfig
 from jaxembed.layouts import Layout
-from jaxembed.lookup import combine_rows, feature_paths, quantize_source, slot_cotangents
+from jaxembed.lookup import (
+    check_structure,
+    combine_rows,
+    feature_paths,
+    quantize_source,
+    slot_cotangents,
+)
 from jaxembed.optimizers import Optimizer
 from jaxembed.sharding import ShardingPlan, plan_sharding
 
 NONFINITE_GRADIENTS = ("skip", "raise", "apply")
 """``Embedding(nonfinite_gradients=...)`` policies for gradient rows holding NaN or Inf."""
+
+
+_GRADIENTS_FIX = (
+    "Pass dL/d(activations) as returned by jax.grad with respect to the output of "
+    "Embedding.lookup: one array (or None) per feature, nested like feature_config (TF's "
+    "TPUEmbedding.apply_gradients checks the same, container types included)."
+)
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -171,9 +184,9 @@ class Embedding:
         for i, table in enumerate(self.table_configs):
             name = table.name if table.name is not None else f"table_{i}"
             if name in self.table_names.values():
+                # TF's exact text (tpu_embedding_base.py / tpu_embedding_v2.py __init__).
                 raise ValueError(
-                    f"Tables must have a unique name. Multiple tables with name {name!r} found. "
-                    "Give each TableConfig a distinct name."
+                    f"Tables must have a unique name. Multiple tables with name {name} found."
                 )
             self.table_names[table] = name
         self.optimizers: dict[str, Optimizer | None] = {}
@@ -323,7 +336,7 @@ class Embedding:
             layout = self.plan.layout(name)
 
             def logical(leaf, name=name, layout=layout):
-                if tuple(np.shape(leaf)) != layout.physical_shape:
+                if not layout.row_aligned(np.shape(leaf)):
                     return leaf
                 return layout.to_logical(leaf, name)
 
@@ -387,8 +400,18 @@ class Embedding:
     ) -> Batch:
         """Validates ``inputs`` (and ``weights``) on the host and builds a static-shape ``Batch``.
 
-        Same input rules and errors as ``embedding_lookup`` (out-of-range ids follow each
-        feature's ``out_of_range`` policy). Each feature's examples are split evenly over the
+        TF's ``TPUEmbedding.enqueue`` rules: ``inputs`` (and ``weights``, None leaves for the
+        unweighted features) must have the nested structure of ``feature_config``, every
+        feature included (``TypeError`` for another container type, ``ValueError`` naming the
+        missing paths; ``je.embedding_lookup`` takes a subset). Sparse and ragged inputs follow
+        ``embedding_lookup``'s rules and errors; dense ids follow ``TPUEmbedding``
+        (``lookup.plan_training_feature``): ``[B]`` and ``[B, 1]`` give ``[B, dim]``
+        activations, ``[B, S, 1]`` gives ``[B, S, dim]`` (``embedding_lookup``, like TF's
+        ``serving_embedding_lookup``, keeps the 1: ``[B, 1, dim]``), a set ``output_shape``
+        reshapes them, a sequence feature accepts them (one id per example, no sequence axis),
+        and they take no weights. Dense ``[B, k]`` ids with ``k > 1``, which ``TPUEmbedding``
+        refuses, follow ``embedding_lookup`` (``[B, k, dim]``). Out-of-range ids follow each
+        feature's ``out_of_range`` policy. Each feature's examples are split evenly over the
         mesh's devices (in a multi-process run, pass this process's slice of the global batch).
         Sizes that vary between batches (distinct ids per table, ids per example) are padded to
         bucketed sizes, so a jitted step compiles once per bucket.
@@ -520,7 +543,11 @@ class Embedding:
         return P(self.plan.batch_axes)
 
     def lookup(self, state: EmbeddingState, batch: Batch) -> Any:
-        """Activations for ``batch``, nested like its inputs; equal to ``embedding_lookup``.
+        """Activations for ``batch``, nested like its inputs (that is, like ``feature_config``).
+
+        Equal to ``embedding_lookup`` on ``embedding_tables(state)``, except for dense ids, whose
+        shapes follow TF's ``TPUEmbedding`` (``preprocess``): ``[B, 1]`` ids give ``[B, dim]``
+        here and ``[B, 1, dim]`` from ``embedding_lookup`` (TF's ``serving_embedding_lookup``).
 
         Rows of a table with a ``quantization_config`` are quantized as they are read (only the
         requested rows); ``apply_gradients`` takes the gradient straight through.
@@ -563,13 +590,11 @@ class Embedding:
         return jax.tree_util.tree_unflatten(batch.treedef, outs)
 
     def _cotangents(self, batch: Batch, grads: Any) -> list[jax.Array]:
+        """``grads`` checked as TF's ``TPUEmbedding.apply_gradients`` checks them (structure of
+        feature_config, container types included; array leaves or None; the activation
+        shapes), one float32 array per path of ``batch``, laid out over the mesh."""
+        check_structure(self.feature_config, grads, "gradients", _GRADIENTS_FIX)
         flat = dict(_nest.flatten_with_paths(grads))
-        if set(flat) != set(batch.paths):
-            raise ValueError(
-                "Gradients must have the structure of the activations: expected paths "
-                f"{sorted(batch.paths)}, got {sorted(flat)}. Pass dL/d(activations) as returned "
-                "by jax.grad with respect to the output of Embedding.lookup."
-            )
         cots = []
         devices = self.mesh.size
         sharding = NamedSharding(self.mesh, self._batch_spec())
@@ -577,12 +602,18 @@ class Embedding:
             dim = self.features[path].table.dim
             shape = (plan.shape[0] * devices, *plan.shape[1:], dim)
             g = flat[path]
+            if g is not None and not isinstance(g, (np.ndarray, np.generic, jax.Array)):
+                raise ValueError(
+                    f"found non-tensor type: {type(g)} at path {path}. Pass dL/d(activation) "
+                    f"arrays (numpy or JAX) of shape {shape}, or None for a zero gradient."
+                )
             if g is None:  # TF: a missing gradient is a zero gradient
                 g = jnp.zeros(shape, jnp.float32)
             elif tuple(np.shape(g)) != shape:
                 raise ValueError(
-                    f"Gradient for feature {path!r} has shape {tuple(np.shape(g))}, but its "
-                    f"activation has shape {shape}."
+                    f"Found gradient of shape {tuple(np.shape(g))} at path {path}. Expected "
+                    f"shape {shape}: the shape of the feature's activation from "
+                    "Embedding.lookup."
                 )
             cots.append(_constrain(jnp.asarray(g, jnp.float32), sharding))
         return cots
@@ -604,9 +635,17 @@ class Embedding:
         default they are dropped (one elementwise pass over ``grads``) and counted in the
         returned state's ``nonfinite``.
 
+        ``grads`` are checked as TF's ``TPUEmbedding.apply_gradients`` checks them: the nested
+        structure of ``feature_config`` with the same container types, an array or None (a
+        zero gradient) per feature, each of its activation's shape.
+
         Raises:
-            ValueError: If ``state`` was built for another optimizer or Embedding (checked on
-                shapes and structure, so at trace time under ``jit``), naming the table.
+            TypeError: If ``grads`` nests another container type than ``feature_config`` (a
+                list where it has a tuple), naming the path.
+            ValueError: If ``grads`` miss features or hold non-array leaves or wrong shapes,
+                naming the path; if ``state`` was built for another optimizer or Embedding
+                (checked on shapes and structure, so at trace time under ``jit``), naming the
+                table.
             NonFiniteGradientError: Under ``nonfinite_gradients="raise"`` (inside ``jit``
                 carried by a ``jax.errors.JaxRuntimeError`` when the step runs).
         """
@@ -766,7 +805,7 @@ def _physical_slots(layout: Layout, slots: Mapping[str, Any]) -> Any:
     names = [t.name for t in layout.tables]
 
     def combine(*leaves):
-        if np.ndim(leaves[0]) != 2:  # scalar state (e.g. an optax count): shared
+        if np.ndim(leaves[0]) == 0:  # scalar state (e.g. an optax count): shared
             return leaves[0]
         return layout.to_physical(dict(zip(names, leaves, strict=True)))
 

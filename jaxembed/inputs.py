@@ -1,6 +1,7 @@
 """Id inputs: sparse COO (``Sparse``) and ragged rank-2 (``Ragged``) tensors.
 
-A plain integer array is a dense input. ``Sparse`` and ``Ragged`` carry ids (integer values) or,
+A plain integer array is a dense input. ``Sparse`` and ``Ragged`` carry ids (integer values, or
+raw str/bytes ids for features with a vocabulary: ``jaxembed.vocabulary``) or,
 in the weights structure, per-id weights (float values) with the same layout. Both are JAX pytrees
 whose leaves are the arrays; ``Sparse.dense_shape`` is static. Construction validates the layout
 on the host (numpy) and raises a clear error for malformed data; ``jax.tree_util`` rebuilding
@@ -20,12 +21,17 @@ def is_traced(x: Any) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
-def _as_host(name: str, x: Any) -> np.ndarray:
+def _as_host(name: str, x: Any, strings: bool = False) -> np.ndarray:
+    """``x`` as a numpy array; with ``strings``, object arrays of ``str`` or of ``bytes`` (raw
+    ids, for features with a vocabulary) are kept as they are."""
     if is_traced(x):
         return x
     arr = np.asarray(x)
     if arr.dtype == object:
-        raise TypeError(f"{name} must be a numeric array, got {x!r}.")
+        kinds = set(map(type, arr.reshape(-1)))
+        if not (strings and len(kinds) == 1 and kinds <= {str, bytes}):
+            kind = "a numeric array, or raw ids (all str or all bytes)" if strings else "numeric"
+            raise TypeError(f"{name} must be {kind}, got {x!r}.")
     return arr
 
 
@@ -35,10 +41,15 @@ def _check_index_dtype(name: str, arr: np.ndarray) -> None:
 
 
 def _check_value_dtype(name: str, arr: np.ndarray) -> None:
+    if arr.dtype.kind in "SUO":  # raw ids: checked by the feature's vocabulary
+        return
     if arr.dtype == np.bool_ or not (
         np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
     ):
-        raise TypeError(f"{name} must hold integer ids or floating weights, got dtype {arr.dtype}.")
+        raise TypeError(
+            f"{name} must hold integer ids, raw ids (str or bytes, for a feature with a "
+            f"vocabulary) or floating weights, got dtype {arr.dtype}."
+        )
 
 
 @jax.tree_util.register_pytree_node_class
@@ -68,7 +79,7 @@ class Sparse:
 
     def __init__(self, indices: Any, values: Any, dense_shape: Any):
         self.indices = _as_host("Sparse indices", indices)
-        self.values = _as_host("Sparse values", values)
+        self.values = _as_host("Sparse values", values, strings=True)
         try:
             self.dense_shape = tuple(int(d) for d in np.asarray(dense_shape).reshape(-1))
         except (TypeError, ValueError) as e:
@@ -157,7 +168,7 @@ class Ragged:
     __slots__ = ("values", "row_splits")
 
     def __init__(self, values: Any, row_splits: Any):
-        self.values = _as_host("Ragged values", values)
+        self.values = _as_host("Ragged values", values, strings=True)
         self.row_splits = _as_host("Ragged row_splits", row_splits)
         if not (is_traced(self.values) or is_traced(self.row_splits)):
             self._validate()

@@ -34,9 +34,10 @@ Strategies:
   stacked at row offsets, every shard padded to the busiest shard's rows. Physical ``[T * S, D]``.
 * ``ColumnLayout`` (``"column"``): the dim split into ``T`` blocks of ``ceil(D / T)`` columns
   (the last ones zero-padded): every shard holds every row's block. Physical ``[V, T * B]``.
-  Elementwise optimizers split with the columns; a future optimizer with a per-row statistic
-  over the dim (a row-wise accumulator) must ``psum`` its partial statistic over the shard axes
-  before using it, so all blocks of a row see the whole row's statistic.
+  Elementwise optimizers split with the columns; a row-wise optimizer (``RowWiseAdagrad``,
+  ``PartialRowWiseAdam``) ``psum``s its partial statistic over the shard axes before using it
+  (``Optimizer.column_blocks``), so all blocks of a row see the whole row's statistic; its
+  ``[V]`` row-wise slots are replicated over the shard axes and updated identically.
 * ``ReplicatedLayout`` (``"replicated"``): a row layout over no shard axes: the whole table on
   every device; gradients all-gathered, every device applies the same update.
 """
@@ -142,12 +143,25 @@ class Layout:
 
     def spec(self, shape: tuple[int, ...]) -> P:
         """``PartitionSpec`` of an array leaf of this layout: the table and its table-shaped slots
-        are split like the table; anything else (e.g. an Optax step count) is replicated."""
+        are split like the table, row-wise slots (``[physical rows]``) like the table's rows
+        (replicated when the columns are split); anything else (e.g. an Optax step count) is
+        replicated."""
         dims: list[Any] = [None] * len(shape)
-        if tuple(shape) == self.physical_shape and self.shard_axes:
-            axes = self.shard_axes[0] if len(self.shard_axes) == 1 else self.shard_axes
-            dims[self._split_dim] = axes
+        split = self._split_dim if tuple(shape) == self.physical_shape else None
+        if tuple(shape) == self.physical_shape[:1] and self._split_dim == 0:
+            split = 0
+        if split is None or not self.shard_axes:
+            # Unsplit: P() for 1-D leaves, which is how jit's outputs come back (P(None) would
+            # give a second compilation of a step fed its own output).
+            return P(*dims) if len(shape) != 1 else P()
+        dims[split] = self.shard_axes[0] if len(self.shard_axes) == 1 else self.shard_axes
         return P(*dims)
+
+    def row_aligned(self, shape: tuple[int, ...]) -> bool:
+        """Whether an array leaf has one entry per physical row: the table's shape, or
+        ``[physical rows]`` (a row-wise optimizer slot). Those leaves follow the layout's row
+        order (``to_physical`` / ``to_logical``); other leaves are shared."""
+        return tuple(shape) in (self.physical_shape, self.physical_shape[:1])
 
     _split_dim: ClassVar[int] = 0  # the dimension split over the shard axes
 
@@ -159,11 +173,13 @@ class Layout:
 
     # -- logical order --
     def to_physical(self, logical: Mapping[str, Any]) -> jax.Array:
-        """The physical array from its tables' logical ``[V, D]`` arrays (``{name: array}``)."""
+        """The physical array from its tables' logical ``[V, D]`` arrays (``{name: array}``),
+        or from their ``[V]`` row-wise slots (then ``[physical rows]``)."""
         raise NotImplementedError
 
     def to_logical(self, physical: jax.Array, name: str) -> jax.Array:
-        """Table ``name``'s logical ``[V, D]`` rows out of the physical array."""
+        """Table ``name``'s logical ``[V, D]`` rows out of the physical array (``[V]`` out of a
+        ``[physical rows]`` row-wise slot)."""
         raise NotImplementedError
 
     def shard_loads(self, name: str, ids: np.ndarray) -> np.ndarray:
@@ -302,15 +318,17 @@ class RowLayout(_Owned):
         n, s = self.num_shards, self.shard_shape[0]
         if n == 1:
             return table
-        padded = jnp.pad(table, ((0, n * s - table.shape[0]), (0, 0)))
-        return padded.reshape(s, n, -1).transpose(1, 0, 2).reshape(n * s, -1)
+        rest = table.shape[1:]  # (D,) for tables, () for row-wise slots
+        padded = jnp.pad(table, ((0, n * s - table.shape[0]),) + ((0, 0),) * len(rest))
+        return padded.reshape(s, n, *rest).swapaxes(0, 1).reshape(n * s, *rest)
 
     def to_logical(self, physical: jax.Array, name: str) -> jax.Array:
         n, s = self.num_shards, self.shard_shape[0]
         if n == 1:
             return physical
         physical = _replicated(physical)
-        logical = physical.reshape(n, s, -1).transpose(1, 0, 2).reshape(n * s, -1)
+        rest = physical.shape[1:]
+        logical = physical.reshape(n, s, *rest).swapaxes(0, 1).reshape(n * s, *rest)
         return logical[: self.tables[0].vocabulary_size]
 
 
@@ -340,7 +358,7 @@ class TableLayout(_Owned):
 
     def to_physical(self, logical: Mapping[str, Any]) -> jax.Array:
         first = jnp.asarray(logical[self.tables[0].name])
-        physical = jnp.zeros(self.physical_shape, first.dtype)
+        physical = jnp.zeros((self.physical_shape[0], *first.shape[1:]), first.dtype)
         for t in self.tables:
             start = self._start(t.name)
             physical = physical.at[start : start + t.vocabulary_size].set(logical[t.name])
@@ -381,12 +399,31 @@ class ColumnLayout(Layout):
 
     def to_physical(self, logical: Mapping[str, Any]) -> jax.Array:
         table = jnp.asarray(logical[self.name])
+        if table.ndim == 1:  # a row-wise slot: every row's value on every shard
+            return table
         return jnp.pad(table, ((0, 0), (0, self.physical_shape[1] - self.dim)))
 
     def to_logical(self, physical: jax.Array, name: str) -> jax.Array:
-        if self.physical_shape[1] == self.dim:
+        if self.physical_shape[1] == self.dim or physical.ndim == 1:
             return physical
         return _replicated(physical)[:, : self.dim]
+
+    def apply_gradients(
+        self,
+        optimizer: Optimizer,
+        shard: jax.Array,
+        slots: Slots,
+        step: jax.Array,
+        requests: jax.Array,
+        parts: list[tuple[Part, ...]],
+    ) -> tuple[jax.Array, Slots]:
+        """As ``Layout.apply_gradients``, with a row-wise optimizer's statistic summed over the
+        column blocks: every shard receives the same distinct rows in the same order, so the
+        partial sums line up and all blocks of a row (and the replicated row-wise slots) see
+        the whole row's statistic."""
+        if self.num_shards > 1:
+            optimizer = optimizer.column_blocks(self.shard_axes, self.dim)
+        return super().apply_gradients(optimizer, shard, slots, step, requests, parts)
 
     def _gather_ids(self, requests: jax.Array) -> jax.Array:
         return jax.lax.all_gather(requests.reshape(-1), self.shard_axes, tiled=True)

@@ -5,6 +5,8 @@ The lookup is split in two:
 * ``plan_feature`` (host, numpy) validates one feature's ids and weights and turns them into a
   ``LookupPlan``: the ids to gather, the weight of each, and where each gathered row goes in the
   output. All of TF's input-kind rules (pruning, sequence positions, ``output_shape``) live here.
+  ``plan_training_feature`` (``Embedding.preprocess``) applies ``TPUEmbedding``'s rules to dense
+  ids instead (a trailing dimension of 1 dropped), and ``check_structure`` its structure checks.
 * ``apply_plan`` (device, jax) gathers the rows and sums them in exactly the order TF's CPU kernels
   do (tf_semantics §4.4), so ragged and unweighted sparse results are bit-identical to TF's.
 
@@ -44,6 +46,7 @@ import numpy as np
 from jaxembed import _kernels, _nest
 from jaxembed.configs import FeatureConfig, QuantizationConfig, TableConfig
 from jaxembed.inputs import Ragged, Sparse, is_traced
+from jaxembed.vocabulary import map_input
 
 _BLOCK = 8
 _SLOT_FIELDS = ("positions", "blocks", "overflow")  # LookupPlan fields holding slots
@@ -141,7 +144,9 @@ def _check_ids(path: str, feature: FeatureConfig, ids: np.ndarray, hint: str = "
     if not np.issubdtype(ids.dtype, np.integer) or ids.dtype == np.bool_:
         raise TypeError(
             f"Ids of {_name(path, feature)} must be integers (int32 or int64), got dtype "
-            f"{ids.dtype}. Cast them, e.g. ids.astype(np.int64)."
+            f"{ids.dtype}. Cast them, e.g. ids.astype(np.int64); raw ids (strings, or int64 "
+            "that are not row numbers) need FeatureConfig(vocabulary=je.Hashing(...) or "
+            "je.Vocabulary(...))."
         )
     vocab = feature.table.vocabulary_size
     bad = (ids < 0) | (ids >= vocab)
@@ -506,6 +511,87 @@ def plan_feature(path: str, inp: Any, weight: Any, feature: FeatureConfig) -> Lo
     return plan
 
 
+def tpu_dense_shape(path: str, feature: FeatureConfig, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The activation shape (without ``dim``) ``TPUEmbedding`` gives dense ids of ``shape``.
+
+    TF's ``TPUEmbedding.enqueue`` treats every dense id as an example of its own and takes "the
+    input shape excluding the last dimension" for rank >= 2 ids, whose last dimension must be 1
+    (tensorflow/python/tpu/tpu_embedding_v2.py, ``_get_input_shape_for_tensor`` and
+    ``_get_output_shapes_from_input_shapes``: ``output_shapes.append(input_shape[:-1])``):
+    ``[B]`` -> ``[B]``, ``[B, 1]`` -> ``[B]``, ``[B, S, 1]`` -> ``[B, S]``. ``max_sequence_length``
+    does not change it (a last dimension of 1 adds no sequence axis). ``output_shape`` (applied
+    by ``plan_training_feature``) takes precedence.
+
+    Where TF raises (rank >= 2 with a last dimension other than 1), the shape is kept, one
+    output position per id: ``[B, k]`` -> ``[B, k]``, as ``embedding_lookup`` does.
+    """
+    if not shape:
+        raise ValueError(
+            f"Only rank 1 and above dense tensor is supported: {_name(path, feature)} is a "
+            "scalar. Give it a batch dimension, e.g. ids[None]."
+        )
+    if len(shape) >= 2 and shape[-1] == 1:
+        return tuple(shape[:-1])
+    return tuple(shape)
+
+
+def _training_output_shape(
+    path: str, feature: FeatureConfig, ids_shape: tuple[int, ...], shape: tuple[int, ...]
+) -> tuple[int, ...]:
+    """``shape``, or the feature's ``output_shape`` where ``TPUEmbedding`` takes it.
+
+    TF's ``_check_output_shapes`` (tpu_embedding_v2.py): a set ``output_shape`` of higher rank
+    than an incoming rank-1 or rank-2 shape is taken as is (TF checks it in the enqueue op; here
+    it must hold as many ids); otherwise it must equal the incoming shape.
+    """
+    if feature.output_shape is None:
+        return shape
+    out = tuple(int(d) if d is not None else -1 for d in feature.output_shape)
+    higher = len(shape) in (1, 2) and len(out) > len(shape)
+    if (out == shape or higher) and math.prod(out) == math.prod(shape) and min(out) >= 0:
+        return out
+    raise ValueError(
+        f"Inconsistent shape founded for input feature {path}, Output shape is set to be "
+        f"{feature.output_shape}, But got incoming output shape {shape} (from dense ids of shape "
+        f"{list(ids_shape)} of {_name(path, feature)}; TPUEmbedding drops a last dimension of 1). "
+        "Give the output_shape of the ids (or, for rank-1 or rank-2 ids, one of higher rank with "
+        "one position per id), or drop output_shape."
+    )
+
+
+def plan_training_feature(path: str, inp: Any, weight: Any, feature: FeatureConfig) -> LookupPlan:
+    """``plan_feature`` with the dense-input rules of TF's ``TPUEmbedding.enqueue``, for
+    ``Embedding.preprocess``.
+
+    Sparse and ragged inputs are planned as ``plan_feature`` plans them. Dense ids follow
+    ``TPUEmbedding`` rather than ``serving_embedding_lookup``: a trailing dimension of 1 is
+    dropped (``tpu_dense_shape``: ``[B, 1]`` -> ``[B, dim]``, where the serving lookup gives
+    ``[B, 1, dim]``), a sequence feature accepts dense ids (its ``max_sequence_length`` does not
+    apply to them), a set ``output_shape`` is applied as ``TPUEmbedding`` applies it (it must
+    hold one position per id), and weights are refused with TF's TPU message. Dense ids that
+    ``TPUEmbedding`` refuses (rank >= 2, last dimension not 1) follow ``plan_feature``, i.e.
+    ``embedding_lookup``: a plain gather ``[B, k, dim]``, ``output_shape`` ignored, refused for
+    a sequence feature.
+    """
+    if not is_dense_input(inp):
+        return plan_feature(path, inp, weight, feature)
+    if weight is not None:
+        raise ValueError(
+            f"Weight specified for dense input {path}, which is not allowed. Weight will always "
+            f"be 1 in this case. Drop the weights of {_name(path, feature)}, or pass its ids as "
+            "je.Ragged or je.Sparse to weight them."
+        )
+    ids_shape = tuple(np.shape(inp))
+    shape = tpu_dense_shape(path, feature, ids_shape)
+    if len(shape) >= 2 and shape == ids_shape:  # TPUEmbedding refuses: embedding_lookup's rules
+        return plan_feature(path, inp, weight, feature)
+    plan = _plan_dense(path, feature, inp)
+    plan = dataclasses.replace(plan, shape=_training_output_shape(path, feature, ids_shape, shape))
+    if feature.out_of_range == "zero" and not is_traced(plan.ids):
+        return _drop_marked(plan)
+    return plan
+
+
 def _plan_feature(path: str, inp: Any, weight: Any, feature: FeatureConfig) -> LookupPlan:
     name = _name(path, feature)
     if weight is not None:
@@ -801,6 +887,88 @@ def _table_for(tables: Mapping, path: str, feature: FeatureConfig) -> jax.Array:
     return jnp.asarray(table)
 
 
+def _same_container(a: Any, b: Any) -> bool:
+    """Whether two containers count as the same type for ``tf.nest.assert_same_structure``
+    (``check_types=True``): any two mappings (dict, OrderedDict, ...), namedtuples of the same
+    name and fields, or else the same type (a list is not a tuple)."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return True
+    if _nest._is_namedtuple(a) and _nest._is_namedtuple(b):
+        return type(a).__name__ == type(b).__name__ and type(a)._fields == type(b)._fields
+    return type(a) is type(b)
+
+
+def structure_difference(
+    expected: Any, given: Any, path: str = "", names: tuple[str, str] = ("feature_config", "this")
+) -> tuple[type[Exception], str] | None:
+    """Where ``given`` first differs from ``expected`` in nesting, in the order of TF's
+    ``nest.assert_same_structure`` checks: ``(TypeError, ...)`` for another container type,
+    ``(ValueError, ...)`` for a leaf where a container is due (or the reverse), other keys or
+    another length; None if they match. ``names`` name the two in the description."""
+    ce, cg = _nest._children(expected), _nest._children(given)
+    one, other = names
+    where = f"at {path!r}" if path else "at the top level"
+    if ce is None and cg is None:
+        return None
+    if ce is None or cg is None:
+        want = "a feature" if ce is None else f"a {type(expected).__name__}"
+        got = f"a leaf ({type(given).__name__})" if cg is None else f"a {type(given).__name__}"
+        return ValueError, f"{where}: {one} has {want}, {other} has {got}"
+    if not _same_container(expected, given):
+        return TypeError, (
+            f"{where}: {one} has a {type(expected).__name__}, {other} has a "
+            f"{type(given).__name__}; use the same container type"
+        )
+    keys_e, keys_g = [k for k, _ in ce], [k for k, _ in cg]
+    if keys_e != keys_g:
+        what = "keys" if isinstance(expected, Mapping) else "number of elements"
+        shown = (keys_e, keys_g) if what == "keys" else (len(keys_e), len(keys_g))
+        return ValueError, f"{where}: {one} has {what} {shown[0]}, {other} has {shown[1]}"
+    for (key, e), (_, g) in zip(ce, cg, strict=True):
+        found = structure_difference(e, g, f"{path}/{key}" if path else key, names)
+        if found:
+            return found
+    return None
+
+
+def check_structure(feature_config: Any, given: Any, what: str, fix: str) -> None:
+    """Raises unless ``given`` has the nested structure of ``feature_config``, as TF's
+    ``TPUEmbedding`` checks its ``enqueue`` features and weights and its ``apply_gradients``
+    gradients (``nest.assert_same_structure(self._feature_config, ...)``).
+
+    Like ``tf.nest``: ``TypeError`` for another container type (a list where feature_config
+    has a tuple), ``ValueError`` for missing or extra features. The message starts with TF's
+    ("The two structures don't have the same nested structure."), names ``what``, the first
+    place that differs and the feature paths missing or unexpected, and ends with ``fix``.
+
+    Example:
+        >>> import jaxembed as je
+        >>> fc = {"a": je.FeatureConfig(je.TableConfig(4, 2)), "b": (je.FeatureConfig(
+        ...     je.TableConfig(4, 2)),)}
+        >>> try:
+        ...     check_structure(fc, {"a": 0}, "inputs", "Pass every feature.")
+        ... except ValueError as err:
+        ...     for part in str(err).splitlines()[1].split("; "):
+        ...         print(part)
+        inputs: at the top level: feature_config has keys ['a', 'b'], this has ['a']
+        missing features ['b/0'].
+    """
+    found = structure_difference(feature_config, given)
+    if found is None:
+        return
+    error, detail = found
+    expected = [p for p, _ in _nest.flatten_with_paths(feature_config)]
+    have = [p for p, _ in _nest.flatten_with_paths(given)]
+    missing = [p for p in expected if p not in have]
+    extra = [p for p in have if p not in expected]
+    parts = [f"missing features {missing}"] if missing else []
+    parts += [f"unexpected paths {extra}"] if extra else []
+    raise error(
+        "The two structures don't have the same nested structure.\n"
+        f"{what}: {detail}" + (f"; {', '.join(parts)}" if parts else "") + f".\n{fix}"
+    )
+
+
 def flatten_features(
     inputs: Any, weights: Any, feature_config: Any
 ) -> list[tuple[str, Any, Any, FeatureConfig]]:
@@ -811,9 +979,10 @@ def flatten_features(
     if weights is None:
         flat_weights = [None] * len(flat_inputs)
     else:
-        mismatch = _nest.structure_mismatch(inputs, weights)
-        if mismatch:
-            raise ValueError(
+        found = structure_difference(inputs, weights, names=("inputs", "weights"))
+        if found:  # as TF's nest.assert_same_structure(inputs, weights)
+            error, mismatch = found
+            raise error(
                 "The two structures don't have the same nested structure: inputs and weights "
                 f"differ {mismatch}. Give weights the structure of inputs (None for unweighted "
                 "leaves)."
@@ -827,8 +996,13 @@ def flatten_features(
             f"{sorted(p for p, _ in flat_inputs)}, but feature_config keys are "
             f"{sorted(features)}; {missing} have no FeatureConfig."
         )
-    return [
-        (path, inp, weight, features[path])
+    return [  # raw ids become rows here, on the host (features with a vocabulary)
+        (
+            path,
+            map_input(f"feature {path!r}", inp, features[path].vocabulary),
+            weight,
+            features[path],
+        )
         for (path, inp), weight in zip(flat_inputs, flat_weights, strict=True)
     ]
 
@@ -867,6 +1041,10 @@ def embedding_lookup(
     (TF's fails in ``tf.function``, P6). A table with a ``quantization_config`` has its
     looked-up rows quantized before they are combined, as TF's TPU lookup does (TF's CPU
     ``serving_embedding_lookup`` ignores the config; see ``QuantizationConfig``).
+
+    Dense ids keep their shape here, as in TF's serving lookup (``[B, 1]`` -> ``[B, 1, dim]``);
+    ``Embedding.lookup`` follows TF's ``TPUEmbedding`` instead (``[B, 1]`` -> ``[B, dim]``; see
+    ``plan_training_feature``).
 
     ``inputs`` (and ``weights``) are read on the host, so sparse and ragged inputs must be
     concrete arrays; ``tables`` may be traced, so ``jax.jit`` and ``jax.grad`` over the tables

@@ -12,8 +12,10 @@ equations of TF's TPU embedding engine (tf_semantics §3.4) to the rows a batch 
 * finally the row is clamped to ``[clip_weight_min, clip_weight_max]``.
 
 Rows a batch does not touch do not change; ``Adam(lazy_adam=False)`` is the one exception and
-updates every row (untouched rows see ``g = 0``). ``learning_rate`` is a float or a callable (e.g.
-an optax schedule) called with the 0-based number of previous ``apply_gradients`` calls.
+updates every row (untouched rows see ``g = 0``). ``learning_rate`` is a float, a schedule (a
+callable of one argument, e.g. an optax schedule) called with the 0-based number of previous
+``apply_gradients`` calls, or, as TF accepts, a zero-argument callable (``lambda: lr``) called
+on the host each time a step runs (``learning_rate_of``).
 
 ``from_optax(tx)`` turns an elementwise Optax transformation into a row-sparse optimizer.
 
@@ -31,6 +33,7 @@ None for an open side), ``slot_variable_creation_fn`` (``(table, slot_names, ini
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import numbers
 from collections.abc import Callable
@@ -44,8 +47,82 @@ import optax
 from jaxembed import _kernels
 from jaxembed._kernel_abi import FLAGS, KINDS
 
-LearningRate = float | Callable[[jax.Array], jax.Array]
+LearningRate = float | Callable[[jax.Array], jax.Array] | Callable[[], Any]
 Slots = Any  # a pytree: {slot name: array} for TF optimizers, the optax state for from_optax
+
+
+def takes_step(learning_rate: Callable) -> bool:
+    """Whether a callable learning rate is a schedule of the step count (``fn(count)``, as optax
+    schedules are) rather than TF's zero-argument callable (``fn()``).
+
+    A callable that can be called with no argument (every parameter optional) is a zero-argument
+    callable; one that needs exactly one positional argument is a schedule. A callable without
+    an inspectable signature counts as a schedule.
+
+    Raises:
+        ValueError: If it needs more than one argument.
+
+    Example:
+        >>> import optax
+        >>> takes_step(optax.linear_schedule(0.1, 0.01, 100)), takes_step(lambda: 0.1)
+        (True, False)
+    """
+    try:
+        signature = inspect.signature(learning_rate)
+    except (TypeError, ValueError):
+        return True
+    for args in ((), (0,)):
+        try:
+            signature.bind(*args)
+            return bool(args)
+        except TypeError:
+            continue
+    raise ValueError(
+        f"A callable `learning_rate` must take no argument (TF's style, e.g. lambda: 0.1) or "
+        f"one, the 0-based step count (an optax schedule); {learning_rate!r} takes "
+        f"{signature}."
+    )
+
+
+def _host_value(learning_rate: Callable[[], Any]) -> np.ndarray:
+    """A zero-argument learning rate's current value, as a float32 scalar (host side)."""
+    value = np.asarray(learning_rate(), np.float32)
+    if value.shape != ():
+        raise ValueError(
+            f"The zero-argument `learning_rate` {learning_rate!r} returned shape {value.shape}; "
+            "it must return one number."
+        )
+    return value
+
+
+def learning_rate_of(learning_rate: LearningRate, step: Any) -> jax.Array:
+    """The float32 learning rate of a step: ``learning_rate`` itself if a number, a schedule
+    called with ``step`` (the 0-based count of previous ``apply_gradients`` calls; traced
+    inside ``jit``), or a zero-argument callable called on the host **each time the step
+    runs**, through ``jax.pure_callback``.
+
+    So ``SGD(learning_rate=lambda: current_lr[0])`` behaves as in TF, where the callable is
+    evaluated at every ``apply_gradients``: inside a ``jax.jit`` step too, it is not frozen at
+    trace time. It must return one number (not a traced value), be cheap and have no side
+    effects: it may be called once per table and device per step. A float or a schedule of
+    the step needs no host call (the fastest, and what multi-host runs should use).
+    """
+    if not callable(learning_rate):
+        return jnp.asarray(learning_rate, jnp.float32)
+    fn: Any = learning_rate  # a schedule or a zero-argument callable: told apart at run time
+    if takes_step(fn):
+        return jnp.asarray(fn(step), jnp.float32)
+    return jax.pure_callback(lambda: _host_value(fn), jax.ShapeDtypeStruct((), jnp.float32))
+
+
+def learning_rate_value(learning_rate: LearningRate, step: int = 0) -> float:
+    """The learning rate of step ``step`` as a Python float, on the host (e.g. to write it into
+    a TF optimizer): a number as is, a schedule called with ``step``, a zero-argument callable
+    called now."""
+    if not callable(learning_rate):
+        return float(learning_rate)
+    fn: Any = learning_rate
+    return float(fn(step)) if takes_step(fn) else float(_host_value(fn))
 
 
 def _flags(**on: bool) -> int:
@@ -116,9 +193,15 @@ class Optimizer:
         lr = self.learning_rate
         if not (_real(lr) or callable(lr)):
             raise ValueError(
-                f"{name}: `learning_rate` must be a float or a callable schedule (e.g. "
-                f"optax.exponential_decay(...)), got {lr!r}."
+                f"{name}: `learning_rate` must be a float, a callable schedule of the step (e.g. "
+                f"optax.exponential_decay(...)) or a zero-argument callable (lambda: 0.1), got "
+                f"{lr!r}."
             )
+        if callable(lr):
+            try:
+                takes_step(lr)
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from None
         if _real(lr):
             _require(_finite(lr) and lr >= 0, name, "learning_rate", lr, "a finite float >= 0")
         for arg in ("use_gradient_accumulation", "low_dimensional_packing_status"):
@@ -205,9 +288,15 @@ class Optimizer:
 
     # -- the update --
     def learning_rate_at(self, step: jax.Array) -> jax.Array:
-        """The learning rate for ``step`` (0-based count of previous ``apply_gradients`` calls)."""
-        lr = self.learning_rate
-        return jnp.asarray(lr(step) if callable(lr) else lr, jnp.float32)
+        """The learning rate for ``step`` (0-based count of previous ``apply_gradients`` calls);
+        a zero-argument callable is called on the host when the step runs
+        (``learning_rate_of``)."""
+        return learning_rate_of(self.learning_rate, step)
+
+    def learning_rate_value(self, step: int = 0) -> float:
+        """The learning rate of ``step`` as a Python float, computed on the host now
+        (``learning_rate_value``); e.g. for a TF twin of this optimizer."""
+        return learning_rate_value(self.learning_rate, step)
 
     def _initial_values(self) -> dict[str, float]:
         return {}
@@ -278,6 +367,12 @@ class Optimizer:
         if self.clip_weight_min is not None or self.clip_weight_max is not None:
             new_w = jnp.clip(new_w, self.clip_weight_min, self.clip_weight_max)
         return new_w.astype(w.dtype), new_slots
+
+    def column_blocks(self, axes: tuple[str, ...], dim: int) -> Optimizer:
+        """This optimizer for one column block of rows split over mesh ``axes`` (column-wise
+        sharding, inside ``shard_map``). Elementwise rules split with the columns: ``self``."""
+        del axes, dim
+        return self
 
 
 @dataclasses.dataclass(frozen=True)
@@ -616,6 +711,295 @@ class FTRL(Optimizer):
 
 
 # ---------------------------------------------------------------------------------------------
+# Row-wise optimizers (FBGEMM's equations): one second-moment value per row
+
+
+_WEIGHT_DECAY_MODES = ("none", "l2", "decoupled")
+
+
+def _row_sum(x: jax.Array) -> jax.Array:
+    """Sum over a row's columns: the whole row (see ``Optimizer.column_blocks``)."""
+    return jnp.sum(x, axis=-1)
+
+
+class RowWiseOptimizer(Optimizer):
+    """Base class of FBGEMM's row-wise optimizers: some slots hold one float32 value per row.
+
+    Slots named in ``row_slots`` have shape ``[V]`` (one value per table row) and are sharded
+    like the table's rows; the others have the table's shape. TF's common options (clipping,
+    ``weight_decay_factor``) do not apply; the optimizers take FBGEMM's own arguments instead.
+    """
+
+    row_slots: ClassVar[tuple[str, ...]] = ()
+
+    # TF's common options: not arguments of FBGEMM's optimizers.
+    use_gradient_accumulation = True
+    low_dimensional_packing_status = False
+    clipvalue = None
+    clip_weight_min = None
+    clip_weight_max = None
+    weight_decay_factor = None
+    multiply_weight_decay_factor_by_learning_rate = None
+
+    def _validate_learning_rate(self) -> None:
+        name, lr = type(self).__name__, self.learning_rate
+        if not (_real(lr) or callable(lr)):
+            raise ValueError(
+                f"{name}: `learning_rate` must be a float or a callable schedule (e.g. "
+                f"optax.exponential_decay(...)), got {lr!r}."
+            )
+        if callable(lr):
+            try:  # a schedule fn(step) or TF's zero-argument callable; nothing else
+                takes_step(lr)
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from None
+        if _real(lr):
+            _require(_finite(lr) and lr >= 0, name, "learning_rate", lr, "a finite float >= 0")
+
+    def init_slots(self, table: jax.Array) -> Slots:
+        """The slots at their initial values: ``[V]`` for ``row_slots``, else the table's shape."""
+        return {
+            k: jnp.full(table.shape[:1] if k in self.row_slots else table.shape, v, table.dtype)
+            for k, v in self._initial_values().items()
+        }
+
+    def column_blocks(self, axes: tuple[str, ...], dim: int) -> Optimizer:
+        """This optimizer for one column block of rows split over mesh ``axes`` (inside
+        ``shard_map``): the row statistic is summed over the blocks (``psum``) and divided by
+        the logical ``dim``, so every block sees the whole row's statistic."""
+        return _ColumnBlocks(self, tuple(axes), dim)
+
+    def _row_kernel(self) -> tuple[int, int, list[float]]:
+        """The rule's kind, flags and own constants for the CPU kernel."""
+        raise NotImplementedError
+
+    def kernel_rule(self) -> tuple[int, int, list[float]] | None:
+        """``(kind, flags, constants)`` for ``csrc/cpu_kernels.cc`` (``RowWiseRule``): TF's five
+        common constants (unused, 0) then the rule's own."""
+        kind, flags, constants = self._row_kernel()
+        return kind, flags, [0.0] * 5 + constants
+
+    def kernel_scalars(self, step: jax.Array) -> jax.Array:
+        """The kernel's run-time scalars: the learning rate (and what else the rule needs)."""
+        return self.learning_rate_at(step)
+
+    def apply(self, w: jax.Array, slots: Slots, g: jax.Array, step: jax.Array):
+        return self.apply_blocks(w, slots, g, step, _row_sum, w.shape[-1])
+
+    def apply_blocks(
+        self,
+        w: jax.Array,
+        slots: Slots,
+        g: jax.Array,
+        step: jax.Array,
+        row_sum: Callable[[jax.Array], jax.Array],
+        dim: int,
+    ) -> tuple[jax.Array, Slots]:
+        """``apply`` on ``[U, B]`` blocks of rows: ``row_sum`` sums ``[U, B]`` over the whole
+        logical row (``[U]``) and ``dim`` is the row's logical width."""
+        lr = self.learning_rate_at(step)
+        new_w, new_slots = self._row_rule(w, slots, g, lr, step, row_sum, dim)
+        return new_w.astype(w.dtype), new_slots
+
+    def _row_rule(self, w, slots, g, lr, step, row_sum, dim):
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class _ColumnBlocks(Optimizer):
+    """A row-wise optimizer on one column block of each row (see ``column_blocks``)."""
+
+    optimizer: RowWiseOptimizer
+    axes: tuple[str, ...]
+    dim: int
+
+    @property
+    def slot_names(self) -> tuple[str, ...]:  # type: ignore[override]
+        return self.optimizer.slot_names
+
+    @property
+    def learning_rate(self) -> LearningRate:  # type: ignore[override]
+        return self.optimizer.learning_rate
+
+    def kernel_rule(self) -> tuple[int, int, list[float]] | None:
+        return None  # the psum runs in JAX
+
+    def init_slots(self, table: jax.Array) -> Slots:
+        return self.optimizer.init_slots(table)
+
+    def apply(self, w, slots, g, step):
+        def row_sum(x: jax.Array) -> jax.Array:
+            return jax.lax.psum(jnp.sum(x, axis=-1), self.axes)
+
+        return self.optimizer.apply_blocks(w, slots, g, step, row_sum, self.dim)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowWiseAdagrad(RowWiseOptimizer):
+    """Row-wise Adagrad: FBGEMM's ``EXACT_ROWWISE_ADAGRAD``, one accumulator per row.
+
+    Per touched row with summed gradient ``g`` (``D`` columns), in float32::
+
+        g2    = sum(g'^2) / D        g' = g + wd * w with weight_decay_mode="l2", else g
+        acc   = acc + g2
+        mult  = lr / (sqrt(acc) + epsilon)
+        corr  = 1 - mult * wd  ("l2") | 1 - lr * wd  ("decoupled") | 1  ("none")
+        w     = corr * w - mult * g
+
+    Slot ``accumulators`` has shape ``[V]`` (one float per row, ``1/D`` of Adagrad's memory)
+    and starts at ``initial_accumulator_value``. Rows a batch does not touch do not change.
+    With column-wise sharding the row's sum of squares is summed over the column blocks.
+    TF has no such optimizer: TF exports and TF checkpoints carry the tables only.
+
+    Example:
+        >>> import jaxembed as je
+        >>> je.optimizers.RowWiseAdagrad(0.1).slot_names
+        ('accumulators',)
+    """
+
+    learning_rate: LearningRate
+    initial_accumulator_value: float = 0.0
+    epsilon: float = 1e-8
+    weight_decay: float = 0.0
+    weight_decay_mode: str = "none"
+
+    slot_names: ClassVar[tuple[str, ...]] = ("accumulators",)
+    row_slots: ClassVar[tuple[str, ...]] = ("accumulators",)
+
+    def __post_init__(self) -> None:
+        name = "RowWiseAdagrad"
+        self._validate_learning_rate()
+        acc = self.initial_accumulator_value
+        _require(
+            _finite(acc) and acc >= 0, name, "initial_accumulator_value", acc, "a finite float >= 0"
+        )
+        _require(
+            _finite(self.epsilon) and self.epsilon >= 0,
+            name,
+            "epsilon",
+            self.epsilon,
+            "a finite float >= 0",
+        )
+        if acc == 0 and self.epsilon == 0:
+            raise ValueError(
+                f"{name}: `initial_accumulator_value` and `epsilon` are both 0, so a row's first "
+                "update divides by zero; make one of them positive."
+            )
+        wd = self.weight_decay
+        _require(_finite(wd) and wd >= 0, name, "weight_decay", wd, "a finite float >= 0")
+        _require(
+            self.weight_decay_mode in _WEIGHT_DECAY_MODES,
+            name,
+            "weight_decay_mode",
+            self.weight_decay_mode,
+            f"one of {_WEIGHT_DECAY_MODES}",
+        )
+
+    def _initial_values(self):
+        return {"accumulators": self.initial_accumulator_value}
+
+    def _row_kernel(self):
+        wd, mode = self.weight_decay, self.weight_decay_mode
+        flags = _flags(
+            ROW_DECAY_L2=bool(wd) and mode == "l2",
+            ROW_DECAY_DECOUPLED=bool(wd) and mode == "decoupled",
+        )
+        return KINDS["ROWWISE_ADAGRAD"], flags, [self.epsilon, wd]
+
+    def _row_rule(self, w, slots, g, lr, step, row_sum, dim):
+        wd, mode = self.weight_decay, self.weight_decay_mode
+        g_eff = g + wd * w if mode == "l2" and wd else g
+        acc = slots["accumulators"] + row_sum(g_eff * g_eff) / dim
+        mult = (lr / (jnp.sqrt(acc) + self.epsilon))[:, None]
+        if mode == "l2" and wd:
+            new_w = (1 - mult * wd) * w - mult * g
+        elif mode == "decoupled" and wd:
+            new_w = (1 - lr * wd) * w - mult * g
+        else:
+            new_w = w - mult * g
+        return new_w, {"accumulators": acc}
+
+
+@dataclasses.dataclass(frozen=True)
+class PartialRowWiseAdam(RowWiseOptimizer):
+    """Adam with a row-wise second moment: FBGEMM's ``PARTIAL_ROWWISE_ADAM``.
+
+    With ``t`` = this step's 1-based number (previous ``apply_gradients`` calls + 1, FBGEMM's
+    ``iter``; global, not per row), per touched row with summed gradient ``g`` (``D`` columns)::
+
+        v = (1 - beta_2) * sum(g^2) / D + beta_2 * v          (one value per row)
+        m = beta_1 * m + (1 - beta_1) * g                     (element-wise)
+        w = w - lr * (m / (1 - beta_1^t) / (sqrt(v / (1 - beta_2^t)) + epsilon) + wd * w)
+
+    Slots ``momenta`` (the table's shape) and ``velocities`` (``[V]``) start at 0. Rows a batch
+    does not touch do not change (lazy, as FBGEMM). With column-wise sharding the row's sum of
+    squares is summed over the column blocks. TF has no such optimizer: TF exports and TF
+    checkpoints carry the tables only.
+
+    Example:
+        >>> import jaxembed as je
+        >>> je.optimizers.PartialRowWiseAdam(0.01).slot_names
+        ('momenta', 'velocities')
+    """
+
+    learning_rate: LearningRate
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    epsilon: float = 1e-8
+    weight_decay: float = 0.0
+
+    slot_names: ClassVar[tuple[str, ...]] = ("momenta", "velocities")
+    row_slots: ClassVar[tuple[str, ...]] = ("velocities",)
+
+    def __post_init__(self) -> None:
+        name = "PartialRowWiseAdam"
+        self._validate_learning_rate()
+        for arg in ("beta_1", "beta_2"):
+            value = getattr(self, arg)
+            _require(_real(value) and 0.0 <= value < 1.0, name, arg, value, "a float in [0, 1)")
+        _require(
+            _finite(self.epsilon) and self.epsilon > 0,
+            name,
+            "epsilon",
+            self.epsilon,
+            "a finite float > 0",
+        )
+        wd = self.weight_decay
+        _require(_finite(wd) and wd >= 0, name, "weight_decay", wd, "a finite float >= 0")
+
+    def _initial_values(self):
+        return {"momenta": 0.0, "velocities": 0.0}
+
+    def _bias_corrections(self, step: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``1 - beta_1^t`` and ``1 - beta_2^t`` with ``t = step + 1`` (FBGEMM's ``iter``)."""
+        t = (jnp.asarray(step) + 1).astype(jnp.float32)
+        return (
+            1 - jnp.power(jnp.float32(self.beta_1), t),
+            1 - jnp.power(jnp.float32(self.beta_2), t),
+        )
+
+    def _row_kernel(self):
+        b1, b2 = self.beta_1, self.beta_2
+        constants = [b1, 1 - b1, b2, 1 - b2, self.epsilon, self.weight_decay]
+        return KINDS["PARTIAL_ROWWISE_ADAM"], 0, constants
+
+    def kernel_scalars(self, step: jax.Array) -> jax.Array:
+        return jnp.stack([self.learning_rate_at(step), *self._bias_corrections(step)])
+
+    def _row_rule(self, w, slots, g, lr, step, row_sum, dim):
+        b1, b2 = self.beta_1, self.beta_2
+        bias1, bias2 = self._bias_corrections(step)
+        v = row_sum(g * g) / dim * (1 - b2) + slots["velocities"] * b2
+        v_hat = v / bias2
+        m = b1 * slots["momenta"] + (1 - b1) * g
+        m_hat = m / bias1
+        update = m_hat / (jnp.sqrt(v_hat) + self.epsilon)[:, None]
+        if self.weight_decay:
+            update = update + self.weight_decay * w
+        return w - lr * update, {"momenta": m, "velocities": v}
+
+
+# ---------------------------------------------------------------------------------------------
 # Optax
 
 
@@ -780,6 +1164,9 @@ __all__ = [
     "Adam",
     "Optimizer",
     "OptaxOptimizer",
+    "PartialRowWiseAdam",
+    "RowWiseAdagrad",
+    "RowWiseOptimizer",
     "apply_rows",
     "apply_slot_gradients",
     "from_optax",

@@ -9,12 +9,21 @@ TensorFlow is never imported here; tests that need it call ``pytest.importorskip
 
 JAX sees 8 simulated CPU devices (set before JAX starts), so sharded tests run on a real mesh;
 everything else uses the default device as usual.
+
+``pytest --quick`` (``bash run.sh test --quick``) runs ``QUICK``, a subset that touches every
+part (configs, inputs, lookup, optimizers, sharding, checkpoints, one export round trip, the
+CLI) in a few minutes; the full suite is what CI runs.
+
+At exit, JAX's garbage-collection callback is unregistered (``drop_xla_gc_callback_at_exit``): a
+collection during interpreter shutdown would otherwise call into a half-torn-down jaxlib and
+print an ``Exception ignored in: <function _xla_gc_callback>`` traceback after the results.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +35,73 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
     ).strip()
 
 import jaxembed as je  # noqa: E402
+from jaxembed._console import drop_xla_gc_callback_at_exit  # noqa: E402
+
+#: The test files of ``--quick``, and the slowest tests in them, left out (``QUICK_SKIP``).
+QUICK = (
+    "test_buckets.py",
+    "test_public_api.py",
+    "test_batches.py",
+    "test_inputs.py",
+    "test_configs.py",
+    "test_out_of_range.py",
+    "test_prefetch.py",
+    "test_lookup_errors.py",
+    "test_lookup_jit.py",
+    "test_embedding.py",
+    "test_checkpoint.py",
+    "test_cli_export.py",
+    "test_newcomer_files.py",
+    "test_newcomer_cli.py",
+)
+QUICK_SKIP = (
+    "test_padding_trains_nothing",
+    "test_forty_batch_sizes_compile_few_programs",
+    "test_empty_batch",
+    "test_a_save_killed_part_way_leaves_the_previous_step",
+    "test_manager_keeps_last_n_saves_every_k_and_extra_items",
+    "test_restore_onto_another_device_count_is_bit_identical[2",
+    "test_restore_onto_another_device_count_is_bit_identical[None",
+    "test_lookup_after_training_and_preprocess_rejects_a_subset_of_features",
+    "test_lookup_equals_embedding_lookup_bit_for_bit[0-eager]",
+    "test_out_of_range_zero_trains_only_valid_rows",
+    "test_export_command_errors",
+    "test_export_quantized_and_inspect_shows_table_bytes",
+)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--quick",
+        action="store_true",
+        help="run only the quick subset (tests/conftest.py QUICK: a few minutes); CI runs all",
+    )
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """With ``--quick``, the test files not in ``QUICK`` are left out before they are imported."""
+    if config.getoption("--quick") and collection_path.suffix == ".py":
+        return collection_path.name not in QUICK
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With ``--quick``, ``QUICK_SKIP`` and the doctests of ``jaxembed/`` and ``export/`` are
+    deselected too."""
+    if not config.getoption("--quick"):
+        return
+    keep = [
+        item
+        for item in items
+        if Path(str(item.path)).name in QUICK and not item.name.startswith(QUICK_SKIP)
+    ]
+    if len(keep) < len(items):
+        kept = {id(item) for item in keep}
+        config.hook.pytest_deselected(items=[item for item in items if id(item) not in kept])
+        items[:] = keep
+
+
+drop_xla_gc_callback_at_exit()  # after JAX's import, so before JAX's own exit handlers
 
 
 @dataclass

@@ -9,7 +9,9 @@ TF-named constructor arguments are read as plain attributes.
   coefficients (tf_semantics.md section 3.3) and TF's CPU pruning and layout rules (section 4).
 * ``apply_optimizer`` applies the five TF TPU optimizer equations (section 3.4) with gradient
   clipping (3.5), decoupled weight decay from the pre-update row (3.6) and weight clamping, to
-  the touched rows only (or to every row for ``Adam(lazy_adam=False)``), in float64.
+  the touched rows only (or to every row for ``Adam(lazy_adam=False)``), in float64; and
+  FBGEMM's row-wise optimizers (``RowWiseAdagrad`` = ``EXACT_ROWWISE_ADAGRAD``,
+  ``PartialRowWiseAdam`` = ``PARTIAL_ROWWISE_ADAM``) row by row (``apply_fbgemm_optimizer``).
 * ``scenario_*`` build the mixed feature config and random batches used by several test files.
 """
 
@@ -170,11 +172,21 @@ def slot_names(opt: Any) -> tuple[str, ...]:
         "AdagradMomentum": ("accumulators", "momenta"),
         "Adam": ("momenta", "velocities"),
         "FTRL": ("accumulators", "linears"),
+        "RowWiseAdagrad": ("accumulators",),
+        "PartialRowWiseAdam": ("momenta", "velocities"),
     }[type(opt).__name__]
 
 
 def initial_slots(opt: Any, shape: tuple[int, int]) -> dict[str, np.ndarray]:
-    """TF's initial slot values: Adagrad/FTRL accumulators = initial_accumulator_value, else 0."""
+    """TF's initial slot values: Adagrad/FTRL accumulators = initial_accumulator_value, else 0.
+
+    FBGEMM's row-wise optimizers: ``accumulators`` ``[V]`` = initial_accumulator_value;
+    ``momenta`` ``[V, dim]`` and ``velocities`` ``[V]`` = 0.
+    """
+    if type(opt).__name__ == "RowWiseAdagrad":
+        return {"accumulators": np.full(shape[:1], float(opt.initial_accumulator_value))}
+    if type(opt).__name__ == "PartialRowWiseAdam":
+        return {"momenta": np.zeros(shape), "velocities": np.zeros(shape[:1])}
     init = getattr(opt, "initial_accumulator_value", 0.0)
     if type(opt).__name__ == "AdagradMomentum":
         init = 0.0
@@ -259,6 +271,8 @@ def apply_optimizer(
     Order per row: clip g to ``clipvalue`` -> the optimizer's rule -> decoupled weight decay
     ``w_new - wd * w_old`` (``wd`` times lr when asked) -> clamp to ``clip_weight_min/max``.
     """
+    if type(opt).__name__ in FBGEMM_RULES:
+        return apply_fbgemm_optimizer(opt, w, slots, g, touched, step)
     rows = np.ones_like(touched) if not getattr(opt, "lazy_adam", True) else touched
     lr = learning_rate(opt, step)
     w_old = w[rows]
@@ -280,6 +294,73 @@ def apply_optimizer(
     w[rows] = new_w
     for k in slots:
         slots[k][rows] = new_s[k]
+    return w, slots
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) FBGEMM's row-wise optimizers, float64, one row at a time
+#
+# From fbgemm_gpu/codegen/genscript/optimizers.py (rowwise_adagrad, partial_rowwise_adam) and
+# the TBE module, which adds 1 to its `iter` before every update (so t = step + 1).
+
+
+def _fbgemm_rowwise_adagrad(opt, w, acc, g, lr, t):
+    """EXACT_ROWWISE_ADAGRAD on one row: weight decay mode 1 (L2) adds wd * w to the gradient
+    of the row statistic and shrinks w by (1 - multiplier * wd); mode 2 (decoupled) shrinks w by
+    (1 - lr * wd); the row moves by multiplier times the plain gradient."""
+    wd, mode = opt.weight_decay, opt.weight_decay_mode
+    squares = 0.0
+    for d in range(w.shape[0]):
+        gd = g[d] + wd * w[d] if mode == "l2" else g[d]
+        squares += gd * gd
+    acc = acc + squares / w.shape[0]
+    multiplier = lr / (math.sqrt(acc) + opt.epsilon)
+    if mode == "l2":
+        correction = 1.0 - multiplier * wd
+    elif mode == "decoupled":
+        correction = 1.0 - lr * wd
+    else:
+        correction = 1.0
+    new_w = np.array([correction * w[d] - g[d] * multiplier for d in range(w.shape[0])])
+    return new_w, {"accumulators": acc}
+
+
+def _fbgemm_partial_rowwise_adam(opt, w, slots, g, lr, t):
+    """PARTIAL_ROWWISE_ADAM on one row: v (one value) from the mean of g^2, m element-wise,
+    both bias-corrected with the global iteration t."""
+    m, v = slots["momenta"], slots["velocities"]
+    g_avg_square = sum(x * x for x in g) / w.shape[0]
+    v = g_avg_square * (1.0 - opt.beta_2) + v * opt.beta_2
+    v_hat = v / (1.0 - opt.beta_2**t)
+    m = opt.beta_1 * m + (1.0 - opt.beta_1) * g
+    new_w = w - lr * (
+        m / (1.0 - opt.beta_1**t) / (math.sqrt(v_hat) + opt.epsilon) + opt.weight_decay * w
+    )
+    return new_w, {"momenta": m, "velocities": v}
+
+
+FBGEMM_RULES = ("RowWiseAdagrad", "PartialRowWiseAdam")
+
+
+def apply_fbgemm_optimizer(
+    opt: Any,
+    w: np.ndarray,
+    slots: Mapping[str, np.ndarray],
+    g: np.ndarray,
+    touched: np.ndarray,
+    step: int,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """One FBGEMM row-wise optimizer step on the touched rows (``step`` = previous steps)."""
+    lr, t = learning_rate(opt, step), step + 1
+    w, slots = w.copy(), {k: v.copy() for k, v in slots.items()}
+    for r in np.flatnonzero(touched):
+        if type(opt).__name__ == "RowWiseAdagrad":
+            w[r], new = _fbgemm_rowwise_adagrad(opt, w[r], slots["accumulators"][r], g[r], lr, t)
+        else:
+            row = {k: v[r] for k, v in slots.items()}
+            w[r], new = _fbgemm_partial_rowwise_adam(opt, w[r], row, g[r], lr, t)
+        for k, value in new.items():
+            slots[k][r] = value
     return w, slots
 
 

@@ -142,21 +142,20 @@ def test_jitted_lookup_equals_jitted_embedding_lookup_bit_for_bit():
     )
 
 
-def test_lookup_on_a_subset_of_features_and_after_training():
+def test_lookup_after_training_and_preprocess_rejects_a_subset_of_features():
+    """Like TF's ``TPUEmbedding.enqueue``, preprocess takes every feature (a subset is an error
+    naming the missing paths; ``embedding_lookup`` takes subsets)."""
     fc, inputs, weights = _lookup_case(2)
     emb = je.Embedding(fc, jeo.Adagrad(0.5))
     state = emb.init(jax.random.key(0))
-    subset = {
-        "ctx": inputs["ctx"],
-        "friends": inputs["friends"],
-        "deep": {"a": inputs["deep"]["a"]},
-    }
-    sub_w = {"ctx": (None,), "friends": weights["friends"], "deep": {"a": None}}
-    batch = emb.preprocess(subset, sub_w)
-    grads = ref.random_grads(np.random.default_rng(0), subset, fc)
+    subset = {"ctx": inputs["ctx"], "friends": inputs["friends"]}
+    with pytest.raises(ValueError, match=r"missing features \['cand', 'clicks'"):
+        emb.preprocess(subset)
+    batch = emb.preprocess(inputs, weights)
+    grads = ref.random_grads(np.random.default_rng(0), inputs, fc)
     state = jax.jit(emb.apply_gradients)(state, batch, grads)
     assert int(state.step) == 1
-    want = je.embedding_lookup(subset, sub_w, emb.embedding_tables(state), fc)
+    want = je.embedding_lookup(inputs, weights, emb.embedding_tables(state), fc)
     _assert_same_structure_and_bits(emb.lookup(state, batch), want)
 
 
@@ -321,6 +320,18 @@ def _error_emb():
     return je.Embedding(fc, jeo.Adagrad(0.1))
 
 
+def _error_inputs(**given):
+    """Valid inputs for every feature of ``_error_emb`` (preprocess takes them all, as TF's
+    ``TPUEmbedding.enqueue`` does), with ``given`` replacing some."""
+    inputs = {
+        "dense": np.array([1, 2]),
+        "ctx": (je.Ragged.from_row_lengths([1, 3], [1, 1]),),
+        "sp": je.Sparse([[0, 0], [1, 0]], [1, 2], [2, 2]),
+        "unsafe": je.Sparse([[0, 0], [1, 0]], [3, 4], [2, 2]),
+    }
+    return {**inputs, **given}
+
+
 @pytest.mark.parametrize(
     "inputs, path, bad, vocab",
     [
@@ -343,7 +354,7 @@ def _error_emb():
 def test_preprocess_rejects_out_of_range_ids(inputs, path, bad, vocab):
     emb = _error_emb()
     with pytest.raises(ValueError) as info:
-        emb.preprocess(inputs)
+        emb.preprocess(_error_inputs(**inputs))
     message = str(info.value)
     assert repr(path) in message or path in message
     assert str(bad) in message
@@ -352,33 +363,32 @@ def test_preprocess_rejects_out_of_range_ids(inputs, path, bad, vocab):
 
 def test_preprocess_prunes_negative_sparse_ids_on_the_safe_path():
     emb = _error_emb()
-    emb.preprocess({"sp": je.Sparse([[0, 0], [1, 0]], [-3, 1], [2, 2])})
+    emb.preprocess(_error_inputs(sp=je.Sparse([[0, 0], [1, 0]], [-3, 1], [2, 2])))
 
 
 def _grad_case():
     emb = _error_emb()
-    inputs = {
-        "dense": np.array([1, 2, 2]),
-        "ctx": (je.Ragged.from_row_lengths([1, 3, 3], [2, 1]),),
-    }
+    inputs = _error_inputs(
+        dense=np.array([1, 2, 2]), ctx=(je.Ragged.from_row_lengths([1, 3, 3], [2, 1]),)
+    )
     state = emb.init(jax.random.key(0))
     batch = emb.preprocess(inputs)
     return emb, state, batch, emb.lookup(state, batch)
 
 
 @pytest.mark.parametrize(
-    "make_grads",
+    "make_grads, error",
     [
-        lambda a: {"dense": a["dense"]},  # missing feature
-        lambda a: {**a, "sp": jnp.zeros((3, 4))},  # extra feature
-        lambda a: {"dense": a["dense"], "ctx": {"x": a["ctx"][0]}},  # renamed leaf
-        lambda a: [a["dense"], a["ctx"]],  # a list instead of a dict
+        (lambda a: {"dense": a["dense"]}, ValueError),  # missing feature
+        (lambda a: {**a, "bogus": jnp.zeros((3, 4))}, ValueError),  # extra feature
+        (lambda a: {**a, "ctx": {"x": a["ctx"][0]}}, TypeError),  # a dict for a tuple
+        (lambda a: [a["dense"], a["ctx"]], TypeError),  # a list instead of a dict (as TF)
     ],
     ids=["missing", "extra", "renamed", "list"],
 )
-def test_apply_gradients_rejects_wrong_structure(make_grads):
+def test_apply_gradients_rejects_wrong_structure(make_grads, error):
     emb, state, batch, acts = _grad_case()
-    with pytest.raises(ValueError, match="structure"):
+    with pytest.raises(error, match="structure"):
         emb.apply_gradients(state, batch, make_grads(acts))
 
 
@@ -431,10 +441,10 @@ def test_none_gradient_leaf_is_zero_gradient_on_touched_rows():
     trainer = ref.ReferenceTrainer(fc, optimizer, tables0)
     apply = jax.jit(emb.apply_gradients)
     rng = np.random.default_rng(0)
-    inputs = {"a": je.Ragged.from_row_lengths([1, 2, 2], [2, 1]), "b": np.array([[5], [6]])}
+    inputs = {"a": je.Ragged.from_row_lengths([1, 2, 2], [2, 1]), "b": np.array([5, 6])}
     batch = emb.preprocess(inputs)
     steps = [
-        {"a": rng.normal(size=(2, 3)).astype(np.float32), "b": np.ones((2, 1, 3), np.float32)},
+        {"a": rng.normal(size=(2, 3)).astype(np.float32), "b": np.ones((2, 3), np.float32)},
         {"a": rng.normal(size=(2, 3)).astype(np.float32), "b": None},
     ]
     history = []

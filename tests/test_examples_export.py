@@ -56,7 +56,8 @@ def client():
 def exported(tmp_path_factory):
     """The demo recommender, untrained, exported as version 1 of a TF Serving base directory."""
     base = tmp_path_factory.mktemp("serving") / "recommender"
-    feature_config = model.feature_config(VOCAB, dim=8, history_length=HISTORY)
+    vocabularies = data.synthetic(1, **VOCAB).vocabularies
+    feature_config = model.feature_config(vocabularies, dim=8, history_length=HISTORY)
     emb = je.Embedding(feature_config)
     state = emb.init(jax.random.key(0))
     acts = {
@@ -92,21 +93,22 @@ def test_request_body_matches_the_signature(client, exported, signatures):
     inputs = body["inputs"]
     assert set(inputs) == set(specs)
     assert "categories_weights" in inputs and "history_weights" not in inputs
-    assert json.loads(json.dumps(body)) == body  # plain JSON: lists of ints and floats
+    assert json.loads(json.dumps(body)) == body  # plain JSON: lists of ints, floats, strings
+    kinds = {tf.float32: float, tf.int64: int, tf.string: str}
     for name, values in inputs.items():
         assert isinstance(values, list), name
-        kind = float if specs[name].dtype == tf.float32 else int
-        assert specs[name].dtype in (tf.float32, tf.int64), name
-        assert all(type(v) is kind for v in values), name
+        assert all(type(v) is kinds[specs[name].dtype] for v in values), name
     for path in ("user", "item", "categories", "history"):
         lengths, ids = inputs[f"{path}_lengths"], inputs[f"{path}_ids"]
         assert len(lengths) == N and min(lengths) >= 0
         assert sum(lengths) == len(ids)
     assert inputs["user_lengths"] == [1] * N and inputs["item_lengths"] == [1] * N
     assert len(inputs["categories_weights"]) == len(inputs["categories_ids"])
-    vocab = {"user": "users", "item": "items", "categories": "categories", "history": "items"}
-    for path, space in vocab.items():
-        assert all(0 <= i < VOCAB[space] for i in inputs[f"{path}_ids"]), path
+    # Raw ids, as the client has them: the served model maps them to rows.
+    log = data.synthetic(N, **VOCAB, history_length=HISTORY, seed=3)
+    assert inputs["user_ids"] == log.user.tolist() and inputs["item_ids"] == log.item.tolist()
+    assert inputs["categories_ids"] == log.categories.values.tolist()
+    assert inputs["history_ids"] == log.history.values.tolist()
     assert max(inputs["history_lengths"]) <= HISTORY
     # the versioned directory reads the same; another seed gives another request
     assert client.request_body(exported["path"], N, seed=3) == body
@@ -144,7 +146,8 @@ def test_examples_body_decodes_to_the_same_predictions(client, exported):
     first = tf.train.Example.FromString(base64.b64decode(encoded[0]["b64"])).features.feature
     assert list(first["user"].int64_list.value) == columns["user_ids"][:1]
     n_cats = columns["categories_lengths"][0]
-    assert list(first["categories"].int64_list.value) == columns["categories_ids"][:n_cats]
+    names = [b.decode() for b in first["categories"].bytes_list.value]
+    assert names == columns["categories_ids"][:n_cats]
     np.testing.assert_array_equal(
         np.asarray(first["categories_weights"].float_list.value, np.float32),
         np.asarray(columns["categories_weights"][:n_cats], np.float32),

@@ -89,10 +89,12 @@ def _dense(rng: np.random.Generator, vocab: int, wide: bool) -> np.ndarray:
 def make_inputs(kind: str, seed: int, sharded: bool = False) -> tuple[Any, Any]:
     """Inputs (and weights) for every feature, of one kind where TF allows it.
 
-    ``dense``: sequence features get ragged ids (TF rejects dense ids there), others ``[B]`` or
-    ``[B, 2]`` ids. ``ragged_weighted``: every combined feature is weighted (including the
-    ``output_shape`` sequence-mode feature, whose weights TF ignores); sequence features are not
-    (TF rejects weights there).
+    ``dense``: sequence features get ragged ids (TF rejects dense ids there), and so do
+    ``output_shape`` features (``Embedding`` applies ``output_shape`` to dense ids as
+    ``TPUEmbedding`` does, the serving lookup ignores it); others ``[B]`` or ``[B, 2]`` ids.
+    ``ragged_weighted``: every combined feature is weighted (including the ``output_shape``
+    sequence-mode feature, whose weights TF ignores); sequence features are not (TF rejects
+    weights there).
     """
     rng = np.random.default_rng(seed)
     inputs, weights = [], []
@@ -103,7 +105,7 @@ def make_inputs(kind: str, seed: int, sharded: bool = False) -> tuple[Any, Any]:
         weight = None
         if kind == "sparse":
             inp = _sparse(rng, vocab)
-        elif kind == "dense" and not sequence:
+        elif kind == "dense" and not sequence and feature.output_shape is None:
             inp = _dense(rng, vocab, wide=i % 2 == 1)
         else:
             inp = _ragged(rng, vocab)
@@ -300,8 +302,9 @@ def test_feature_fields_with_edge_values():
     inputs = {"a": je.Ragged.from_row_lengths([1, 2, 7], [3])}
     want = _tf_lookup(inputs, None, tf_tables, tf_fc)
     assert want["a"].shape == (3,)
+    full = {**inputs, "b": je.Sparse(np.array([[0, 0]]), np.array([4]), (1, 2))}  # every feature
     np.testing.assert_array_equal(
-        np.asarray(emb.lookup(state, emb.preprocess(inputs))["a"]), want["a"]
+        np.asarray(emb.lookup(state, emb.preprocess(full))["a"]), want["a"]
     )
 
 

@@ -591,8 +591,8 @@ def test_nonfinite_skip_equals_the_finite_only_update(name):
 def test_nonfinite_skip_counts_each_row_once(bad):
     emb = _single(jeo.SGD(0.1))
     batch = _ids_batch(emb, ids=((1,), (2,), (3,)))
-    grads = {"f": np.ones((3, 1, 4), np.float32)}
-    grads["f"][1, 0, :] = bad  # every element of the row: still one row
+    grads = {"f": np.ones((3, 4), np.float32)}  # [B, 1] ids: [B, dim] (as TPUEmbedding)
+    grads["f"][1, :] = bad  # every element of the row: still one row
     state = emb.apply_gradients(emb.init(jax.random.key(0)), batch, grads)
     assert int(state.nonfinite) == 1
     table = np.asarray(state.tables["t"])
@@ -617,7 +617,7 @@ def test_nonfinite_three_field_state_still_works():
     state = je.EmbeddingState(full.tables, full.slots, full.step)
     assert state.nonfinite is None
     batch = _ids_batch(emb)
-    grads = {"f": np.array([[[1.0] * 4], [[NAN] * 4]], np.float32)}
+    grads = {"f": np.array([[1.0] * 4, [NAN] * 4], np.float32)}
     new = jax.jit(emb.apply_gradients)(state, batch, grads)
     assert new.nonfinite is None and int(new.step) == 1
     assert np.isfinite(np.asarray(new.tables["t"])).all()

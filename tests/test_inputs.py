@@ -130,11 +130,11 @@ def test_sparse_malformed_raises_value_error(indices, values, shape, patterns):
     "indices, values, arg",
     [
         (np.asarray([[0.0, 0.0], [1.0, 0.0]]), [1, 2], "indices"),
-        ([[0, 0], [1, 0]], np.asarray(["a", "b"]), "values"),
         ([[0, 0], [1, 0]], np.asarray([True, False]), "values"),
         ([[0, 0], [1, 0]], np.asarray([object(), object()], dtype=object), "values"),
+        ([[0, 0], [1, 0]], np.asarray(["a", b"b"], dtype=object), "values"),
     ],
-    ids=["float_indices", "str_values", "bool_values", "object_values"],
+    ids=["float_indices", "bool_values", "object_values", "mixed_raw_ids"],
 )
 def test_sparse_wrong_dtype_raises_type_error(indices, values, arg):
     with pytest.raises(TypeError, match=arg):
@@ -250,11 +250,23 @@ def test_ragged_from_bad_row_lengths_raises_value_error(values, lengths, pattern
     "values, splits, arg",
     [
         ([1, 2, 3], np.asarray([0.0, 1.0, 3.0]), "row_splits"),
-        (np.asarray(["a", "b"]), [0, 2], "values"),
         (np.asarray([True, False]), [0, 2], "values"),
+        (np.asarray([1, "b"], dtype=object), [0, 2], "values"),
     ],
-    ids=["float_splits", "str_values", "bool_values"],
+    ids=["float_splits", "bool_values", "mixed_values"],
 )
 def test_ragged_wrong_dtype_raises_type_error(values, splits, arg):
     with pytest.raises(TypeError, match=arg):
         je.Ragged(values, splits)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [["a", "é"], np.asarray([b"a", b""]), np.asarray(["x", "y"], dtype=object)],
+    ids=["str", "bytes", "object"],
+)
+def test_raw_ids_are_kept_for_a_vocabulary(values):
+    """String values are raw ids (mapped by the feature's vocabulary, tests/test_raw_ids.py)."""
+    ragged = je.Ragged.from_row_lengths(values, [1, 1])
+    sparse = je.Sparse([[0, 0], [1, 0]], values, [2, 1])
+    assert ragged.values.tolist() == sparse.values.tolist() == np.asarray(values).tolist()

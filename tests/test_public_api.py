@@ -15,10 +15,12 @@ JAXEMBED = {
     "Embedding",
     "EmbeddingState",
     "FeatureConfig",
+    "Hashing",
     "QuantizationConfig",
     "Ragged",
     "Sparse",
     "TableConfig",
+    "Vocabulary",
     "checkpoint",
     "cpu_kernels_status",
     "embedding_lookup",
@@ -76,6 +78,16 @@ def test_export_all_is_pinned_and_resolves():
     for name in export.__all__:
         assert inspect.getdoc(getattr(export, name)), f"jaxembed.export.{name} has no docstring"
     assert _params(export.to_tf)[:2] == ["emb", "state"]
+    save, load = (
+        inspect.signature(export.save_tf_checkpoint),
+        inspect.signature(export.load_tf_checkpoint),
+    )
+    assert list(save.parameters)[:3] == ["prefix", "emb", "state"]
+    assert save.parameters["root"].default == "embedding"  # keyword-only addition (issue 18)
+    assert save.parameters["root"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert list(load.parameters)[:2] == ["path", "emb"]
+    assert load.parameters["root"].default is None  # None: found in the checkpoint
+    assert load.parameters["root"].kind is inspect.Parameter.KEYWORD_ONLY
     assert _params(export.save_serving_model)[:5] == [
         "export_dir",
         "emb",
@@ -83,3 +95,27 @@ def test_export_all_is_pinned_and_resolves():
         "model",
         "params",
     ]
+
+
+def test_rowwise_optimizers_are_public_with_the_pinned_signatures():
+    """design.md section 3.1: FBGEMM's row-wise optimizers in ``jaxembed.optimizers``."""
+    optimizers = je.optimizers
+    assert {"RowWiseAdagrad", "PartialRowWiseAdam"} <= set(optimizers.__all__)
+    for name in optimizers.__all__:
+        assert inspect.getdoc(getattr(optimizers, name)), f"jaxembed.optimizers.{name}"
+    rowwise_adagrad = inspect.signature(optimizers.RowWiseAdagrad).parameters
+    assert list(rowwise_adagrad)[:3] == ["learning_rate", "initial_accumulator_value", "epsilon"]
+    assert rowwise_adagrad["initial_accumulator_value"].default == 0.0
+    assert rowwise_adagrad["epsilon"].default == 1e-8
+    adam = inspect.signature(optimizers.PartialRowWiseAdam).parameters
+    assert list(adam)[:4] == ["learning_rate", "beta_1", "beta_2", "epsilon"]
+    assert [adam[n].default for n in ("beta_1", "beta_2", "epsilon")] == [0.9, 0.999, 1e-8]
+
+
+def test_raw_id_spellings():
+    """design.md section 3.1: raw ids through ``FeatureConfig(vocabulary=...)``."""
+    assert "vocabulary" in inspect.signature(je.FeatureConfig).parameters
+    assert _params(je.Hashing)[:1] == ["num_bins"]
+    assert _params(je.Vocabulary)[:2] == ["keys", "num_oov_buckets"]
+    assert inspect.signature(je.Vocabulary).parameters["num_oov_buckets"].default == 1
+    assert _params(je.Vocabulary.from_file)[:2] == ["path", "num_oov_buckets"]

@@ -16,7 +16,12 @@ def test_readme_python_blocks_run(capsys):
     namespace = {}  # later blocks build on earlier ones, as a reader would run them
     for block in blocks:
         exec(compile(block, str(README), "exec"), namespace)
-    assert "(3, 8) (3, 8) (3, 3, 8)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "(3, 8) (3, 8) (3, 3, 8)" in out
+    # The README's sample outputs are what its code prints (the sharding plan, the raw ids).
+    (plan,) = re.findall(r"```\n(ShardingPlan\(.*?)```", README.read_text(), re.S)
+    assert plan.strip() in out
+    assert "[2 3]" in out
     _check_rest_request(namespace)
 
 

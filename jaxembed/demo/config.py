@@ -6,12 +6,18 @@ spells them (``--batch-size``); options without a flag are named ``DemoConfig.<f
 
 Re-running into an ``--out`` that holds a previous run is refused (its checkpoints would mix
 into "latest"), unless ``overwrite`` is set: then the demo deletes only what it writes itself
-(``OUTPUTS``), and only where a ``demo.log`` shows that ``jaxembed demo`` wrote that folder.
+(``OUTPUTS``), and only where a ``demo.log`` shows that ``jaxembed demo`` wrote that folder; or
+unless ``resume`` is set: then training continues from the latest checkpoint there, and the
+export, plot and metrics of the previous run are replaced.
+
+``check_requirements`` makes sure the optional packages the demo needs (the ``demo`` extra:
+TensorFlow to export and serve, matplotlib to plot) are installed before any work starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import shutil
 from pathlib import Path
@@ -33,7 +39,17 @@ _CLI_OPTIONS = {
     "movielens",
     "seed",
     "overwrite",
+    "resume",
 }
+#: The optional packages the demo needs (all in the ``demo`` extra), and what for.
+REQUIREMENTS = {
+    "tensorflow": "to export and serve the SavedModel",
+    "matplotlib": "to draw training.png",
+}
+INSTALL_HINT = (
+    "install the demo extra: pip install 'jaxembed[demo]' (or pip install -e '.[demo]' in a "
+    "clone; bash run.sh demo does it for you)"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +73,7 @@ class DemoConfig:
     movielens: Path | None = None
     seed: int = 0
     overwrite: bool = False
+    resume: bool = False
 
 
 def option(field: str) -> str:
@@ -164,28 +181,90 @@ def _written_by_demo(out: Path) -> bool:
         return f.readline().startswith(LOG_HEADER)
 
 
-def check_previous_run(config: DemoConfig) -> list[str]:
-    """What a re-run into ``config.out`` would delete (``[]`` for a fresh folder).
+def check_requirements() -> None:
+    """Raises before any work if a package the demo needs (``REQUIREMENTS``) is missing.
 
     Raises:
-        FileExistsError: ``out`` holds demo outputs and ``overwrite`` is not set, or it is set
-            but no ``demo.log`` shows that the demo wrote them.
+        ModuleNotFoundError: naming every missing package, what it is for, and how to install it.
+    """
+    missing = [name for name in REQUIREMENTS if importlib.util.find_spec(name) is None]
+    if missing:
+        needs = "; ".join(f"{name} ({REQUIREMENTS[name]})" for name in missing)
+        raise ModuleNotFoundError(
+            f"jaxembed demo needs {needs}, which this Python ({_python()}) lacks; {INSTALL_HINT}.",
+            name=missing[0],
+        )
+
+
+def _python() -> str:
+    import sys
+
+    return sys.executable
+
+
+def checkpoint_steps(out: Path) -> list[int]:
+    """The step folders in ``out/checkpoints`` (a quick look; the restore checks them)."""
+    directory = Path(out) / "checkpoints"
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isascii() and p.name.isdigit())
+
+
+def _check_targets(out: Path, resume: bool) -> None:
+    """The export target ``out/saved_model/1`` must be free, or with ``resume`` a SavedModel
+    (the previous run's, replaced at the end): refused here, before any work."""
+    from jaxembed._serving_dirs import is_saved_model
+
+    base = out / "saved_model"
+    if base.is_symlink() or (base.exists() and not base.is_dir()):
+        raise FileExistsError(
+            f"--out {out}: {base} is not a folder, so the SavedModel cannot be exported there; "
+            "move it away or give a new --out."
+        )
+    target = base / "1"
+    if not (target.exists() or target.is_symlink()):
+        return
+    if resume and target.is_dir() and not target.is_symlink() and is_saved_model(target):
+        return
+    raise FileExistsError(
+        f"--out {out}: the export target {target} already exists and is not a SavedModel the "
+        "demo wrote; move it away or give a new --out."
+    )
+
+
+def check_previous_run(config: DemoConfig) -> list[str]:
+    """What a re-run into ``config.out`` would delete (``[]`` for a fresh folder, or to resume).
+
+    Raises:
+        FileExistsError: ``out`` holds demo outputs and neither ``overwrite`` nor ``resume`` is
+            set, or one is set but no ``demo.log`` shows that the demo wrote them.
+        FileNotFoundError: ``resume`` and ``out`` holds no checkpoint to resume from.
+        ValueError: ``resume`` and ``overwrite`` together, or the latest checkpoint is already
+            at ``--steps`` or beyond.
     """
     out = Path(config.out)
     found = previous_outputs(out)
+    if config.resume:
+        _check_resume(config, out)
+        _check_targets(out, resume=True)
+        return []
     if not found:
+        _check_targets(out, resume=False)
         return []
     listing = ", ".join(found)
     if not config.overwrite:
         raise FileExistsError(
-            f"--out {out} already holds a previous demo run ({listing}); give a new --out, or "
-            "add --overwrite to delete those demo outputs (and nothing else) and start clean."
+            f"--out {out} already holds a previous demo run ({listing}); give a new --out, add "
+            "--resume to continue its training from the latest checkpoint, or add --overwrite "
+            "to delete those demo outputs (and nothing else) and start clean."
         )
     if not _written_by_demo(out):
         raise FileExistsError(
             f"--out {out} holds {listing} but no demo.log from jaxembed demo, so --overwrite "
             "will not delete them; move them away or give a new --out."
         )
+    if "saved_model/1" not in found:  # what --overwrite deletes need not be checked
+        _check_targets(out, resume=False)
     return found
 
 
@@ -204,3 +283,26 @@ def clear_previous_run(out: Path, names: list[str]) -> str:
         f"--overwrite: started clean, deleted the previous demo run's {', '.join(names)} in "
         f"{out} (other files there are kept)"
     )
+
+
+def _check_resume(config: DemoConfig, out: Path) -> None:
+    if config.overwrite:
+        raise ValueError(
+            "--resume continues the run in --out and --overwrite deletes it; give one of them."
+        )
+    steps = checkpoint_steps(out)
+    if not steps:
+        raise FileNotFoundError(
+            f"--resume: --out {out} holds no checkpoint to resume from (no step folders in "
+            f"{out / 'checkpoints'}); run without --resume to start a new run there."
+        )
+    if not _written_by_demo(out):
+        raise FileExistsError(
+            f"--resume: --out {out} has checkpoints but no demo.log from jaxembed demo, so it "
+            "is not a demo run to continue; give the --out of a demo run."
+        )
+    if steps[-1] >= config.steps:
+        raise ValueError(
+            f"--resume: the latest checkpoint in {out / 'checkpoints'} is step {steps[-1]}, "
+            f"already at --steps {config.steps}; give a larger --steps (the total to reach)."
+        )

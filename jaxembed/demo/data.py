@@ -3,7 +3,10 @@
 A ``ClickLog`` holds one row per impression: a user id, an item id, the item's weighted
 categories (several per row), the user's recent items (a history sequence) and a 0/1 label, all
 as flat numpy arrays (ragged columns as values + per-row lengths), so batches are cut with
-vectorised indexing.
+vectorised indexing. Ids are raw, as a log holds them: 64-bit user and item ids and category
+names; ``ClickLog.vocabularies`` says how each id space maps to table rows (``je.Hashing`` for
+users, whose ids are open-ended; ``je.Vocabulary`` of the catalogue for items and categories),
+and jaxembed applies it in training and inside the served model alike.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import os
 from pathlib import Path
 
 import numpy as np
+
+import jaxembed as je
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +42,9 @@ class Column:
 class ClickLog:
     """Impressions: ``user``, ``item``, ``categories`` (weighted), ``history`` and ``label``.
 
-    ``vocab`` gives each id space's size: ``{"users", "items", "categories"}``. A synthetic log
-    also has the true click ``probability`` of each impression (the best any model can predict).
+    ``vocabularies`` maps each id space (``"users"``, ``"items"``, ``"categories"``) to rows.
+    A synthetic log also has the true click ``probability`` of each impression (the best any
+    model can predict).
     """
 
     user: np.ndarray
@@ -46,7 +52,7 @@ class ClickLog:
     categories: Column
     history: Column
     label: np.ndarray
-    vocab: dict[str, int]
+    vocabularies: dict[str, je.Hashing | je.Vocabulary]
     probability: np.ndarray | None = None
 
     def __len__(self) -> int:
@@ -60,7 +66,7 @@ class ClickLog:
             self.categories.take(rows),
             self.history.take(rows),
             self.label[rows],
-            self.vocab,
+            self.vocabularies,
             None if self.probability is None else self.probability[rows],
         )
 
@@ -71,10 +77,25 @@ class ClickLog:
         return self.take(np.sort(order[n_test:])), self.take(np.sort(order[:n_test]))
 
 
+USER_SALT, ITEM_SALT = 1, 2
+
+
 def zipf_ids(rng: np.random.Generator, n: int, vocab: int, exponent: float) -> np.ndarray:
     """``n`` ids in ``[0, vocab)`` with ``P(id = r) ∝ 1 / (r + 1) ** exponent``."""
     cdf = np.cumsum(1.0 / np.arange(1, vocab + 1, dtype=np.float64) ** exponent)
     return np.searchsorted(cdf, rng.uniform(0, cdf[-1], size=n)).astype(np.int64)
+
+
+def raw_ids(ranks: np.ndarray, salt: int) -> np.ndarray:
+    """Distinct 64-bit ids (any int64, negative ones too) standing for ``ranks``: an odd
+    multiplier is a bijection of the 64-bit integers."""
+    mixed = (ranks.astype(np.uint64) + np.uint64(salt)) * np.uint64(0x9E3779B97F4A7C15)
+    return mixed.view(np.int64)
+
+
+def category_names(values: np.ndarray) -> np.ndarray:
+    """Category ``k`` as the string ``"category-k"``."""
+    return np.char.add("category-", values.astype(np.int64).astype(np.str_))
 
 
 def synthetic(
@@ -125,8 +146,24 @@ def synthetic(
     logit += np.einsum("nk,nk->n", user_taste[user] + hist_mean, item_taste[item])
     probability = 1 / (1 + np.exp(-logit))
     label = (rng.uniform(size=n) < probability).astype(np.float32)
-    vocab = {"users": users, "items": items, "categories": categories}
-    return ClickLog(user, item, cats, history, label, vocab, probability.astype(np.float32))
+    # Raw ids, as a log would hold them, and how they map to rows: users hashed (into twice as
+    # many bins as users, to keep collisions rare), items and categories by their catalogues.
+    cats = Column(category_names(cats.values), cats.lengths, cats.weights)
+    history = Column(raw_ids(history.values, ITEM_SALT), history.lengths)
+    vocabularies: dict[str, je.Hashing | je.Vocabulary] = {
+        "users": je.Hashing(2 * users, key_dtype="int64"),
+        "items": je.Vocabulary(raw_ids(np.arange(items), ITEM_SALT).tolist()),
+        "categories": je.Vocabulary(category_names(np.arange(categories)).tolist()),
+    }
+    return ClickLog(
+        raw_ids(user, USER_SALT),
+        raw_ids(item, ITEM_SALT),
+        cats,
+        history,
+        label,
+        vocabularies,
+        probability.astype(np.float32),
+    )
 
 
 def _read_csv(path: Path, usecols: tuple[int, ...], dtype) -> np.ndarray:
@@ -164,7 +201,6 @@ def movielens(path: str | os.PathLike, *, history_length: int = 8) -> ClickLog:
     rating, time = ratings[:, 2], ratings[:, 3]
     movie_ids, genres = _movie_genres(path / "movies.csv")
     genre_names = sorted({g for gs in genres for g in gs})
-    genre_index = {g: i for i, g in enumerate(genre_names)}
 
     users, user = np.unique(raw_user, return_inverse=True)
     item_of_movie = {m: i for i, m in enumerate(movie_ids)}
@@ -190,13 +226,22 @@ def movielens(path: str | os.PathLike, *, history_length: int = 8) -> ClickLog:
     sorted_history = Column(np.array(hist_values, np.int64), hist_lengths[order])
     history = sorted_history.take(np.argsort(order))
 
-    item_genres = [[genre_index[g] for g in genres[i]] for i in range(len(movie_ids))]
-    cat_lengths = np.array([len(item_genres[i]) for i in item], np.int64)
-    cat_values = np.array([g for i in item for g in item_genres[i]], np.int64)
-    cats = Column(cat_values, cat_lengths, np.ones(cat_values.size, np.float32))
+    # Raw ids: MovieLens' user and movie ids, genre names. Users are hashed (into a power of two
+    # at least twice their number), movies and genres map by their catalogue (movies.csv).
+    movies = Column(
+        np.array([g for gs in genres for g in gs]),
+        np.array([len(gs) for gs in genres], np.int64),
+    )
+    cats = movies.take(item)
+    cats = Column(cats.values, cats.lengths, np.ones(cats.values.size, np.float32))
+    history = Column(movie_ids[history.values], history.lengths)
     label = (rating >= 4.0).astype(np.float32)
-    vocab = {"users": len(users), "items": len(movie_ids), "categories": len(genre_names)}
-    return ClickLog(user.astype(np.int64), item, cats, history, label, vocab)
+    vocabularies: dict[str, je.Hashing | je.Vocabulary] = {
+        "users": je.Hashing(1 << (2 * len(users) - 1).bit_length(), key_dtype="int64"),
+        "items": je.Vocabulary(movie_ids.tolist()),
+        "categories": je.Vocabulary(genre_names),
+    }
+    return ClickLog(raw_user, movie_ids[item], cats, history, label, vocabularies)
 
 
 def _movie_genres(path: Path) -> tuple[np.ndarray, list[list[str]]]:

@@ -1,10 +1,11 @@
 """The demo's recommender: jaxembed features and a DLRM-style Flax tower.
 
-Features (``feature_config``): ``user`` (one id), ``item`` (one id), ``categories`` (several
-weighted ids, combined with ``sqrtn``) and ``history`` (the user's recent items, a sequence
-feature sharing the item table). The tower pools the history, takes the pairwise dot products of
-the four embeddings (DLRM's interaction) and feeds them, with the user and item embeddings, to an
-MLP that predicts a click logit.
+Features (``feature_config``), all over raw ids: ``user`` (one 64-bit id, hashed), ``item``
+(one id, by the catalogue's vocabulary), ``categories`` (several weighted names, combined with
+``sqrtn``) and ``history`` (the user's recent items, a sequence feature sharing the item table).
+The tower pools the history, takes the pairwise dot products of the four embeddings (DLRM's
+interaction) and feeds them, with the user and item embeddings, to an MLP that predicts a click
+logit.
 """
 
 from __future__ import annotations
@@ -22,17 +23,22 @@ from jaxembed.demo.data import ClickLog
 _PAIRS = np.triu_indices(4, k=1)  # the 6 pairs among user, item, categories, history
 
 
-def feature_config(vocab: dict[str, int], dim: int = 16, history_length: int = 8) -> dict:
-    """The demo's features for id spaces of sizes ``vocab`` (``users``, ``items``,
-    ``categories``)."""
-    users = je.TableConfig(vocab["users"], dim, combiner="sum", name="users")
-    items = je.TableConfig(vocab["items"], dim, combiner="sum", name="items")
-    cats = je.TableConfig(vocab["categories"], dim, combiner="sqrtn", name="categories")
+def feature_config(
+    vocabularies: dict[str, je.Hashing | je.Vocabulary], dim: int = 16, history_length: int = 8
+) -> dict:
+    """The demo's features over raw ids; ``vocabularies`` maps each id space (``users``,
+    ``items``, ``categories``) to rows, and sizes its table."""
+    v = vocabularies
+    users = je.TableConfig(v["users"].num_rows, dim, combiner="sum", name="users")
+    items = je.TableConfig(v["items"].num_rows, dim, combiner="sum", name="items")
+    cats = je.TableConfig(v["categories"].num_rows, dim, combiner="sqrtn", name="categories")
     return {
-        "user": je.FeatureConfig(users, name="user"),
-        "item": je.FeatureConfig(items, name="item"),
-        "categories": je.FeatureConfig(cats, name="categories"),
-        "history": je.FeatureConfig(items, max_sequence_length=history_length, name="history"),
+        "user": je.FeatureConfig(users, name="user", vocabulary=v["users"]),
+        "item": je.FeatureConfig(items, name="item", vocabulary=v["items"]),
+        "categories": je.FeatureConfig(cats, name="categories", vocabulary=v["categories"]),
+        "history": je.FeatureConfig(
+            items, max_sequence_length=history_length, name="history", vocabulary=v["items"]
+        ),
     }
 
 
@@ -84,7 +90,7 @@ def serving_request(log: ClickLog) -> dict[str, np.ndarray]:
         "user_lengths": ones,
         "item_ids": log.item.astype(np.int64),
         "item_lengths": ones,
-        "categories_ids": log.categories.values,
+        "categories_ids": np.char.encode(log.categories.values, "utf-8"),  # tf.string
         "categories_lengths": log.categories.lengths,
         "categories_weights": np.asarray(log.categories.weights, np.float32),
         "history_ids": log.history.values,
@@ -106,3 +112,10 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     average = first + (counts + 1) / 2.0
     ranks[order] = np.repeat(average, counts)
     return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def log_loss(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    """Mean binary cross-entropy of predicted click probabilities (clipped away from 0 and 1)."""
+    p = np.clip(np.asarray(probabilities, np.float64), 1e-7, 1 - 1e-7)
+    y = np.asarray(labels, np.float64)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))
