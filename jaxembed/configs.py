@@ -356,7 +356,8 @@ class FeatureConfig:
         output_shape: The activation shape without ``dim``; in ``je.embedding_lookup`` only used
             for ragged inputs (as in TF's serving lookup; ``Embedding`` also applies it to dense
             ids, as TF's ``TPUEmbedding`` does): ``prod(output_shape) == batch`` reshapes the
-            combined output, ``k * batch`` gives ``k`` positions per example. Stored as a tuple; ``[]`` counts as set.
+            combined output, ``k * batch`` gives ``k`` positions per example. Stored as a
+            tuple; ``[]`` counts as set.
         name: Free text, used in messages.
         out_of_range: What an id outside ``[0, vocabulary_size)`` does (jaxembed only; TF's
             CPU lookup raises): ``"error"`` (default) raises naming the feature and the id (on
