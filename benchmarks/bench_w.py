@@ -8,6 +8,8 @@ timed interleaved (one call of each, in rotating order, per repeat) and reported
 * ``lookup``: jitted ``emb.lookup(state, batch)`` (batch from ``emb.preprocess``);
 * ``train``: jitted lookup + the gradient of a stand-in loss ``sum(softplus(acts * g))`` (fixed
   random ``g``; TF and naive JAX use the same loss) + ``emb.apply_gradients`` (state donated);
+* ``train_linear``: the ``train`` step with a linear head ``sum(acts * g)`` instead, whose
+  activation gradient ``g`` does not depend on the activations (same state and batch);
 * ``preprocess``: ``emb.preprocess(inputs)`` on numpy ``je.Ragged`` inputs (host + transfer);
 * ``tf_lookup`` / ``tf_lookup_eager``: TF's ``serving_embedding_lookup`` on ``tf.RaggedTensor``
   inputs in a ``tf.function`` (jit_compile=False) / eagerly, tables from ``export.to_tf``;
@@ -58,7 +60,16 @@ from jaxembed import export  # noqa: E402
 TF_EMB = tf.tpu.experimental.embedding
 LEARNING_RATE = 0.1
 INITIAL_ACCUMULATOR = 0.1
-PHASE1 = ("lookup", "train", "preprocess", "tf_lookup", "tf_lookup_eager", "tf_adagrad", "naive")
+PHASE1 = (
+    "lookup",
+    "train",
+    "train_linear",
+    "preprocess",
+    "tf_lookup",
+    "tf_lookup_eager",
+    "tf_adagrad",
+    "naive",
+)
 SECTIONS = (*PHASE1, "serving", "vocab")
 
 Inputs = dict[str, tuple[np.ndarray, np.ndarray]]  # feature -> (ids int64, lengths int64)
@@ -172,12 +183,17 @@ def model_loss(acts: dict, g: dict) -> jax.Array:
     return sum(jnp.sum(jax.nn.softplus(acts[k] * g[k])) for k in g)
 
 
-def train_step_fn(emb: je.Embedding) -> Callable:
+def linear_loss(acts: dict, g: dict) -> jax.Array:
+    """A fixed linear head ``sum(acts * g)``: its activation gradient ``g`` is a constant."""
+    return sum(jnp.sum(acts[k] * g[k]) for k in g)
+
+
+def train_step_fn(emb: je.Embedding, loss_fn: Callable = model_loss) -> Callable:
     """Jitted (donated) lookup + loss gradient + apply_gradients; returns the loss too."""
 
     def step(state, batch, g):
         acts = emb.lookup(state, batch)
-        loss, grads = jax.value_and_grad(model_loss)(acts, g)
+        loss, grads = jax.value_and_grad(loss_fn)(acts, g)
         return emb.apply_gradients(state, batch, grads), loss
 
     return jax.jit(step, donate_argnums=0)
@@ -190,7 +206,11 @@ class Stepper:
         self.step, self.state, self.args = step, state, args
 
     def __call__(self) -> None:
-        self.state, loss = self.step(self.state, *self.args)
+        self.run(self.step)
+
+    def run(self, step: Callable) -> None:
+        """One call of ``step`` (the held step or another over the same state and args)."""
+        self.state, loss = step(self.state, *self.args)
         jax.block_until_ready((self.state, loss))
 
 
@@ -302,6 +322,9 @@ def phase_main(args, sections: set[str], work: Workload, out: dict) -> None:
         cases["lookup"] = lambda: jax.block_until_ready(lookup(stepper.state, batch))
     if "train" in sections:
         cases["train"] = stepper
+    if "train_linear" in sections:
+        linear = train_step_fn(emb, linear_loss)
+        cases["train_linear"] = lambda: stepper.run(linear)
     if "preprocess" in sections:
         cases["preprocess"] = lambda: jax.block_until_ready(emb.preprocess(raw))
     if "tf_lookup" in sections:
@@ -469,6 +492,7 @@ def ratios(s: dict[str, float], args) -> dict[str, float]:
         "step_4M_over_100k_own_ids": ratio(
             f"train_V{args.vocab_large}", f"train_V{args.vocab_small}"
         ),
+        "train_linear_over_train": ratio("train_linear", "train"),
         "preprocess_vs_step": ratio("preprocess", "train"),
         "served_vs_tf_served": ratio("tf_served", "served"),
     }
@@ -484,6 +508,8 @@ RATIO_DEFINITIONS = {
     "(the same rows touched; ideal 1.0)",
     "step_4M_over_100k_own_ids": "train s at --vocab-large with ids drawn over it (more "
     "distinct rows: see distinct_rows, us_per_distinct_row) / at --vocab-small",
+    "train_linear_over_train": "train_linear s / train s (a linear head's step over the "
+    "softplus step; 1.0: no cost for gradients that do not depend on the activations)",
     "preprocess_vs_step": "preprocess s / train s (host cost per batch relative to the step)",
     "served_vs_tf_served": "tf_served s / served s (> 1: jaxembed's SavedModel faster)",
     "per_row_4M_over_100k_own_ids": "us_per_distinct_row at --vocab-large (own ids) / at "
@@ -491,14 +517,20 @@ RATIO_DEFINITIONS = {
 }
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("-F", "--features", type=int, default=8, help="features, one table each")
+def add_workload_args(p: argparse.ArgumentParser, features: int) -> None:
+    """W's shape options (features, vocabulary, dim, batch, ids per example, Zipf exponent),
+    shared by the benchmarks built on W."""
+    p.add_argument("-F", "--features", type=int, default=features, help="features, one table each")
     p.add_argument("-V", "--vocab", type=int, default=1_000_000)
     p.add_argument("-D", "--dim", type=int, default=64)
     p.add_argument("-B", "--batch", type=int, default=4096)
     p.add_argument("-L", "--max-len", type=int, default=39, help="ids per example ~ U[1, L]")
     p.add_argument("--zipf", type=float, default=1.05)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_workload_args(p, features=8)
     p.add_argument("--optimizer", choices=("adagrad", "sgd"), default="adagrad")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2, help="untimed calls of each (compiles)")

@@ -5,6 +5,7 @@
 // sum slots with vectorised loops over the row, in exactly the order the pure-JAX path (and TF's
 // CPU kernels) use, so results are bit-identical to it. Work is split over XLA's intra-op thread
 // pool. Built with -ffp-contract=off: a product w * e is rounded before it is added, as in TF.
+// The hot loops are also compiled for AVX2 and AVX-512 (see "Row arithmetic" below).
 //
 // Handlers (see jaxembed/_kernels.py for the JAX side):
 //   jaxembed_gather_rows    out[i] = table[ids[i]], a zero row where ids[i] is out of range
@@ -23,6 +24,9 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#if defined(__SSE__)
+#include <immintrin.h>
+#endif
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -263,32 +267,227 @@ struct RowSource {
   }
 };
 
-inline void AddRow(float* __restrict acc, const float* __restrict e, int64_t d) {
+// ---------------------------------------------------------------------------------------------
+// Row arithmetic in vectors of 8 floats.
+//
+// Rows are summed lane by lane in GCC vector types: a vector add or multiply rounds every lane
+// exactly as the scalar operation does, so sums keep their bits, and an accumulator of D = 8 kV
+// floats stays in kV registers for a whole sum instead of going through memory for every row.
+// The loops that use them are compiled for AVX-512, AVX2 and the x86-64 baseline (JAXEMBED_SIMD:
+// target_clones), the best one picked when the library loads.
+
+#define JAXEMBED_INLINE inline __attribute__((always_inline))
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
+#define JAXEMBED_SIMD __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define JAXEMBED_SIMD
+#endif
+
+constexpr int64_t kLanes = 8;
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(4), may_alias));
+
+JAXEMBED_INLINE const Vec& VecAt(const float* p) { return *reinterpret_cast<const Vec*>(p); }
+JAXEMBED_INLINE Vec& VecAt(float* p) { return *reinterpret_cast<Vec*>(p); }
+
+JAXEMBED_INLINE void AddRow(float* __restrict acc, const float* __restrict e, int64_t d) {
   for (int64_t k = 0; k < d; ++k) acc[k] += e[k];
 }
 
-inline void AddScaledRow(float* __restrict acc, const float* __restrict e, float w, int64_t d) {
+JAXEMBED_INLINE void AddScaledRow(float* __restrict acc, const float* __restrict e, float w,
+                                  int64_t d) {
   for (int64_t k = 0; k < d; ++k) acc[k] += w * e[k];
 }
 
-// acc (zeroed by the caller) += slots [k0, k1) of output row r, in order.
-inline void SumSlots(float* __restrict acc, const Slots& s, int64_t r, int64_t k0, int64_t k1,
-                     const RowSource& src) {
-  for (int64_t k = k0; k < k1; ++k) {
-    if (k + kAhead < k1) {
-      const float* next = src.row(s.slot(r, k + kAhead));
-      if (next != nullptr) {
-        for (int64_t off = 0; off < src.d; off += 16) __builtin_prefetch(next + off);
-      }
+// A row accumulator: D = 8 kV floats in kV vector registers, or (kV = 0) any D in memory.
+template <int kV>
+struct RowAcc {
+  Vec v[kV];
+  explicit RowAcc(int64_t /*d*/) {}
+  JAXEMBED_INLINE void Zero() {
+    for (int i = 0; i < kV; ++i) v[i] = Vec{};
+  }
+  JAXEMBED_INLINE void Add(const float* e) {
+    for (int i = 0; i < kV; ++i) v[i] += VecAt(e + i * kLanes);
+  }
+  JAXEMBED_INLINE void AddScaled(const float* e, float w) {
+    for (int i = 0; i < kV; ++i) v[i] += w * VecAt(e + i * kLanes);
+  }
+  JAXEMBED_INLINE void Add(const RowAcc& o) {
+    for (int i = 0; i < kV; ++i) v[i] += o.v[i];
+  }
+  JAXEMBED_INLINE void Store(float* out) const {
+    for (int i = 0; i < kV; ++i) VecAt(out + i * kLanes) = v[i];
+  }
+};
+
+template <>
+struct RowAcc<0> {
+  std::vector<float> v;
+  explicit RowAcc(int64_t d) : v(d) {}
+  JAXEMBED_INLINE void Zero() { std::fill(v.begin(), v.end(), 0.0f); }
+  JAXEMBED_INLINE void Add(const float* e) { AddRow(v.data(), e, Size()); }
+  JAXEMBED_INLINE void AddScaled(const float* e, float w) { AddScaledRow(v.data(), e, w, Size()); }
+  JAXEMBED_INLINE void Add(const RowAcc& o) { AddRow(v.data(), o.v.data(), Size()); }
+  JAXEMBED_INLINE void Store(float* out) const { std::copy(v.begin(), v.end(), out); }
+  JAXEMBED_INLINE int64_t Size() const { return static_cast<int64_t>(v.size()); }
+};
+
+// Calls body.template Run<kV>() with the register accumulator for rows of d floats, if there
+// is one (d = 8, 16, 32 or 64), else with kV = 0.
+template <typename Body>
+JAXEMBED_INLINE void WithRowWidth(int64_t d, Body& body) {
+  switch (d) {
+    case 8:
+      return body.template Run<1>();
+    case 16:
+      return body.template Run<2>();
+    case 32:
+      return body.template Run<4>();
+    case 64:
+      return body.template Run<8>();
+    default:
+      return body.template Run<0>();
+  }
+}
+
+JAXEMBED_INLINE void PrefetchRead(const float* row, int64_t d) {
+  for (int64_t off = 0; off < d; off += 16) __builtin_prefetch(row + off);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Combine: a chunk of output rows at a time, in two passes.
+//
+// The first pass resolves the chunk's slots to row pointers (skipping empty slots) and counts
+// how many fall in each row's head and in each of its blocks; the second sums them, prefetching
+// the row kAheadRows non-empty slots on. Prefetching along the resolved list, across output
+// rows, keeps misses in flight at the start of every row too (about 20 ids per example: a
+// per-row look-ahead of 8 leaves the first 8 of each row unprefetched).
+
+constexpr int64_t kAheadRows = 16;
+
+struct Resolved {
+  std::vector<const float*> rows;  // the non-empty slots' rows, in summation order
+  std::vector<float> weights;      // their weights (weighted slots only)
+  std::vector<int32_t> counts;     // [output rows, 1 + T]: non-empty slots per head and block
+};
+
+// Resolve with row_of(p): the row a slot value p reads, or null.
+template <typename RowOf>
+void ResolveWith(const Slots& s, RowOf row_of, int64_t lo, int64_t hi, Resolved* out) {
+  const int64_t h = s.h, t = s.t, segments = 1 + t;
+  const bool weighted = s.head_w != nullptr;
+  out->rows.resize((hi - lo) * s.per_row());
+  if (weighted) out->weights.resize(out->rows.size());
+  out->counts.assign((hi - lo) * segments, 0);
+  const float** rows = out->rows.data();
+  float* weights = out->weights.data();
+  int32_t* count = out->counts.data();
+  int64_t n = 0;
+  for (int64_t r = lo; r < hi; ++r, count += segments) {
+    for (int64_t k = 0; k < h; ++k) {
+      const float* e = row_of(s.head[r * h + k]);
+      if (e == nullptr) continue;
+      if (weighted) weights[n] = s.head_w[r * h + k];
+      rows[n++] = e;
+      ++count[0];
     }
-    const float* e = src.row(s.slot(r, k));
-    if (e == nullptr) continue;
-    if (s.head_w != nullptr) {
-      AddScaledRow(acc, e, s.weight(r, k), src.d);
-    } else {
-      AddRow(acc, e, src.d);
+    for (int64_t k = 0; k < t * kBlock; ++k) {
+      const int64_t at = r * t * kBlock + k;
+      const float* e = row_of(s.blocks[at]);
+      if (e == nullptr) continue;
+      if (weighted) weights[n] = s.block_w[at];
+      rows[n++] = e;
+      ++count[1 + k / kBlock];
     }
   }
+  out->rows.resize(n);
+}
+
+void Resolve(const Slots& s, const RowSource& src, int64_t lo, int64_t hi, Resolved* out) {
+  const float* data = src.data;
+  const int64_t d = src.d, num_rows = src.num_rows, num_slot_rows = src.num_slots_rows;
+  auto inside = [](int64_t i, int64_t n) {
+    return static_cast<uint64_t>(i) < static_cast<uint64_t>(n);
+  };
+  if (!src.indirect) {
+    ResolveWith(s, [&](int64_t p) { return inside(p, num_rows) ? data + p * d : nullptr; }, lo, hi,
+                out);
+    return;
+  }
+  auto via = [&](auto* ids) {
+    ResolveWith(
+        s,
+        [&](int64_t p) -> const float* {
+          if (!inside(p, num_slot_rows)) return nullptr;
+          const int64_t r = ids[p];
+          return inside(r, num_rows) ? data + r * d : nullptr;
+        },
+        lo, hi, out);
+  };
+  if (src.ids.wide) {
+    via(static_cast<const int64_t*>(src.ids.data));
+  } else {
+    via(static_cast<const int32_t*>(src.ids.data));
+  }
+}
+
+struct SumResolved {
+  const Resolved& res;
+  int64_t t, d;
+  bool weighted;
+  float* out;  // [output rows of the chunk, D]
+
+  template <int kV>
+  JAXEMBED_INLINE void Run() const {
+    if (weighted) {
+      Sum<kV, true>();
+    } else {
+      Sum<kV, false>();
+    }
+  }
+
+  template <int kV, bool kWeighted>
+  JAXEMBED_INLINE void Sum() const {
+    const float* const* rows = res.rows.data();
+    const float* weights = res.weights.data();
+    const int64_t n = static_cast<int64_t>(res.rows.size());
+    for (int64_t j = 0; j < std::min(n, kAheadRows); ++j) PrefetchRead(rows[j], d);
+    const int32_t* count = res.counts.data();
+    const int64_t num_out = static_cast<int64_t>(res.counts.size()) / (1 + t);
+    RowAcc<kV> acc(d), block(d);
+    int64_t j = 0;
+    for (int64_t r = 0; r < num_out; ++r) {
+      acc.Zero();
+      j = AddNext<kV, kWeighted>(acc, rows, weights, j, *count++, n);
+      for (int64_t b = 0; b < t; ++b) {
+        block.Zero();
+        j = AddNext<kV, kWeighted>(block, rows, weights, j, *count++, n);
+        acc.Add(block);
+      }
+      acc.Store(out + r * d);
+    }
+  }
+
+  // Adds rows [j, j + count) of the list to acc, in order; returns j + count.
+  template <int kV, bool kWeighted>
+  JAXEMBED_INLINE int64_t AddNext(RowAcc<kV>& acc, const float* const* rows,
+                                  const float* weights, int64_t j, int64_t count,
+                                  int64_t n) const {
+    for (const int64_t end = j + count; j < end; ++j) {
+      if (j + kAheadRows < n) PrefetchRead(rows[j + kAheadRows], d);
+      if (kWeighted) {
+        acc.AddScaled(rows[j], weights[j]);
+      } else {
+        acc.Add(rows[j]);
+      }
+    }
+    return j;
+  }
+};
+
+JAXEMBED_SIMD void SumChunk(const Resolved& res, int64_t t, int64_t d, bool weighted, float* out) {
+  SumResolved body{res, t, d, weighted, out};
+  WithRowWidth(d, body);
 }
 
 // table: [V, D] float32; ids: [N] int32/int64, or empty (slots index table rows directly).
@@ -313,17 +512,9 @@ ffi::Error Combine(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::AnyBu
   float* dst = out->typed_data();
   const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, s.per_row()));
   ParallelFor(pool, s.num_out, grain, [=](int64_t lo, int64_t hi) {
-    std::vector<float> block(s.t > 0 ? d : 0);
-    for (int64_t r = lo; r < hi; ++r) {
-      float* acc = dst + r * d;
-      std::fill(acc, acc + d, 0.0f);
-      SumSlots(acc, s, r, 0, s.h, src);
-      for (int64_t b = 0; b < s.t; ++b) {
-        std::fill(block.begin(), block.end(), 0.0f);
-        SumSlots(block.data(), s, r, s.h + b * kBlock, s.h + (b + 1) * kBlock, src);
-        AddRow(acc, block.data(), d);
-      }
-    }
+    Resolved res;
+    Resolve(s, src, lo, hi, &res);
+    SumChunk(res, s.t, d, s.head_w != nullptr, dst + lo * d);
   });
   return ffi::Error::Success();
 }
@@ -368,18 +559,45 @@ Uses BucketSlots(const Slots& s, int64_t num_rows) {
   return u;
 }
 
-// g (D floats) = the sum of row p's uses.
-inline void RowGrad(float* __restrict g, const Uses& u, int64_t p, const float* cot, int64_t d) {
-  std::fill(g, g + d, 0.0f);
-  const bool weighted = !u.weight.empty();
-  for (int64_t e = u.start[p]; e < u.start[p + 1]; ++e) {
-    const float* c = cot + static_cast<int64_t>(u.out_row[e]) * d;
-    if (weighted) {
-      AddScaledRow(g, c, u.weight[e], d);
-    } else {
-      AddRow(g, c, d);
+// Row gradients from the uses: g = the sum of row p's uses, in bucket (slot) order.
+struct UseSums {
+  const Uses& uses;
+  const float* cot;  // [R, D]
+  int64_t d;
+
+  // g[p] (rows p0 + i of g) for p in [p0, p1).
+  template <int kV>
+  JAXEMBED_INLINE void Sum(int64_t p0, int64_t p1, float* g) const {
+    const bool weighted = !uses.weight.empty();
+    RowAcc<kV> acc(d);
+    for (int64_t p = p0; p < p1; ++p) {
+      acc.Zero();
+      for (int64_t e = uses.start[p]; e < uses.start[p + 1]; ++e) {
+        const float* c = cot + static_cast<int64_t>(uses.out_row[e]) * d;
+        if (weighted) {
+          acc.AddScaled(c, uses.weight[e]);
+        } else {
+          acc.Add(c);
+        }
+      }
+      acc.Store(g + (p - p0) * d);
     }
   }
+};
+
+struct UseSumsChunk {
+  const UseSums& sums;
+  int64_t p0, p1;
+  float* g;
+  template <int kV>
+  JAXEMBED_INLINE void Run() const {
+    sums.Sum<kV>(p0, p1, g);
+  }
+};
+
+JAXEMBED_SIMD void SumUses(const UseSums& sums, int64_t p0, int64_t p1, float* g) {
+  UseSumsChunk body{sums, p0, p1, g};
+  WithRowWidth(sums.d, body);
 }
 
 ffi::Error CombineGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> cot,
@@ -397,8 +615,9 @@ ffi::Error CombineGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> cot,
   const Uses uses = BucketSlots(s, num_rows);
   const float* c = cot.typed_data();
   float* dst = grads->typed_data();
+  const UseSums sums{uses, c, d};
   ParallelFor(pool, num_rows, RowGrain(d * 4 * 4), [&](int64_t lo, int64_t hi) {
-    for (int64_t p = lo; p < hi; ++p) RowGrad(dst + p * d, uses, p, c, d);
+    SumUses(sums, lo, hi, dst + lo * d);
   });
   return ffi::Error::Success();
 }
@@ -533,8 +752,8 @@ struct Rule {
 //     w -= lr * (m / bias1 / (sqrt(v / bias2) + eps) + wd * w)
 // The same operations, in the same order, as RowWiseAdagrad / PartialRowWiseAdam in
 // jaxembed/optimizers.py (the row sum is sequential here, a tree in XLA: equal to rounding).
-inline void RowWiseRule(const Rule& rule, float* w, float* a, float* b, const float* g,
-                        int64_t d) {
+JAXEMBED_INLINE void RowWiseRule(const Rule& rule, float* w, float* a, float* b,
+                                 const float* g, int64_t d) {
   const float* p = rule.h + kHyperCommon;
   const float n = static_cast<float>(d);
   if (rule.kind == kRowWiseAdagrad) {
@@ -638,20 +857,64 @@ ffi::Error AsParams(ffi::RemainingArgs args, ffi::RemainingRets rets, int32_t ki
   return ffi::Error::Success();
 }
 
-inline void UpdateRow(const Rule& rule, const Params& t, int64_t r, const float* g) {
+// The per-element rule over a row (any kind but the row-wise ones).
+void ElementRule(const Rule& rule, float* w, float* a, float* b, const float* g, int64_t d) {
+  float unused = 0.0f;
+  for (int64_t k = 0; k < d; ++k) {
+    rule(w[k], a ? a + k : &unused, b ? b + k : &unused, g[k]);
+  }
+}
+
+// Lane-wise square root. GCC vectorises std::sqrt only without errno (-fno-math-errno), so on
+// x86-64 this calls SSE's square root, which rounds correctly as std::sqrt does.
+JAXEMBED_INLINE void SqrtLanes(Vec& x) {
+#if defined(__SSE__)
+  __m128 half[2];
+  std::memcpy(half, &x, sizeof(x));
+  half[0] = _mm_sqrt_ps(half[0]);
+  half[1] = _mm_sqrt_ps(half[1]);
+  std::memcpy(&x, half, sizeof(x));
+#else
+  for (int64_t i = 0; i < kLanes; ++i) x[i] = std::sqrt(x[i]);
+#endif
+}
+
+// SGD and Adagrad without clipping or decay (the common cases) in vectors of 8 floats: the
+// same operations as Rule, lane by lane. Returns false (nothing done) for any other rule.
+JAXEMBED_INLINE bool VectorRule(const Rule& rule, float* w, float* a, const float* g, int64_t d) {
+  if (rule.flags != 0 || d % kLanes != 0 || (rule.kind != kSgd && rule.kind != kAdagrad)) {
+    return false;
+  }
+  for (int64_t k = 0; k < d; k += kLanes) {
+    const Vec gk = VecAt(g + k);
+    if (rule.kind == kSgd) {
+      VecAt(w + k) = VecAt(w + k) - rule.lr * gk;
+    } else {
+      const Vec acc = VecAt(a + k) + gk * gk;
+      Vec root = acc;
+      SqrtLanes(root);
+      VecAt(w + k) = VecAt(w + k) - rule.lr * gk / root;
+      VecAt(a + k) = acc;
+    }
+  }
+  return true;
+}
+
+JAXEMBED_INLINE void UpdateRow(const Rule& rule, const Params& t, int64_t r, const float* g) {
   const int64_t d = t.d;
   float* w = t.table + r * d;
   float* a = t.slot[0] ? t.slot[0] + r * t.width[0] : nullptr;
   float* b = t.slot[1] ? t.slot[1] + r * t.width[1] : nullptr;
   if (RowWise(rule.kind)) {
     RowWiseRule(rule, w, a, b, g, d);
-    return;
-  }
-  float unused = 0.0f;
-  for (int64_t k = 0; k < d; ++k) {
-    rule(w[k], a ? a + k : &unused, b ? b + k : &unused, g[k]);
+  } else if (!VectorRule(rule, w, a, g, d)) {
+    ElementRule(rule, w, a, b, g, d);
   }
 }
+
+// Rows to update are prefetched this many positions ahead: each update waits on the table row
+// and its slot rows, most of them cold.
+constexpr int64_t kAheadUpdates = 16;
 
 inline void PrefetchRow(const Params& t, int64_t r) {
   if (r < 0 || r >= t.num_rows) return;
@@ -688,18 +951,41 @@ ffi::Error PrepareUpdate(ffi::Buffer<ffi::F32> lr, ffi::AnyBuffer ids, ffi::Rema
   return ffi::Error::Success();
 }
 
-// Runs the rule on rows ids[i], with row i's gradient grad_of(i, scratch): D floats, which it
-// may compute into `scratch` (D floats of its own per thread).
-template <typename GradOf>
-void UpdateRows(ffi::ThreadPool& pool, const Update& u, GradOf grad_of) {
-  const Params& t = u.t;
-  ParallelFor(pool, u.n, RowGrain(t.d * 4 * 3), [&](int64_t lo, int64_t hi) {
-    std::vector<float> scratch(t.d);
+// Rows lo..hi of an update: row ids[i] gets gradient grads[i] or, with `sums`, the sum of
+// index i's uses, computed right before its update.
+struct UpdateChunkBody {
+  const Update& u;
+  const float* grads;   // [n, D], or null
+  const UseSums* sums;  // or null
+  int64_t lo, hi;
+
+  template <int kV>
+  JAXEMBED_INLINE void Run() const {
+    const Params& t = u.t;
+    std::vector<float> scratch(sums != nullptr ? t.d : 0);
     for (int64_t i = lo; i < hi; ++i) {
-      if (i + kAhead < hi) PrefetchRow(t, u.index[i + kAhead]);
+      if (i + kAheadUpdates < hi) PrefetchRow(t, u.index[i + kAheadUpdates]);
       const int64_t r = u.index[i];
-      if (r >= 0 && r < t.num_rows) UpdateRow(u.rule, t, r, grad_of(i, scratch.data()));
+      if (r < 0 || r >= t.num_rows) continue;
+      if (sums != nullptr) {
+        sums->Sum<kV>(i, i + 1, scratch.data());
+        UpdateRow(u.rule, t, r, scratch.data());
+      } else {
+        UpdateRow(u.rule, t, r, grads + i * t.d);
+      }
     }
+  }
+};
+
+JAXEMBED_SIMD void UpdateChunk(const Update& u, const float* grads, const UseSums* sums,
+                               int64_t lo, int64_t hi) {
+  UpdateChunkBody body{u, grads, sums, lo, hi};
+  WithRowWidth(u.t.d, body);
+}
+
+void UpdateRows(ffi::ThreadPool& pool, const Update& u, const float* grads, const UseSums* sums) {
+  ParallelFor(pool, u.n, RowGrain(u.t.d * 4 * 3), [&](int64_t lo, int64_t hi) {
+    UpdateChunk(u, grads, sums, lo, hi);
   });
 }
 
@@ -716,9 +1002,7 @@ ffi::Error ApplyRows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lr, ffi::AnyBuf
   if (grads.element_count() != static_cast<size_t>(u.n * u.t.d)) {
     return ffi::Error::InvalidArgument("apply_rows: grads must be [len(ids), D]");
   }
-  const float* g = grads.typed_data();
-  const int64_t d = u.t.d;
-  UpdateRows(pool, u, [=](int64_t i, float*) { return g + i * d; });
+  UpdateRows(pool, u, grads.typed_data(), nullptr);
   return ffi::Error::Success();
 }
 
@@ -742,12 +1026,8 @@ ffi::Error ApplySlots(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lr, ffi::AnyBu
     return ffi::Error::InvalidArgument("apply_slots: cot must be [R, D]");
   }
   const Uses uses = BucketSlots(s, u.n);
-  const float* c = cot.typed_data();
-  const int64_t d = u.t.d;
-  UpdateRows(pool, u, [&](int64_t i, float* scratch) {
-    RowGrad(scratch, uses, i, c, d);
-    return static_cast<const float*>(scratch);
-  });
+  const UseSums sums{uses, cot.typed_data(), u.t.d};
+  UpdateRows(pool, u, nullptr, &sums);
   return ffi::Error::Success();
 }
 

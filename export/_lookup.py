@@ -70,58 +70,118 @@ Check = tuple[tf.Tensor, str]
 feature) an error shows when it does not."""
 
 
-def check_ids(path: str, ids: tf.Tensor, feature: FeatureConfig) -> tuple[tf.Tensor, list[Check]]:
-    """``ids`` under the feature's ``out_of_range`` policy, as in training, and the checks the
-    policy needs: ``"error"`` checks that every id is in range (pass the check to
-    ``assert_all`` and gate the ids on it), ``"clamp"`` clamps, ``"zero"`` marks them ``-1``
-    (``lookup`` reads a zero row for them)."""
+@dataclasses.dataclass(frozen=True)
+class Guard:
+    """Run-time checks of a request, cheap when they hold: ``ok``, one scalar bool (true when
+    every check holds), is all a good request computes; ``checks()`` builds the checks one by
+    one, each with its message, and runs only when ``ok`` is false (to say which failed)."""
+
+    ok: tf.Tensor
+    checks: Callable[[], Sequence[Check]]
+
+    @staticmethod
+    def of(checks: Sequence[Check]) -> Guard | None:
+        """The guard of checks already built (None if there are none)."""
+        if not checks:
+            return None
+        ok = checks[0][0] if len(checks) == 1 else tf.reduce_all(tf.stack([c for c, _ in checks]))
+        return Guard(ok, lambda: checks)
+
+    @staticmethod
+    def all(guards: Sequence[Guard | None]) -> Guard | None:
+        """One guard for all ``guards`` (None ones ignored): their checks in order."""
+        given = [g for g in guards if g is not None]
+        if len(given) <= 1:
+            return given[0] if given else None
+        ok = tf.reduce_all(tf.stack([g.ok for g in given])) if len(given) > 2 else None
+        ok = tf.logical_and(given[0].ok, given[1].ok) if ok is None else ok
+        return Guard(ok, lambda: [c for g in given for c in g.checks()])
+
+
+def check_ids(path: str, ids: tf.Tensor, feature: FeatureConfig) -> tuple[tf.Tensor, int | None]:
+    """``ids`` under the feature's ``out_of_range`` policy, as in training, and the bound they
+    must be checked against: ``"error"`` needs every id in ``[0, bound)`` (pass the feature to
+    ``range_guard``, and the gathers must run after its ``assert_guard``), ``"clamp"`` clamps,
+    ``"zero"`` marks them ``-1`` (``lookup`` reads a zero row for them); those two need no
+    check (bound None)."""
     vocabulary_size = feature.table.vocabulary_size
     top = tf.constant(vocabulary_size, ids.dtype)
     if feature.out_of_range == "clamp":
-        return tf.clip_by_value(ids, tf.zeros_like(top), top - 1), []
+        return tf.clip_by_value(ids, tf.zeros_like(top), top - 1), None
     if feature.out_of_range == "zero":
-        return tf.where((ids >= 0) & (ids < top), ids, -tf.ones_like(ids)), []
-    # One unsigned comparison checks both bounds (a negative id is a huge uint64).
-    in_range = tf.reduce_all(tf.bitcast(ids, tf.uint64) < tf.constant(vocabulary_size, tf.uint64))
-    return ids, [
-        (in_range, f"feature {path}: ids must be in [0, {vocabulary_size}), the table vocabulary")
+        return tf.where((ids >= 0) & (ids < top), ids, -tf.ones_like(ids)), None
+    return ids, vocabulary_size
+
+
+def range_message(path: str, vocabulary_size: int) -> str:
+    """The error of a feature with an id outside the table."""
+    return f"feature {path}: ids must be in [0, {vocabulary_size}), the table vocabulary"
+
+
+def range_guard(ranged: Sequence[tuple[str, tf.Tensor, int]]) -> Guard | None:
+    """The guard that every id of each ``(path, ids, vocabulary_size)`` is in
+    ``[0, vocabulary_size)``: one unsigned comparison per feature checks both bounds (a negative
+    id is a huge uint64), and one ``All`` checks every feature at once."""
+    if not ranged:
+        return None
+    in_range = [
+        tf.bitcast(ids, tf.uint64) < tf.constant(size, tf.uint64) for _, ids, size in ranged
     ]
+    flat = _concat(in_range)
+    ok = tf.reduce_all(flat)
+    # The failure branch takes only `flat` and the sizes (each tensor it takes is an op on every
+    # request), and cuts `flat` back into the features.
+    sizes = tf.concat(tf.shape_n(in_range, out_type=tf.int64), 0) if len(ranged) > 1 else None
+
+    def checks() -> list[Check]:
+        pieces = [flat] if sizes is None else tf.split(flat, sizes, num=len(ranged))
+        return [
+            (tf.reduce_all(piece), range_message(path, size))
+            for piece, (path, _, size) in zip(pieces, ranged, strict=True)
+        ]
+
+    return Guard(ok, checks)
 
 
-def assert_all(checks: Sequence[Check]) -> list[tf.Operation]:
-    """One ``Assert`` op for all ``checks`` (none if there are none): when any fails, the error
-    lists the messages of those that failed. One op instead of one per check keeps the serving
-    graph short (each op costs scheduling time on every request)."""
-    if not checks:
+def assert_guard(guard: Guard | None) -> list[tf.Operation]:
+    """One ``Assert`` that ``guard.ok`` holds (none without a guard). Its message, the messages
+    of the failed checks, is built in the false branch of a ``tf.cond``: a good request runs
+    only ``ok``, the ``cond``'s switches and the ``Assert`` (each op costs scheduling time on
+    every request)."""
+    if guard is None:
         return []
-    if len(checks) == 1:
-        ok, message = checks[0]
-        return [tf.debugging.Assert(ok, [message])]
-    ok = tf.stack([c for c, _ in checks])
-    messages = tf.constant([f"{m}; " for _, m in checks])
-    failed = tf.strings.reduce_join(tf.where(ok, tf.constant(""), messages))
-    return [tf.debugging.Assert(tf.reduce_all(ok), [failed])]
+
+    def failed() -> tf.Tensor:
+        checks = guard.checks()
+        if len(checks) == 1:
+            return tf.constant(checks[0][1])
+        ok = tf.stack([c for c, _ in checks])
+        messages = tf.constant([f"{m}; " for _, m in checks])
+        return tf.strings.reduce_join(tf.where(ok, tf.constant(""), messages))
+
+    message = tf.cond(guard.ok, lambda: tf.constant(""), failed)
+    return [tf.debugging.Assert(guard.ok, [message])]
 
 
-def gated(x: tf.Tensor, ops: Sequence[tf.Operation]) -> tf.Tensor:
-    """``x``, available only after ``ops`` (e.g. ``assert_all``'s) have run."""
-    if not ops:
-        return x
-    with tf.control_dependencies(ops):
-        return tf.identity(x)
-
-
-def lookup(features: Sequence[FeatureIds], gather_rows: RowGather) -> dict[str, tf.Tensor]:
+def lookup(
+    features: Sequence[FeatureIds],
+    gather_rows: RowGather,
+    *,
+    ids_checked: Sequence[tf.Operation] = (),
+    request_checked: Sequence[tf.Operation] = (),
+) -> dict[str, tf.Tensor]:
     """Every feature's activations, by path: one ``gather_rows`` call per table.
 
-    All features must have the same batch (the caller checks it).
+    All features must have the same batch (the caller checks it). The gathers run after the ops
+    ``ids_checked`` (e.g. ``assert_guard``'s for the ids), everything that reads the lengths or
+    weights after ``request_checked``: control inputs of those ops, no extra ops.
     """
     groups: dict[TableConfig, list[FeatureIds]] = {}
     for f in features:
         groups.setdefault(f.feature.table, []).append(f)
     out: dict[str, tf.Tensor] = {}
     for table, group in groups.items():
-        out.update(_table_lookup(table, group, gather_rows))
+        out.update(_table_lookup(table, group, gather_rows, ids_checked, request_checked))
     return {f.path: out[f.path] for f in features}
 
 
@@ -143,7 +203,11 @@ def _split(x: tf.Tensor, sizes: Sequence[tf.Tensor]) -> list[tf.Tensor]:
 
 
 def _table_lookup(
-    table: TableConfig, group: Sequence[FeatureIds], gather_rows: RowGather
+    table: TableConfig,
+    group: Sequence[FeatureIds],
+    gather_rows: RowGather,
+    ids_checked: Sequence[tf.Operation],
+    request_checked: Sequence[tf.Operation],
 ) -> dict[str, tf.Tensor]:
     """The activations of the features of one table: one gather, one segment sum."""
     # Combined and output_shape features first (their rows are summed), sequence features last.
@@ -151,18 +215,31 @@ def _table_lookup(
     ordered = pooled + [f for f in group if _kind(f.feature) == "sequence"]
     ids = _concat([f.ids for f in ordered])
     marked = any(f.feature.out_of_range == "zero" for f in ordered)
-    rows = _rows(gather_rows, table, ids, marked)
+    with tf.control_dependencies(ids_checked):
+        rows = _rows(gather_rows, table, ids, marked)
+    with tf.control_dependencies(request_checked):
+        return _table_activations(table, pooled, ordered, ids, rows)
+
+
+def _table_activations(
+    table: TableConfig,
+    pooled: Sequence[FeatureIds],
+    ordered: Sequence[FeatureIds],
+    ids: tf.Tensor,
+    rows: tf.Tensor,
+) -> dict[str, tf.Tensor]:
+    """``_table_lookup`` after the gather: ``rows`` are those of ``ids``, the ids of
+    ``ordered``."""
     sizes = [tf.size(f.ids, out_type=tf.int64) for f in ordered]
     need_pieces = len(pooled) < len(ordered) or any(_kind(f.feature) == "shaped" for f in pooled)
     pieces = _split(rows, sizes) if need_pieces else []
     out: dict[str, tf.Tensor] = {}
     if pooled:
-        if len(pooled) < len(ordered):  # the head of `rows` (a slice: no copy)
-            head = _split(rows, [tf.add_n(sizes[: len(pooled)]), tf.add_n(sizes[len(pooled) :])])
-            pooled_rows = head[0]
-        else:
-            pooled_rows = rows
-        combined = _combine(pooled_rows, pooled, table.combiner)
+        pooled_ids, pooled_rows = ids, rows
+        if len(pooled) < len(ordered):  # the heads of `ids` and `rows` (slices: no copies)
+            head = [tf.add_n(sizes[: len(pooled)]), tf.add_n(sizes[len(pooled) :])]
+            pooled_ids, pooled_rows = _split(ids, head)[0], _split(rows, head)[0]
+        combined = _combine(pooled_rows, pooled_ids, pooled, table.combiner)
         for i, f in enumerate(pooled):
             if _kind(f.feature) == "combined":
                 out[f.path] = combined[i]
@@ -183,17 +260,23 @@ def _rows(gather_rows: RowGather, table: TableConfig, ids: tf.Tensor, marked: bo
     return tf.where((ids >= 0)[:, None], found, tf.constant(0.0, found.dtype))
 
 
-def _segment_ids(lengths: tf.Tensor, n: tf.Tensor) -> tf.Tensor:
-    """The row of each of ``n`` values of a ragged tensor with row ``lengths``: the number of
-    row ends at or before the value's position (one binary search each)."""
-    ends = tf.cumsum(lengths)[None, :]
-    positions = tf.range(n, dtype=lengths.dtype)[None, :]
-    return tf.raw_ops.UpperBound(sorted_inputs=ends, values=positions, out_type=tf.int64)[0]
+def _segment_ids(lengths: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
+    """The row of each of the ``values`` of a ragged tensor with row ``lengths`` (non-negative,
+    adding up to their number), in one linear pass: column 0 of ``RaggedTensorToSparse``'s
+    indices. (``UpperBound`` of the positions in the row ends takes more ops; ``DenseBincount``
+    of the row ends allocates a row of counts per CPU thread.)"""
+    splits = tf.concat([tf.zeros([1], lengths.dtype), tf.cumsum(lengths)], axis=0)
+    indices, _, _ = tf.raw_ops.RaggedTensorToSparse(
+        rt_nested_splits=[splits], rt_dense_values=values
+    )
+    return indices[:, 0]
 
 
-def _combine(rows: tf.Tensor, pooled: Sequence[FeatureIds], combiner: str) -> list[tf.Tensor]:
+def _combine(
+    rows: tf.Tensor, ids: tf.Tensor, pooled: Sequence[FeatureIds], combiner: str
+) -> list[tf.Tensor]:
     """TF's ``_ragged_embedding_lookup_with_reduce`` for the features of one table at once:
-    ``[batch, dim]`` per feature.
+    ``[batch, dim]`` per feature, from their ``ids`` and gathered ``rows``.
 
     Without weights TF multiplies every row by a weight of 1 and sums the ones; both are exact,
     so the rows are summed as gathered and the denominators are the row lengths: the same bits,
@@ -201,7 +284,7 @@ def _combine(rows: tf.Tensor, pooled: Sequence[FeatureIds], combiner: str) -> li
     one gets weights of one (``x * 1`` is ``x``, and the ones sum exactly).
     """
     lengths = _concat([f.lengths for f in pooled])
-    segments = _segment_ids(lengths, tf.shape(rows, out_type=tf.int64)[0])
+    segments = _segment_ids(lengths, ids)
     num = tf.size(lengths, out_type=tf.int64)
     if all(f.weights is None for f in pooled):
         sums = tf.math.unsorted_segment_sum(rows, segments, num)

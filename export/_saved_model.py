@@ -51,7 +51,15 @@ from jaxembed.lookup import embedding_lookup
 from jaxembed.vocabulary import Vocabulary
 
 from . import _quantize, _raw_ids
-from ._lookup import Check, FeatureIds, assert_all, check_ids, gated, lookup
+from ._lookup import (
+    Check,
+    FeatureIds,
+    Guard,
+    assert_guard,
+    check_ids,
+    lookup,
+    range_guard,
+)
 from ._simulated_quantization import simulate
 from ._tf import tf
 
@@ -268,12 +276,13 @@ class _ServingModule(tf.Module):
         )
 
     def _rows(self, path: str, feature: FeatureConfig, ids: tf.Tensor) -> tuple:
-        """A feature's served ids as rows, and the checks they need: raw ids are mapped as in
-        training (always in range); row ids are checked under the ``out_of_range`` policy."""
+        """A feature's served ids as rows, and the bound they must be checked against (None if
+        none): raw ids are mapped as in training (always in range); row ids follow the
+        ``out_of_range`` policy."""
         if feature.vocabulary is None:
             return check_ids(path, ids, feature)
         table = self.vocabularies.get(path)
-        return _raw_ids.to_rows(ids, feature.vocabulary, table), []
+        return _raw_ids.to_rows(ids, feature.vocabulary, table), None
 
     def _gather_rows(self, table: TableConfig, ids: tf.Tensor) -> tf.Tensor:
         """The float32 rows ``[n, dim]`` of ``table`` for ``ids`` (all in range): the one read
@@ -287,44 +296,31 @@ class _ServingModule(tf.Module):
         return rows
 
     def _outputs(
-        self, requested: list[tuple[FeatureIds, list[Check]]], checks: list[Check]
+        self, requested: list[tuple[FeatureIds, int | None]], request: Guard | None
     ) -> dict[str, tf.Tensor]:
         """Activations for every feature, then the model (or the activations) by output name.
 
-        ``requested`` pairs each feature with the checks of its ids, ``checks`` are those of the
-        rest of the request (lengths, weights, batch sizes). Each group is one ``Assert``: the
-        ids are gated on theirs, so the gathers (the long ops) start as soon as the ids are
-        checked, and the lengths and weights on all of them, so nothing that reads them (the
-        segment sums) runs on a malformed request.
+        ``requested`` pairs each feature with the bound its ids are checked against (None: no
+        check), ``request`` guards the rest of the request (lengths, weights, batch sizes). All
+        the checks are one ``Assert`` (its message, naming the features, is built only when it
+        fails), and the gathers and everything that reads the lengths or weights run after it,
+        so no op runs on a malformed request (where it could fail first, with its own message).
         """
-        ids_ok = assert_all([c for _, id_checks in requested for c in id_checks])
-        request_ok = assert_all(checks)
-        features = [
-            dataclasses.replace(
-                f,
-                ids=gated(f.ids, ids_ok),
-                lengths=gated(f.lengths, request_ok),
-                weights=None if f.weights is None else gated(f.weights, request_ok),
-            )
-            for f, _ in requested
-        ]
-        acts = lookup(features, self._gather_rows)
+        ranged = [(f.path, f.ids, bound) for f, bound in requested if bound is not None]
+        checked = assert_guard(Guard.all([range_guard(ranged), request]))
+        features = [f for f, _ in requested]
+        acts = lookup(features, self._gather_rows, ids_checked=checked, request_checked=checked)
         nested = _nest.pack_like(self._emb.feature_config, [acts[p] for p in self._features])
         return _named_outputs(nested if self.model is None else self.model(nested))
 
     def _serve(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        requested, checks, batches = [], [], []
+        requested = []
         for path, feature in self._features.items():
-            ids, id_checks = self._rows(path, feature, inputs[input_name(path, "ids")])
+            ids, bound = self._rows(path, feature, inputs[input_name(path, "ids")])
             lengths = inputs[input_name(path, "lengths")]
             weights = inputs.get(input_name(path, "weights"))
-            checks += _request_checks(path, ids, lengths, weights)
-            requested.append((FeatureIds(path, feature, ids, lengths, weights), id_checks))
-            batches.append(tf.size(lengths, out_type=tf.int64))
-        if len(batches) > 1:
-            same = tf.reduce_all(tf.equal(tf.stack(batches), batches[0]))
-            checks.append((same, "every feature's _lengths must have the same batch size"))
-        return self._outputs(requested, checks)
+            requested.append((FeatureIds(path, feature, ids, lengths, weights), bound))
+        return self._outputs(requested, _request_guard([f for f, _ in requested]))
 
     def _serve_examples(self, examples: tf.Tensor) -> dict[str, tf.Tensor]:
         spec = {}
@@ -339,27 +335,63 @@ class _ServingModule(tf.Module):
             ragged, weights = parsed[path], parsed.get(f"{path}_weights")
             if self._strict_examples:
                 ragged = _require_feature(path, ragged)
-            ids, id_checks = self._rows(path, feature, ragged.flat_values)
+            ids, bound = self._rows(path, feature, ragged.flat_values)
             lengths = ragged.row_lengths()
             if weights is not None:
                 same = tf.reduce_all(tf.equal(weights.row_lengths(), lengths))
                 checks.append((same, f"feature {path}: give one weight per id in every example"))
                 weights = weights.flat_values
-            requested.append((FeatureIds(path, feature, ids, lengths, weights), id_checks))
-        return self._outputs(requested, checks)
+            requested.append((FeatureIds(path, feature, ids, lengths, weights), bound))
+        return self._outputs(requested, Guard.of(checks))
 
 
-def _request_checks(path: str, ids: tf.Tensor, lengths: tf.Tensor, weights) -> list[Check]:
-    """Run-time checks of one feature of a ``serving_default`` request, naming the feature:
-    lengths non-negative and adding up to the number of ids, one weight per id."""
-    n = tf.size(ids, out_type=tf.int64)
-    checks = [(tf.reduce_all(lengths >= 0), f"feature {path}: lengths must be >= 0")]
-    add_up = tf.equal(tf.reduce_sum(lengths), n)
-    checks.append((add_up, f"feature {path}: the lengths must add up to the number of ids"))
-    if weights is not None:
-        same = tf.equal(tf.size(weights, out_type=tf.int64), n)
-        checks.append((same, f"feature {path}: give one weight per id"))
-    return checks
+def _request_guard(features: Sequence[FeatureIds]) -> Guard:
+    """The run-time checks of a ``serving_default`` request, each naming its feature: lengths
+    non-negative and adding up to the number of ids, one weight per id, and every feature with
+    the same batch size.
+
+    A good request computes them all at once: the sizes that must match are compared as two
+    vectors (``got == want``: the sums of the lengths against the numbers of ids, the numbers
+    of weights against those of ids, every batch size against the first), and the smallest of
+    all lengths against zero. The checks one by one, with their messages, are rebuilt from those
+    tensors only when one fails.
+    """
+    k, weighted = len(features), [i for i, f in enumerate(features) if f.weights is not None]
+    n = tf.shape_n([f.ids for f in features], out_type=tf.int64)
+    batch = tf.shape_n([f.lengths for f in features], out_type=tf.int64)
+    sums = tf.stack([tf.reduce_sum(f.lengths) for f in features])
+    counts = (
+        tf.shape_n([features[i].weights for i in weighted], out_type=tf.int64) if weighted else []
+    )
+    got = tf.concat([sums, *counts, *batch[1:]], axis=0)
+    want = tf.concat([*n, *[n[i] for i in weighted], *[batch[0]] * (k - 1)], axis=0)
+    every_length = (
+        tf.concat([f.lengths for f in features], axis=0) if k > 1 else features[0].lengths
+    )
+    ok = tf.logical_and(
+        tf.reduce_all(tf.equal(got, want)),
+        tf.reduce_min(every_length) >= 0,
+    )
+
+    def checks() -> list[Check]:
+        equal = tf.unstack(tf.equal(got, want), num=2 * k - 1 + len(weighted))
+        first = k + len(weighted)  # the batch sizes: the first in `want`, the others in `got`
+        sizes = tf.concat([want[first : first + 1], got[first:]], axis=0)
+        lengths = [every_length] if k == 1 else tf.split(every_length, sizes, num=k)
+        out: list[Check] = []
+        for i, f in enumerate(features):
+            out.append((tf.reduce_all(lengths[i] >= 0), f"feature {f.path}: lengths must be >= 0"))
+            add_up = f"feature {f.path}: the lengths must add up to the number of ids"
+            out.append((equal[i], add_up))
+            if f.weights is not None:
+                j = k + weighted.index(i)
+                out.append((equal[j], f"feature {f.path}: give one weight per id"))
+        if k > 1:
+            same = tf.reduce_all(tf.stack(equal[first:]))
+            out.append((same, "every feature's _lengths must have the same batch size"))
+        return out
+
+    return Guard(ok, checks)
 
 
 def _non_finite_rows(values: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:

@@ -30,7 +30,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxembed import _nest
+from jaxembed import _nest, _reads
 from jaxembed import batch as _batch
 from jaxembed.batch import Batch
 from jaxembed.configs import FeatureConfig, TableConfig
@@ -587,6 +587,7 @@ class Embedding:
             out_specs=[spec] * len(batch.paths),
             check_vma=False,
         )(state.tables, batch.requests, batch.plans)
+        _reads.record(state.tables, outs)  # apply_gradients updates the tables after these reads
         return jax.tree_util.tree_unflatten(batch.treedef, outs)
 
     def _cotangents(self, batch: Batch, grads: Any) -> list[jax.Array]:
@@ -627,9 +628,9 @@ class Embedding:
 
         Inside a jitted step with the state donated, the tables and slots are updated in place
         (on CPU by one kernel pass over the touched rows), so a step costs the same at any
-        vocabulary size. XLA can do that only when the update is known to come after this
-        step's ``lookup``, which holds whenever ``grads`` depend on the activations (any
-        nonlinear model); with gradients that do not, XLA copies each table first.
+        vocabulary size, whatever ``grads`` depend on: the update is ordered after this step's
+        ``lookup`` of the same state (a fixed linear head, constant or ``custom_vjp``
+        gradients included; see ``jaxembed._reads``).
 
         Gradient rows holding NaN or Inf follow ``Embedding(nonfinite_gradients=...)``: by
         default they are dropped (one elementwise pass over ``grads``) and counted in the
@@ -660,13 +661,16 @@ class Embedding:
         cotangents = self._cotangents(batch, grads)
         guard = self.nonfinite_gradients
 
-        def body(tables, slots, step, requests, plans, cots):
+        def body(tables, slots, step, requests, plans, cots, reads):
             parts: dict[str, list] = {name: [] for name in requests}
             for path, plan, cot in zip(batch.paths, plans, cots, strict=True):
                 parts[self._layout_of_path(path).name].append(
                     slot_cotangents(_batch.local(plan), cot)
                 )
-            requests = {name: req[0] for name, req in requests.items()}
+            # The update reads its ids only after this step's lookups (see jaxembed._reads), so
+            # XLA updates the tables in place whatever the gradients depend on.
+            zero = _reads.zero_after(reads)
+            requests = {name: req[0] + zero for name, req in requests.items()}
             dropped = ok = jnp.zeros((), jnp.int32)
             if guard != "apply":  # per feature: its gradient rows holding NaN or Inf
                 axes = self.plan.batch_axes
@@ -690,16 +694,33 @@ class Embedding:
                 )
             return new_tables, new_slots, dropped, ok
 
+        reads = _reads.reads_of(state.tables)  # this step's lookups of the tables, if traced
         spec = self._batch_spec()
         table_specs, slot_specs = self._specs(state.tables), self._specs(state.slots)
         call = jax.shard_map(
             body,
             mesh=self.mesh,
-            in_specs=(table_specs, slot_specs, P(), spec, spec, [spec] * len(cotangents)),
+            in_specs=(
+                table_specs,
+                slot_specs,
+                P(),
+                spec,
+                spec,
+                [spec] * len(cotangents),
+                [spec] * len(reads),
+            ),
             out_specs=(table_specs, slot_specs, P(), P()),
             check_vma=False,
         )
-        args = (state.tables, state.slots, state.step, batch.requests, batch.plans, cotangents)
+        args = (
+            state.tables,
+            state.slots,
+            state.step,
+            batch.requests,
+            batch.plans,
+            cotangents,
+            reads,
+        )
         traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args))
         if guard == "raise" and not traced:
             tables, slots, dropped, ok = _raising_eagerly(call, args)

@@ -1,0 +1,276 @@
+"""The accelerator (pure-JAX) train step: bytes it moves against the minimum, and its time on CPU.
+
+The pure-JAX path is what TPUs and GPUs run (on CPU: ``use_kernels(False)``). For a W-like
+workload (``bench_w.py``'s generators: ``--features`` tables of ``-V`` x ``-D``, batch ``-B``,
+ids per example ~ U[1, ``-L``], Zipf ``--zipf``) this compiles ``bench_w``'s jitted train step
+(lookup + gradient of the stand-in loss + ``apply_gradients``, state donated) with the kernels
+off and reports, per device (the compiled SPMD program is one device's):
+
+* ``xla_bytes_accessed``: XLA's ``compiled.cost_analysis()["bytes accessed"]``, which charges a
+  gather or scatter with its whole table operand;
+* ``row_aware_bytes``: ``hlo_bytes.row_aware_bytes`` over ``compiled.as_text()``: gathers and
+  in-place scatters charged at the rows they touch, everything else (copies of whole tables
+  included) at its full operands and output; ``top_instructions`` lists the costliest;
+* ``minimum_bytes``: the distinct rows the device's shard updates x row bytes x 2 (read and
+  write) for the table and for each table-shaped or row-wise slot, plus the device's ids (int32)
+  and weights; ``minimum_with_exchange_bytes`` adds, on a mesh, the rows a device fetches from
+  the other shards and the gradient rows it sends back (``all_to_all`` traffic);
+* ``fused_kernel_floor_bytes``: the minimum with exchange plus what even the fused CPU kernels
+  move per id: each id's row read by the lookup and one cotangent row read per id for its
+  gradient, the activations written and their cotangents read (no cache model);
+* ``ratio_row_aware_over_minimum`` (goal <= 2), ``ratio_row_aware_over_fused_kernel_floor``,
+  ``ratio_xla_over_minimum``;
+* step time of the pure-JAX step and of the fused CPU-kernel step (interleaved, medians) and
+  ``ratio_pure_over_fused`` (goal <= 2); ``pure_vs_fused_max_abs_diff`` after one step from the
+  same state (the kernels equal the pure path to float32 rounding).
+
+``--devices N`` runs on ``N`` simulated CPU devices (``--xla_force_host_platform_device_count``,
+set before JAX starts) with the tables row-sharded over a 1-D mesh (``Embedding(mesh=...)``).
+
+Run: ``python benchmarks/bench_accelerator.py`` (one device) and
+``python benchmarks/bench_accelerator.py --devices 8``; quick: ``-V 100000 -B 1024 --repeats 3``.
+Prints one JSON object (``--hlo-out FILE`` also saves the pure step's optimized HLO).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # W's shape options, as bench_w.add_workload_args (not imported: it starts JAX, and
+    # --devices must set XLA_FLAGS first).
+    p.add_argument("-F", "--features", type=int, default=1, help="features, one table each")
+    p.add_argument("-V", "--vocab", type=int, default=1_000_000)
+    p.add_argument("-D", "--dim", type=int, default=64)
+    p.add_argument("-B", "--batch", type=int, default=4096)
+    p.add_argument("-L", "--max-len", type=int, default=39, help="ids per example ~ U[1, L]")
+    p.add_argument("--zipf", type=float, default=1.05)
+    p.add_argument("--optimizer", choices=("adagrad", "sgd"), default="adagrad")
+    p.add_argument("--devices", type=int, default=1, help="simulated CPU devices (row-sharded)")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--top", type=int, default=15, help="instructions listed")
+    p.add_argument("--no-time", action="store_true", help="bytes only, no timing")
+    p.add_argument("--hlo-out", default=None, help="save the pure step's optimized HLO here")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+ARGS = parse_args() if __name__ == "__main__" else None
+if ARGS is not None and ARGS.devices > 1:  # before JAX starts
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "--xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = (
+            f"{flags} --xla_force_host_platform_device_count={ARGS.devices}".strip()
+        )
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import json  # noqa: E402
+import platform  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+import bench_w as bw  # noqa: E402
+import hlo_bytes  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import jaxembed as je  # noqa: E402
+from jaxembed import _kernels  # noqa: E402
+
+
+def make_embedding(args: argparse.Namespace, mesh: Any) -> je.Embedding:
+    opt = {
+        "adagrad": je.optimizers.Adagrad(
+            bw.LEARNING_RATE, initial_accumulator_value=bw.INITIAL_ACCUMULATOR
+        ),
+        "sgd": je.optimizers.SGD(bw.LEARNING_RATE),
+    }[args.optimizer]
+    tables = [
+        je.TableConfig(args.vocab, args.dim, combiner="sum", name=f"t{f}")
+        for f in range(args.features)
+    ]
+    features = {f"f{f}": je.FeatureConfig(t) for f, t in enumerate(tables)}
+    return je.Embedding(features, opt, mesh=mesh)
+
+
+def row_bytes(leaf: Any, vocab: int) -> int:
+    """Bytes per table row of a state leaf: table-shaped and ``[V]`` leaves; 0 otherwise."""
+    shape = tuple(np.shape(leaf))
+    if not shape or shape[0] < vocab:
+        return 0
+    return int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+
+
+def minimum_bytes(args, emb, state, inputs: bw.Inputs) -> dict[str, Any]:
+    """Per device: the rows its shard must read and write, its ids, and (mesh) the exchange."""
+    devices = args.devices
+    per_example = args.batch // devices
+    total, exchange = np.zeros(devices, np.int64), np.zeros(devices, np.int64)
+    distinct_rows = 0
+    for f, (ids, lengths) in inputs.items():
+        name = f"t{f[1:]}"
+        layout = emb.plan.layout(name)
+        bytes_per_row = sum(
+            row_bytes(x, layout.physical_shape[0])
+            for x in [state.tables[name], *jax.tree.leaves(state.slots[name])]
+        )
+        ends = np.cumsum(lengths)
+        starts = ends - lengths
+        distinct = np.unique(ids)
+        distinct_rows += distinct.shape[0]
+        owners = distinct % layout.num_shards  # row layout: row r on shard r mod T
+        touched = np.bincount(owners, minlength=devices)[:devices] if devices > 1 else [len(owners)]
+        for d in range(devices):
+            lo, hi = starts[d * per_example], ends[(d + 1) * per_example - 1]
+            mine = ids[lo:hi]
+            total[d] += 2 * int(touched[d]) * bytes_per_row + 4 * mine.shape[0]
+            if devices > 1:  # rows fetched from other shards, gradient rows sent back
+                asked = np.unique(mine)
+                remote = int(np.sum(asked % layout.num_shards != d))
+                exchange[d] += 2 * remote * args.dim * 4
+    # What a fused kernel moves besides: each id's row read once by the lookup and its gradient
+    # added once (cotangent row read), activations written and their cotangents read.
+    per_id = np.zeros(devices, np.int64)
+    for ids, _ in inputs.values():
+        per_id += 2 * (ids.shape[0] // devices) * args.dim * 4 + 2 * per_example * args.dim * 4
+    return {
+        "minimum_bytes": int(total.max()),
+        "fused_kernel_floor_bytes": int((total + exchange + per_id).max()),
+        "minimum_bytes_mean_device": int(total.mean()),
+        "minimum_with_exchange_bytes": int((total + exchange).max()),
+        "distinct_rows": distinct_rows,
+    }
+
+
+def describe(detail: dict[str, Any]) -> str:
+    """One line from a ``hlo_bytes`` charge's detail: MB read / written, row-charged operands."""
+    parts = [
+        f"{k} {v / 1e6:.3f} MB" if k in ("read", "written", "rows", "rows_written") else f"{k} {v}"
+        for k, v in detail.items()
+        if k != "row_params"
+    ]
+    for name, p in detail.get("row_params", {}).items():
+        parts.append(f"{name} read {p['charged'] / 1e6:.3f} of {p['full'] / 1e6:.3f} MB")
+    return "; ".join(parts)
+
+
+def compile_step(emb, state, batch, g, kernels: bool):
+    step = bw.train_step_fn(emb)
+    with _kernels.use_kernels(kernels):
+        return step.lower(state, batch, g).compile()
+
+
+def copy_state(state):
+    return jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
+
+
+def main() -> None:
+    args = ARGS if ARGS is not None else parse_args()
+    if args.batch % args.devices:
+        raise SystemExit(f"--batch {args.batch} must divide by --devices {args.devices}")
+    if jax.device_count() < args.devices:
+        raise SystemExit(f"{jax.device_count()} devices, --devices {args.devices} asked")
+    mesh = jax.make_mesh((args.devices,), ("x",)) if args.devices > 1 else None
+    work = bw.Workload(args, args.features, args.seed)
+    inputs = work.inputs(args.vocab)
+    emb = make_embedding(args, mesh)
+    state = emb.init(jax.random.key(0))
+    batch = emb.preprocess(bw.je_inputs(inputs))
+    g = {k: jnp.asarray(v) for k, v in bw.fixed_grads(args.features, args.batch, args.dim).items()}
+    if mesh is not None:
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
+        g = {k: jax.device_put(v, sharding) for k, v in g.items()}
+
+    t0 = time.perf_counter()
+    pure = compile_step(emb, state, batch, g, kernels=False)
+    compile_s = time.perf_counter() - t0
+    text = pure.as_text()
+    if args.hlo_out:
+        with open(args.hlo_out, "w") as fh:
+            fh.write(text)
+    cost = pure.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    xla_bytes = float(cost["bytes accessed"])
+    counted = hlo_bytes.row_aware_bytes(text)
+    mins = minimum_bytes(args, emb, state, inputs)
+    minimum = mins["minimum_bytes"]
+    ids = bw.total_ids(inputs)
+
+    out: dict[str, Any] = {
+        "benchmark": "accelerator_path",
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "jax_device": jax.devices()[0].device_kind,
+            "devices": args.devices,
+        },
+        "versions": {"python": platform.python_version(), "jax": jax.__version__},
+        "config": {k: v for k, v in vars(args).items() if k != "hlo_out"},
+        "ids_per_batch": ids,
+        "per_device": args.devices > 1,
+        "compile_seconds_pure": round(compile_s, 2),
+        "xla_bytes_accessed": int(xla_bytes),
+        "naive_bytes": counted["naive_bytes"],
+        "row_aware_bytes": counted["bytes"],
+        **mins,
+        "ratio_row_aware_over_minimum": round(counted["bytes"] / minimum, 3),
+        "ratio_row_aware_over_minimum_with_exchange": round(
+            counted["bytes"] / mins["minimum_with_exchange_bytes"], 3
+        ),
+        "ratio_row_aware_over_fused_kernel_floor": round(
+            counted["bytes"] / mins["fused_kernel_floor_bytes"], 3
+        ),
+        "ratio_xla_over_minimum": round(xla_bytes / minimum, 3),
+        "while_trip_counts_unknown": counted["while_trip_counts_unknown"],
+        "top_instructions": [
+            {
+                "name": c["name"],
+                "opcode": c["opcode"],
+                "op_name": c["op_name"],
+                "mb": round(c["bytes"] / 1e6, 3),
+                "xla_style_mb": round(c["naive"] / 1e6, 3),
+                **({"detail": describe(c["detail"])} if c["detail"] else {}),
+            }
+            for c in hlo_bytes.top(counted["instructions"], args.top)
+        ],
+    }
+
+    if not args.no_time:
+        fused = compile_step(emb, state, batch, g, kernels=True)
+        a, b = copy_state(state), copy_state(state)
+        del state
+        a, _ = pure(a, batch, g)
+        b, _ = fused(b, batch, g)
+        diff = max(
+            float(np.max(np.abs(np.asarray(x) - np.asarray(y)), initial=0.0))
+            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+        )
+        out["pure_vs_fused_max_abs_diff"] = diff
+        out["pure_vs_fused_bit_identical"] = diff == 0.0
+        cases = {"pure_jax": bw.Stepper(pure, a, batch, g), "fused": bw.Stepper(fused, b, batch, g)}
+        times = bw.interleaved(cases, args.repeats, args.warmup)
+        med = {k: float(np.median(v)) for k, v in times.items()}
+        out["seconds"] = {k: round(v, 6) for k, v in med.items()}
+        out["seconds_min"] = {k: round(float(np.min(v)), 6) for k, v in times.items()}
+        out["ids_per_s"] = {k: round(ids / v) for k, v in med.items()}
+        out["ratio_pure_over_fused"] = round(med["pure_jax"] / med["fused"], 3)
+    out["goals"] = {
+        "row_aware_bytes_le_2x_minimum": out["ratio_row_aware_over_minimum"] <= 2,
+        **(
+            {"pure_time_le_2x_fused": out["ratio_pure_over_fused"] <= 2}
+            if "ratio_pure_over_fused" in out
+            else {}
+        ),
+    }
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,485 @@
+"""Row-aware bytes accessed of a compiled XLA program, from its optimized HLO text.
+
+XLA's ``compiled.cost_analysis()["bytes accessed"]`` charges a gather or a scatter with its whole
+operand: a gather of 26k rows out of a 1M x 64 table is charged 256 MB, although it reads only the
+26k rows, and an in-place scatter into a donated table writes only the rows it updates. For an
+embedding step, whose tables are mostly untouched, that count says nothing about the memory
+traffic. ``row_aware_bytes`` walks ``compiled.as_text()`` and charges each instruction of the entry
+computation with the bytes it reads and writes, with these rules:
+
+* most instructions: every operand read in full, the output written in full;
+* free: ``parameter``, ``constant``, ``bitcast``, ``tuple``, ``get-tuple-element``,
+  ``opt-barrier``, ``after-all``, ``partition-id``, ``replica-id`` (no data moves);
+* ``gather`` / ``dynamic-slice`` / ``slice``: the operand is charged at the size of the output (the
+  rows read), plus the indices, plus the output written;
+* ``scatter`` / ``dynamic-update-slice`` (in place, as XLA runs them when the operand's buffer can
+  be reused; when it cannot, XLA inserts a ``copy``, which is charged in full): the indices and
+  updates read, the updated rows written, and the updated rows read too when the scatter combines
+  (``to_apply`` is not a plain overwrite);
+* a fusion: its parameters read and its outputs written, with the same rules inside: a parameter
+  consumed only by gathers / slices / scatter operands (through bitcasts and reshapes) is charged
+  at the gathered size, and an output that is a scatter or a dynamic-update-slice at the updated
+  rows;
+* ``copy`` (of a whole table, say): read and written in full, so a table copy shows up;
+* ``conditional``: the costliest branch; ``while``: its body and condition times the known trip
+  count (1 when XLA does not know it; ``while_trip_counts_unknown`` counts those); ``call``: the
+  callee.
+
+``naive_bytes`` is the same walk charging every operand and output in full (close to XLA's own
+figure), so the two can be compared instruction by instruction.
+
+Command line: ``python benchmarks/hlo_bytes.py module.txt`` prints the totals and the top
+instructions of a saved ``compiled.as_text()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import sys
+from typing import Any
+
+DTYPE_BYTES = {
+    "pred": 1,
+    "s2": 1,
+    "u2": 1,
+    "s4": 1,
+    "u4": 1,
+    "s8": 1,
+    "u8": 1,
+    "f8e4m3fn": 1,
+    "f8e5m2": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "c64": 8,
+    "c128": 16,
+    "token": 0,
+}
+_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
+_NAME = r"%?[\w.\-]+"
+_HEADER = re.compile(r"^(ENTRY\s+)?(%?[\w.\-]+)\s*\((.*)\)\s*->\s*(.*)\{\s*$")
+_INSTR = re.compile(r"^\s*(ROOT\s+)?(%?[\w.\-]+)\s*=\s*(.*)$")
+
+FREE = {
+    "parameter",
+    "constant",
+    "bitcast",
+    "tuple",
+    "get-tuple-element",
+    "opt-barrier",
+    "after-all",
+    "partition-id",
+    "replica-id",
+}
+VIEWS = {"bitcast", "reshape"}  # inside a fusion: the same data, no pass of its own
+ROW_READS = {"gather", "dynamic-slice", "slice"}  # read operand 0 only where the output says
+ROW_WRITES = {"scatter", "dynamic-update-slice"}  # write operand 0 only where the updates say
+
+
+def shape_bytes(type_str: str) -> int:
+    """Bytes of an HLO type string (an array type or a tuple of them)."""
+    total = 0
+    for dtype, dims in _ARRAY.findall(type_str):
+        if dtype not in DTYPE_BYTES:
+            continue
+        n = 1
+        for d in dims.split(","):
+            if d:
+                n *= int(d)
+        total += n * DTYPE_BYTES[dtype]
+    return total
+
+
+def _balanced(s: str, start: int) -> int:
+    """Index just past the bracket group opening at ``s[start]``."""
+    pairs = {"(": ")", "{": "}", "[": "]"}
+    stack = []
+    for i in range(start, len(s)):
+        c = s[i]
+        if c in pairs:
+            stack.append(pairs[c])
+        elif stack and c == stack[-1]:
+            stack.pop()
+            if not stack:
+                return i + 1
+    return len(s)
+
+
+def _bare(name: str) -> str:
+    return name.lstrip("%")
+
+
+@dataclasses.dataclass
+class Instr:
+    name: str
+    type: str
+    opcode: str
+    operands: list[str]
+    attrs: str
+    root: bool = False
+    param_index: int = -1
+
+    @property
+    def bytes(self) -> int:
+        return shape_bytes(self.type)
+
+    def attr_computations(self, key: str) -> list[str]:
+        m = re.search(rf"\b{key}=(\{{[^}}]*\}}|{_NAME})", self.attrs)
+        if not m:
+            return []
+        return [_bare(n) for n in re.findall(_NAME, m.group(1).strip("{}"))]
+
+    @property
+    def op_name(self) -> str:
+        m = re.search(r'op_name="([^"]*)"', self.attrs)
+        return m.group(1) if m else ""
+
+
+@dataclasses.dataclass
+class Computation:
+    name: str
+    instrs: dict[str, Instr]
+    order: list[str]
+    params: list[str]  # instruction names of parameter(0), parameter(1), ...
+    root: str
+    entry: bool = False
+
+    def users(self) -> dict[str, list[Instr]]:
+        out: dict[str, list[Instr]] = {n: [] for n in self.instrs}
+        for ins in self.instrs.values():
+            for op in ins.operands:
+                if op in out:
+                    out[op].append(ins)
+        return out
+
+
+def _parse_instr(line: str) -> Instr | None:
+    m = _INSTR.match(line)
+    if not m:
+        return None
+    root, name, rest = m.group(1), _bare(m.group(2)), m.group(3).strip()
+    if rest.startswith("("):
+        end = _balanced(rest, 0)
+        type_str, rest = rest[:end], rest[end:].strip()
+    else:
+        type_str, _, rest = rest.partition(" ")
+    # a layout ``{1,0}`` follows the dims without a space; skip anything up to the opcode
+    m2 = re.match(r"([a-z][\w\-]*)\(", rest)
+    if not m2:
+        return None
+    opcode = m2.group(1)
+    end = _balanced(rest, m2.end() - 1)
+    operand_str, attrs = rest[m2.end() : end - 1], rest[end:]
+    operands = []
+    if opcode not in ("parameter", "constant"):
+        for part in _split_top(operand_str):
+            names = re.findall(r"%[\w.\-]+", part) or re.findall(r"([\w.\-]+)\s*$", part)
+            if names:
+                operands.append(_bare(names[-1]))
+    index = int(operand_str) if opcode == "parameter" and operand_str.strip().isdigit() else -1
+    return Instr(name, type_str, opcode, operands, attrs, bool(root), index)
+
+
+def _split_top(s: str) -> list[str]:
+    parts, depth, cur = [], 0, []
+    for c in s:
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        if c == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+    if "".join(cur).strip():
+        parts.append("".join(cur))
+    return parts
+
+
+def parse_module(text: str) -> dict[str, Computation]:
+    """The computations of an HLO module's text, by name."""
+    comps: dict[str, Computation] = {}
+    cur: Computation | None = None
+    for line in text.splitlines():
+        if cur is None:
+            m = _HEADER.match(line.strip())
+            if m and not line.startswith(" "):
+                cur = Computation(_bare(m.group(2)), {}, [], [], "", bool(m.group(1)))
+            continue
+        if line.strip() == "}":
+            comps[cur.name] = cur
+            cur = None
+            continue
+        ins = _parse_instr(line)
+        if ins is None:
+            continue
+        cur.instrs[ins.name] = ins
+        cur.order.append(ins.name)
+        if ins.root:
+            cur.root = ins.name
+        if ins.param_index >= 0:
+            while len(cur.params) <= ins.param_index:
+                cur.params.append("")
+            cur.params[ins.param_index] = ins.name
+    if cur is not None:  # unterminated last computation
+        comps[cur.name] = cur
+    return comps
+
+
+def _combines(comps: dict[str, Computation], ins: Instr) -> bool:
+    """Whether a scatter's ``to_apply`` reads the old value (anything but ``return update``)."""
+    names = ins.attr_computations("to_apply")
+    if not names or names[0] not in comps:
+        return True
+    comp = comps[names[0]]
+    root = comp.instrs.get(comp.root)
+    if root is None:
+        return True
+    last = [p for p in comp.params if p]
+    num_operands = len(last) // 2
+    if root.opcode == "tuple":
+        return any(o not in last[num_operands:] for o in root.operands)
+    return not (root.opcode == "parameter" and root.name in last[num_operands:])
+
+
+def _scatter_rows(comps: dict[str, Computation], comp: Computation, ins: Instr) -> tuple[int, int]:
+    """(bytes of operand rows read, bytes written) of an in-place scatter / DUS."""
+    if ins.opcode == "dynamic-update-slice":
+        upd = comp.instrs[ins.operands[1]].bytes if ins.operands[1] in comp.instrs else 0
+        return 0, upd
+    n = len(ins.operands) // 2  # operands..., indices, updates... (variadic scatter)
+    upd = sum(comp.instrs[o].bytes for o in ins.operands[n + 1 :] if o in comp.instrs)
+    rows = min(upd, ins.bytes)  # duplicate indices touch a row more than once, not more rows
+    return (rows if _combines(comps, ins) else 0), rows
+
+
+def _topological(comp: Computation) -> list[str]:
+    """The instructions reachable from the root, every operand before its users."""
+    seen: set[str] = set()
+    order: list[str] = []
+    stack: list[tuple[str, bool]] = [(comp.root, False)]
+    while stack:
+        name, done = stack.pop()
+        if done:
+            order.append(name)
+            continue
+        if name in seen or name not in comp.instrs:
+            continue
+        seen.add(name)
+        stack.append((name, True))
+        stack.extend((o, False) for o in comp.instrs[name].operands if o not in seen)
+    return order
+
+
+def demanded_bytes(comps: dict[str, Computation], comp: Computation) -> dict[str, float]:
+    """Bytes of each instruction of fused computation ``comp`` that computing its outputs reads.
+
+    Demand flows from the root to the parameters, as XLA's loop emitter computes each output
+    element from the operand elements it needs: elementwise ops, broadcasts, transposes, copies
+    and reductions pass on the same fraction of each operand; ``slice`` / ``gather`` /
+    ``dynamic-slice`` demand only the elements they return (their indices in full); an in-place
+    ``scatter`` demands the updated rows of its operand when it combines, its indices and updates
+    in full; ``dynamic-update-slice`` its update. Row reads by several users add up (distinct
+    rows); other uses of one value count once (the largest).
+    """
+    row_sum: dict[str, float] = {}
+    elem_max: dict[str, float] = {}
+
+    def need(name: str, nbytes: float, rows: bool = False) -> None:
+        if rows:
+            row_sum[name] = row_sum.get(name, 0.0) + nbytes
+        else:
+            elem_max[name] = max(elem_max.get(name, 0.0), nbytes)
+
+    def demand(name: str) -> float:
+        full = comp.instrs[name].bytes
+        return min(full, row_sum.get(name, 0.0) + elem_max.get(name, 0.0))
+
+    root = comp.instrs[comp.root]
+    if root.opcode == "tuple":
+        for o in root.operands:
+            need(o, comp.instrs[o].bytes)
+    need(comp.root, root.bytes)
+    out: dict[str, float] = {}
+    for name in reversed(_topological(comp)):
+        ins = comp.instrs[name]
+        d = out[name] = demand(name)
+        if not d or ins.opcode == "parameter":
+            continue
+        frac = d / ins.bytes if ins.bytes else 1.0
+        ops = [o for o in ins.operands if o in comp.instrs]
+        if ins.opcode in ROW_READS and ops:
+            need(ops[0], d, rows=True)
+            for o in ops[1:]:
+                need(o, frac * comp.instrs[o].bytes)
+        elif ins.opcode in ROW_WRITES and ops:
+            read, _ = _scatter_rows(comps, comp, ins)
+            need(ops[0], read, rows=True)
+            for o in ops[1:]:
+                need(o, comp.instrs[o].bytes)
+        elif ins.opcode == "tuple":
+            continue  # the root tuple's operands were demanded above
+        else:
+            for o in ops:
+                need(o, frac * comp.instrs[o].bytes)
+    return out
+
+
+def _output_written(comps, comp: Computation, name: str) -> int:
+    """Bytes the value ``name`` of ``comp`` writes as an output (row-aware for scatters)."""
+    ins = comp.instrs[name]
+    while ins.opcode in VIEWS and ins.operands[0] in comp.instrs:
+        ins = comp.instrs[ins.operands[0]]
+    if ins.opcode == "tuple":
+        return sum(_output_written(comps, comp, o) for o in ins.operands if o in comp.instrs)
+    if ins.opcode in ROW_WRITES:
+        return _scatter_rows(comps, comp, ins)[1]
+    return comp.instrs[name].bytes
+
+
+@dataclasses.dataclass
+class Charge:
+    name: str
+    opcode: str
+    op_name: str
+    bytes: int
+    naive: int
+    detail: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Counter:
+    """Row-aware and naive byte counts of a parsed module."""
+
+    def __init__(self, text: str):
+        self.comps = parse_module(text)
+        entries = [c for c in self.comps.values() if c.entry]
+        if len(entries) != 1:
+            raise ValueError(f"expected one ENTRY computation, found {len(entries)}")
+        self.entry = entries[0]
+        self.unknown_trips = 0
+
+    def _operand_bytes(self, comp: Computation, ins: Instr) -> int:
+        return sum(comp.instrs[o].bytes for o in ins.operands if o in comp.instrs)
+
+    def charge(self, comp: Computation, ins: Instr) -> tuple[int, int, dict[str, Any]]:
+        """(row-aware bytes, naive bytes, detail) of one instruction of ``comp``."""
+        op = ins.opcode
+        naive = self._operand_bytes(comp, ins) + ins.bytes
+        if op in FREE:
+            return 0, 0, {}
+        if op in ("fusion",):
+            return self._fusion(comp, ins, naive)
+        if op in ROW_READS:
+            rest = sum(comp.instrs[o].bytes for o in ins.operands[1:] if o in comp.instrs)
+            return 2 * ins.bytes + rest, naive, {"rows": ins.bytes}
+        if op in ROW_WRITES:
+            read, written = _scatter_rows(self.comps, comp, ins)
+            rest = sum(comp.instrs[o].bytes for o in ins.operands[1:] if o in comp.instrs)
+            return read + written + rest, naive, {"rows_written": written}
+        if op == "conditional":
+            branches = ins.attr_computations("branch_computations")
+            if not branches:
+                branches = ins.attr_computations("true_computation") + ins.attr_computations(
+                    "false_computation"
+                )
+            costs = [self.computation(self.comps[b]) for b in branches if b in self.comps]
+            best = max(costs, key=lambda c: c[0], default=(0, 0, []))
+            return best[0], best[1], {"branches": len(costs)}
+        if op == "while":
+            m = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins.attrs)
+            trips = int(m.group(1)) if m else 1
+            if not m:
+                self.unknown_trips += 1
+            total = naive_total = 0
+            for key in ("body", "condition"):
+                for c in ins.attr_computations(key):
+                    if c in self.comps:
+                        b, nb, _ = self.computation(self.comps[c])
+                        total, naive_total = total + b * trips, naive_total + nb * trips
+            return total, naive_total, {"trips": trips if m else "unknown"}
+        if op == "call":
+            callee = (ins.attr_computations("to_apply") or [""])[0]
+            if callee in self.comps:
+                b, nb, _ = self.computation(self.comps[callee])
+                return b, nb, {}
+        return naive, naive, {}
+
+    def _fusion(self, comp: Computation, ins: Instr, naive: int) -> tuple[int, int, dict]:
+        callee = (ins.attr_computations("calls") or [""])[0]
+        fused = self.comps.get(callee)
+        if fused is None:
+            return naive, naive, {"fused": "missing"}
+        demand = demanded_bytes(self.comps, fused)
+        reads, how = 0, {}
+        for i, p in enumerate(fused.params):
+            if i >= len(ins.operands) or not p:
+                continue
+            full = comp.instrs[ins.operands[i]].bytes if ins.operands[i] in comp.instrs else 0
+            got = int(round(min(full, demand.get(p, 0.0))))
+            reads += got
+            if got < full:
+                how[ins.operands[i]] = {"charged": got, "full": full}
+        written = _output_written(self.comps, fused, fused.root)
+        detail: dict[str, Any] = {"read": reads, "written": written}
+        if how:
+            detail["row_params"] = how
+        return reads + written, naive, detail
+
+    def computation(self, comp: Computation) -> tuple[int, int, list[Charge]]:
+        charges = []
+        for name in comp.order:
+            ins = comp.instrs[name]
+            b, nb, detail = self.charge(comp, ins)
+            if b or nb:
+                charges.append(Charge(name, ins.opcode, ins.op_name, b, nb, detail))
+        return sum(c.bytes for c in charges), sum(c.naive for c in charges), charges
+
+
+def row_aware_bytes(hlo_text: str) -> dict[str, Any]:
+    """``{"bytes", "naive_bytes", "instructions": [Charge...], "while_trip_counts_unknown"}``
+    for the entry computation of ``hlo_text`` (``compiled.as_text()``)."""
+    counter = Counter(hlo_text)
+    total, naive, charges = counter.computation(counter.entry)
+    return {
+        "bytes": total,
+        "naive_bytes": naive,
+        "instructions": charges,
+        "while_trip_counts_unknown": counter.unknown_trips,
+    }
+
+
+def top(charges: list[Charge], n: int = 12) -> list[dict[str, Any]]:
+    """The ``n`` costliest instructions (row-aware), as dicts."""
+    return [c.as_dict() for c in sorted(charges, key=lambda c: -c.bytes)[:n]]
+
+
+def main() -> None:
+    text = open(sys.argv[1]).read()
+    out = row_aware_bytes(text)
+    print(
+        json.dumps(
+            {
+                "bytes": out["bytes"],
+                "naive_bytes": out["naive_bytes"],
+                "top": top(out["instructions"], 15),
+            },
+            indent=1,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""benchmarks/hlo_bytes.py: the row-aware byte count of compiled HLO (bench_accelerator.py).
+
+XLA's cost analysis charges a gather or scatter with its whole table; the row-aware count must
+charge the rows it touches (and the indices), and still charge a copy of a whole table in full.
+Every expectation follows from the shapes: ``K`` rows of ``D`` float32 out of ``V``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import hlo_bytes  # noqa: E402
+
+V, D, K = 20_000, 16, 300
+ROWS = K * D * 4  # bytes of the K rows
+IDS = K * 4  # int32 indices
+TABLE = V * D * 4
+
+
+def compiled(fn, *args, donate=()):
+    return jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+
+
+def operands():
+    table = jnp.zeros((V, D), jnp.float32)
+    ids = (jnp.arange(K, dtype=jnp.int32) * 37) % V  # distinct
+    updates = jnp.ones((K, D), jnp.float32)
+    return table, ids, updates
+
+
+def counted(c) -> dict:
+    return hlo_bytes.row_aware_bytes(c.as_text())
+
+
+def xla_bytes(c) -> float:
+    cost = c.cost_analysis()
+    return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["bytes accessed"])
+
+
+@pytest.mark.parametrize("how", ["take", "getitem"])
+def test_gather_is_charged_the_rows_it_reads_not_the_table(how):
+    table, ids, _ = operands()
+    fn = {"take": lambda t, i: jnp.take(t, i, axis=0), "getitem": lambda t, i: t[i]}[how]
+    c = compiled(fn, table, ids)
+    got = counted(c)
+    # rows read + rows written + the indices (read, maybe once more by an index fusion)
+    assert 2 * ROWS + IDS <= got["bytes"] <= 2 * ROWS + 4 * IDS
+    assert xla_bytes(c) >= TABLE  # XLA's own figure charges the whole table
+    assert got["naive_bytes"] == pytest.approx(xla_bytes(c), rel=0.01)
+
+
+def test_in_place_scatter_is_charged_the_rows_it_writes():
+    table, ids, updates = operands()
+    c = compiled(lambda t, i, u: t.at[i].set(u), table, ids, updates, donate=(0,))
+    got = counted(c)
+    # updates read + rows written + indices; the table itself is not read
+    assert 2 * ROWS + IDS <= got["bytes"] <= 2 * ROWS + 4 * IDS
+    assert not any(x.opcode == "copy" for x in got["instructions"])
+    assert got["naive_bytes"] == pytest.approx(xla_bytes(c), rel=0.01)
+
+
+def test_combining_scatter_also_reads_the_rows_it_updates():
+    table, ids, updates = operands()
+    c = compiled(lambda t, i, u: t.at[i].add(u), table, ids, updates, donate=(0,))
+    got = counted(c)
+    assert 3 * ROWS + IDS <= got["bytes"] <= 3 * ROWS + 4 * IDS
+
+
+def test_a_copy_of_the_whole_table_is_charged_in_full():
+    table, ids, updates = operands()
+    # not donated: the caller's table must survive, so XLA copies it before scattering
+    c = compiled(lambda t, i, u: t.at[i].set(u), table, ids, updates)
+    got = counted(c)
+    copies = [x for x in got["instructions"] if x.opcode == "copy"]
+    assert copies and copies[0].bytes == 2 * TABLE
+    assert got["bytes"] >= 2 * TABLE + 2 * ROWS
+
+
+def test_fused_gather_then_elementwise_reads_rows_of_the_table():
+    table, ids, _ = operands()
+    c = compiled(lambda t, i: jnp.tanh(t[i]) * 2.0 + 1.0, table, ids)
+    got = counted(c)
+    assert got["bytes"] <= 2 * ROWS + 4 * IDS < TABLE
+
+
+def test_elementwise_pass_over_the_table_is_charged_in_full():
+    table, _, _ = operands()
+    c = compiled(lambda t: t * 2.0, table)
+    assert counted(c)["bytes"] == 2 * TABLE
+
+
+def test_slice_inside_a_fusion_reads_only_what_the_output_needs():
+    table, ids, _ = operands()
+    # the first 5 gathered rows: 5 rows and 5 indices read, 5 rows written
+    c = compiled(lambda t, i: jnp.tanh(t[i])[:5], table, ids)
+    five = 5 * D * 4
+    assert 2 * five + 5 * 4 <= counted(c)["bytes"] <= 2 * five + 4 * 5 * 4
+
+
+def test_shape_bytes_of_arrays_and_tuples():
+    assert hlo_bytes.shape_bytes("f32[10,4]{1,0}") == 160
+    assert hlo_bytes.shape_bytes("(f32[2,3]{1,0}, s32[], pred[8])") == 24 + 4 + 8
+    assert hlo_bytes.shape_bytes("bf16[0,5]") == 0
