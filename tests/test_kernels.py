@@ -297,3 +297,27 @@ def test_pure_path_is_what_other_platforms_lower():
     assert "jaxembed_" in traced.lower(lowering_platforms=("cpu",)).as_text()
     for platform in ("tpu", "cuda"):
         assert "jaxembed_" not in traced.lower(lowering_platforms=(platform,)).as_text(), platform
+
+
+@pytest.mark.parametrize("take", [False, True])
+@pytest.mark.parametrize("head", [1, 3, 8])
+def test_pure_head_sum_loop_equals_the_ordered_sum_of_gathered_slots(take, head):
+    """The pure-JAX head sum (a loop of ``[R, D]`` gathers, ``_gathered_sum``) against the ordered
+    sum of the gathered ``[R, H, D]`` slots it replaces: values and gradients bit for bit, with
+    empty slots (-1, past the end) reading zeros."""
+    rng = np.random.default_rng(head)
+    rows = jnp.asarray(rng.normal(size=(50, 16)).astype(np.float32))
+    slots = jnp.asarray(rng.integers(-1, 53, size=(40, head)).astype(np.int32))
+
+    def looped(r):
+        return k._gathered_sum(r, slots, take)
+
+    def reference(r):
+        return k._sequential_sum(k._take(r, slots) if take else k._padded_at(r, slots), 1)
+
+    cot = jnp.asarray(rng.normal(size=(40, 16)).astype(np.float32))
+    for fn in (jax.jit(looped), looped):
+        np.testing.assert_array_equal(fn(rows), jax.jit(reference)(rows))
+        got = jax.vjp(fn, rows)[1](cot)[0]
+        np.testing.assert_array_equal(got, jax.vjp(reference, rows)[1](cot)[0])
+    assert np.any(np.asarray(jax.jit(looped)(rows)) != 0)
