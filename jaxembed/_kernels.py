@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import functools
 import importlib.machinery
+import math
 import os
 import pathlib
 from collections.abc import Callable, Iterator
@@ -247,10 +248,35 @@ def _slot_sums_jax(
 
 
 def _slot_grads_jax(cot, head, head_w, blocks, block_w, num_rows: int) -> jax.Array:
-    """The transpose of ``_slot_sums_jax``: ``grads[slot] += (w *) cot[row]``."""
-    zeros = jnp.zeros((num_rows, cot.shape[1]), cot.dtype)
-    _, vjp = jax.vjp(lambda r: _slot_sums_jax(r, head, head_w, blocks, block_w), zeros)
-    return vjp(cot)[0]
+    """The transpose of ``_slot_sums_jax``: ``grads[slot] += (w *) cot[row]``.
+
+    One ``[R, D]`` scatter-add of the cotangent per slot column, in a loop (column by column,
+    so a row's contributions are added slot-major): the cotangent is never broadcast to an
+    ``[R, slots, D]`` array, which XLA would write and read back whole (about 10x slower on
+    CPU, and as many bytes moved as slots x batch x dim).
+    """
+    rows, dim = cot.shape
+
+    def flat(x: Any, dtype: Any) -> jax.Array:  # [R, ...] -> [R, slots of the part]
+        x = jnp.asarray(x, dtype)
+        return x.reshape(rows, math.prod(x.shape[1:]))
+
+    slots = jnp.concatenate([flat(head, jnp.int32), flat(blocks, jnp.int32)], axis=1)
+    out = jnp.zeros((num_rows, dim), cot.dtype)
+    if slots.shape[1] == 0:
+        return out
+    valid = (slots >= 0) & (slots < num_rows)
+    columns = jnp.where(valid, slots, num_rows).T  # [slots, R]: one contiguous row per trip
+    weights = None
+    if head_w is not None:
+        tail = jnp.zeros(jnp.shape(blocks)) if block_w is None else block_w
+        weights = jnp.concatenate([flat(head_w, cot.dtype), flat(tail, cot.dtype)], axis=1).T
+
+    def body(s, out):
+        update = cot if weights is None else cot * weights[s][:, None]
+        return out.at[columns[s]].add(update, mode="drop")
+
+    return jax.lax.fori_loop(0, columns.shape[0], body, out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -628,14 +654,46 @@ def overflow_sums(
 # ``[U, D]``) or the slot cotangents and slots they come from.
 
 
-def _apply_generic(optimizer: Any, table, slots, ids, grads, step):
-    """Gathers the touched rows, runs ``optimizer.apply`` on them and writes them back."""
+_CHUNK = 512  # rows per trip of the pure update loop: its temporaries stay in cache
+
+
+def _apply_once(optimizer: Any, table, slots, ids, grads, step):
+    """Gathers the rows ``ids``, runs ``optimizer.apply`` on them and writes them back."""
     is_row = functools.partial(_same_shape, table)
     w = _take(table, ids)
     rows = jax.tree.map(lambda x: _take(x, ids) if is_row(x) else x, slots)
     new_w, new_rows = optimizer.apply(w, rows, grads, step)
     new_slots = jax.tree.map(lambda x, r: _set_at(x, ids, r) if is_row(x) else r, slots, new_rows)
     return _set_at(table, ids, new_w), new_slots
+
+
+def _apply_generic(optimizer: Any, table, slots, ids, grads, step):
+    """``optimizer.apply`` on the touched rows, in place, ``_CHUNK`` rows a trip of a loop
+    (padding, ids outside the table, is read as zeros and never written). Each row's update is
+    the same as in one pass over all rows; that pass would write four ``[U, D]`` temporaries
+    (gathered rows and slots, their new values), several times slower on CPU than a chunk's
+    cached ones.
+
+    Only optimizers whose rows are independent (those with a ``kernel_rule``: TF's equations,
+    row by row) are chunked; ``from_optax`` takes the one pass (an Optax count must advance
+    once per step, and a transformation such as global-norm clipping sees all rows at once).
+    """
+    n = ids.shape[0]
+    if n <= _CHUNK or getattr(optimizer, "kernel_rule", lambda: None)() is None:
+        return _apply_once(optimizer, table, slots, ids, grads, step)
+    trips = -(-n // _CHUNK)
+    pad = trips * _CHUNK - n
+    if pad:
+        ids = jnp.concatenate([ids, jnp.full((pad,), table.shape[0], ids.dtype)])
+        grads = jnp.concatenate([grads, jnp.zeros((pad, *grads.shape[1:]), grads.dtype)])
+
+    def body(c, carry):
+        start = c * _CHUNK
+        part = jax.lax.dynamic_slice_in_dim(ids, start, _CHUNK)
+        g = jax.lax.dynamic_slice_in_dim(grads, start, _CHUNK)
+        return _apply_once(optimizer, *carry, part, g, step)
+
+    return jax.lax.fori_loop(0, trips, body, (table, slots))
 
 
 def _same_shape(table: jax.Array, leaf: Any) -> bool:

@@ -144,6 +144,13 @@ def test_every_layout_updates_in_place_under_a_linear_head(strategy, kernels):
     _check_step("linear", strategy, kernels)
 
 
+@pytest.mark.parametrize("strategy", [None, "row"])
+def test_pure_update_in_chunks_is_in_place(monkeypatch, strategy):
+    """The pure-JAX update loops over chunks of touched rows (here 4 a trip): in place too."""
+    monkeypatch.setattr(_kernels, "_CHUNK", 4)
+    _check_step("softplus", strategy, False)
+
+
 @pytest.mark.parametrize("kind", ["constant", "custom_vjp"])
 def test_row_sharding_updates_in_place_for_gradients_that_ignore_the_activations(kind):
     _check_step(kind, "row", True)

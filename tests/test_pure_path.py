@@ -1,0 +1,135 @@
+"""The pure-JAX backward pass and update (what TPUs and GPUs run) against their definitions.
+
+``_slot_grads_jax`` (one scatter-add of the cotangent per slot column) is the transpose of
+``_slot_sums_jax``; ``_apply_generic`` (the update in chunks of ``_CHUNK`` rows) gives every row
+the update of one pass over all rows, to float32 rounding (XLA may contract a product and a sum
+into one FMA in one and not the other). These need no CPU kernel: they run in both CI passes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxembed import _kernels as k
+from jaxembed import optimizers as jeo
+
+
+def _slots(rng, num_rows: int, out: int, head: int, tail: int, weighted: bool):
+    """Slots into ``num_rows`` rows, some empty (-1 or past the end), many shared."""
+    head_ids = rng.integers(-1, num_rows + 2, size=(out, head)).astype(np.int32)
+    blocks = rng.integers(-1, num_rows + 2, size=(out, tail, 8)).astype(np.int32)
+    if not weighted:
+        return head_ids, None, blocks, None
+    # Halves: products and sums of small integers are exact in any order.
+    hw = rng.integers(-4, 5, size=(out, head)).astype(np.float32) / 2
+    bw = rng.integers(-4, 5, size=(out, tail, 8)).astype(np.float32) / 2
+    return head_ids, hw, blocks, bw
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("head,tail", [(1, 0), (9, 0), (40, 0), (9, 3), (0, 2)])
+def test_slot_grads_are_the_transpose_of_slot_sums(weighted, head, tail):
+    rng = np.random.default_rng(head * 10 + tail)
+    num_rows, out, dim = 30, 25, 6
+    head_ids, hw, blocks, bw = _slots(rng, num_rows, out, head, tail, weighted)
+
+    def sums(rows):
+        return k._slot_sums_jax(rows, head_ids, hw, blocks, bw)
+
+    zeros = jnp.zeros((num_rows, dim), jnp.float32)
+    grads = jax.jit(k._slot_grads_jax, static_argnums=5)
+    # Integers: every order of the additions gives the same bits.
+    exact = jnp.asarray(rng.integers(-4, 5, size=(out, dim)), jnp.float32)
+    want = jax.vjp(sums, zeros)[1](exact)[0]
+    got = grads(exact, head_ids, hw, blocks, bw, num_rows)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert np.any(np.asarray(got) != 0)
+    # Random values: equal up to the order of a row's additions.
+    cot = jnp.asarray(rng.normal(size=(out, dim)), jnp.float32)
+    np.testing.assert_allclose(
+        np.asarray(grads(cot, head_ids, hw, blocks, bw, num_rows)),
+        np.asarray(jax.vjp(sums, zeros)[1](cot)[0]),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_slot_grads_of_no_slots_are_zero():
+    cot = jnp.ones((4, 3), jnp.float32)
+    head, blocks = np.zeros((4, 0), np.int32), np.zeros((4, 0, 8), np.int32)
+    got = k._slot_grads_jax(cot, head, None, blocks, None, 5)
+    np.testing.assert_array_equal(np.asarray(got), np.zeros((5, 3), np.float32))
+
+
+UPDATES = {
+    "sgd": jeo.SGD(0.1),
+    "adagrad": jeo.Adagrad(0.1, initial_accumulator_value=0.2, clipvalue=0.5),
+    "adam": jeo.Adam(0.05),
+    "ftrl": jeo.FTRL(0.1, l1_regularization_strength=0.01),
+    "rowwise_adagrad": jeo.RowWiseAdagrad(0.1),
+    "partial_rowwise_adam": jeo.PartialRowWiseAdam(0.05, weight_decay=0.1),
+}
+
+
+def _update_case(opt, n: int, vocab: int = 3000, dim: int = 8, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    table = jnp.asarray(rng.normal(size=(vocab, dim)), jnp.float32)
+    slots = jax.tree.map(lambda x: x + 0.25, opt.init_slots(table))
+    ids = rng.choice(vocab, n, replace=False).astype(np.int32)
+    ids[5::97] = vocab  # padding inside, and a negative id
+    ids[3] = -1
+    grads = jnp.asarray(rng.normal(size=(n, dim)), jnp.float32)
+    return table, slots, jnp.asarray(ids), grads
+
+
+@pytest.mark.parametrize("name", list(UPDATES))
+def test_chunked_update_gives_every_row_the_update_of_one_pass(name):
+    opt = UPDATES[name]
+    n = 3 * k._CHUNK + 17  # three whole chunks and a padded one
+    table, slots, ids, grads = _update_case(opt, n)
+    state = (table, slots)
+
+    def chunked(state):
+        return k._apply_generic(opt, *state, ids, grads, jnp.int32(2))
+
+    def one_pass(state):
+        return k._apply_once(opt, *state, ids, grads, jnp.int32(2))
+
+    got = jax.tree.map(np.asarray, jax.jit(chunked)(state))
+    want = jax.tree.map(np.asarray, jax.jit(one_pass)(state))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # TF's TPU tolerances
+    real = np.asarray(ids)[(np.asarray(ids) >= 0) & (np.asarray(ids) < table.shape[0])]
+    assert not np.array_equal(got[0][real], np.asarray(table)[real])
+    untouched = np.setdiff1d(np.arange(table.shape[0]), real)
+    np.testing.assert_array_equal(got[0][untouched], np.asarray(table)[untouched])
+
+
+def test_chunked_update_is_in_place():
+    """Donated, the loop updates the table and its slots in place: no copy of either."""
+    opt = UPDATES["adagrad"]
+    table, slots, ids, grads = _update_case(opt, 2 * k._CHUNK + 1, vocab=4999)
+    step = jax.jit(lambda s: k._apply_generic(opt, *s, ids, grads, jnp.int32(0)), donate_argnums=0)
+    hlo = step.lower((table, slots)).compile().as_text()
+    assert " while(" in hlo
+    assert "f32[4999,8]{1,0} copy(" not in hlo
+
+
+def test_optax_updates_take_one_pass():
+    """A ``from_optax`` update is not cut into chunks: its count advances once per step."""
+    sched = optax.linear_schedule(0.5, 0.1, 4)
+    opt = jeo.from_optax(optax.chain(optax.scale_by_adam(), optax.scale_by_learning_rate(sched)))
+    table, slots, ids, grads = _update_case(opt, 2 * k._CHUNK + 5)
+
+    def update(fn):
+        return jax.jit(lambda t, s: fn(opt, t, s, ids, grads, jnp.int32(0)))(table, slots)
+
+    got, want = update(k._apply_generic), update(k._apply_once)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    counts = [np.asarray(x) for x in jax.tree.leaves(got[1]) if np.ndim(x) == 0]
+    assert counts and all(int(c) == 1 for c in counts)
