@@ -27,7 +27,7 @@ ensure_env() {  # $1: extras to install, e.g. "tf" or "tf,test"
   fi
   local stamp=".venv/.installed-${1//,/-}"
   if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] ||
-    [ csrc/cpu_kernels.cc -nt "$stamp" ] || [ csrc/fingerprint.cc -nt "$stamp" ] || [ jaxembed/_kernel_abi.py -nt "$stamp" ]; then
+    [ csrc/cpu_kernels.cc -nt "$stamp" ] || [ csrc/fingerprint.cc -nt "$stamp" ] || [ csrc/distinct.cc -nt "$stamp" ] || [ jaxembed/_kernel_abi.py -nt "$stamp" ]; then
     echo "installing jaxembed[$1] into .venv ..." >&2
     .venv/bin/python -m pip install --quiet -e ".[$1]"
     touch "$stamp"

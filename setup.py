@@ -1,5 +1,6 @@
 """Builds jaxembed's CPU kernels (csrc/cpu_kernels.cc) against the XLA FFI headers of jaxlib,
-and its FarmHash library for raw ids (csrc/fingerprint.cc).
+its FarmHash library for raw ids (csrc/fingerprint.cc) and its distinct-keys helper for the host
+preprocess (csrc/distinct.cc).
 
 Everything else about the package is in pyproject.toml. The kernels are optional: without a C++
 compiler the package still installs, and jaxembed runs its pure-JAX path on CPU too
@@ -30,7 +31,7 @@ class OptionalBuildExt(build_ext):
             ext.include_dirs.append(jaxlib_include())
             super().build_extension(ext)
         except Exception as err:  # no compiler, no headers: the pure-JAX path remains
-            self.warn(f"jaxembed: CPU kernels not built ({err}); jaxembed will use pure JAX")
+            self.warn(f"jaxembed: {ext.name} not built ({err}); jaxembed runs without it")
 
 
 # The optimizer kinds and flags, written once in jaxembed/_kernel_abi.py (read, not imported).
@@ -46,13 +47,21 @@ kernels = Extension(
     optional=True,
 )
 
-# FarmHash Fingerprint64 for raw ids (plain C entry points, no XLA headers).
-farmhash = Extension(
-    "jaxembed._farmhash",
-    sources=["csrc/fingerprint.cc"],
-    language="c++",
-    extra_compile_args=["-std=c++17", "-O3", "-g0", "-fvisibility=hidden"],
-    optional=True,
-)
 
-setup(ext_modules=[kernels, farmhash], cmdclass={"build_ext": OptionalBuildExt})
+def plain_c(name: str, source: str) -> Extension:
+    """A library of plain C entry points (called through ctypes; no XLA headers)."""
+    return Extension(
+        f"jaxembed.{name}",
+        sources=[source],
+        language="c++",
+        extra_compile_args=["-std=c++17", "-O3", "-g0", "-fvisibility=hidden"],
+        optional=True,
+    )
+
+
+# FarmHash Fingerprint64 for raw ids; the distinct keys of a batch for the host preprocess
+# (without it, numpy sorts).
+farmhash = plain_c("_farmhash", "csrc/fingerprint.cc")
+distinct_keys = plain_c("_distinct_keys", "csrc/distinct.cc")
+
+setup(ext_modules=[kernels, farmhash, distinct_keys], cmdclass={"build_ext": OptionalBuildExt})

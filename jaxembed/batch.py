@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxembed import _nest
+from jaxembed._distinct import distinct as distinct_keys
 from jaxembed.configs import FeatureConfig, TableConfig
 from jaxembed.inputs import Ragged, Sparse
 from jaxembed.lookup import (
@@ -246,7 +247,7 @@ def preprocess(
         for plans in per_device:
             keys = [layout.keys(table_of[p], np.asarray(plans[p].ids, np.int64)) for p in paths]
             flat = np.concatenate(keys) if keys else np.zeros(0, np.int64)
-            distinct, inverse = np.unique(flat, return_inverse=True)
+            distinct, inverse = distinct_keys(flat)
             routed[layout.name].append((paths, keys, distinct, inverse))
             needed.append(layout.capacity_needed(distinct))
     # Slots per example and overflow blocks, per feature: the largest over devices (and
