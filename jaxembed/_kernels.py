@@ -676,7 +676,7 @@ def _apply_generic(optimizer: Any, table, slots, ids, grads, step):
 
     Only optimizers whose rows are independent (those with a ``kernel_rule``: TF's equations,
     row by row) are chunked; ``from_optax`` takes the one pass (an Optax count must advance
-    once per step, and a transformation such as global-norm clipping sees all rows at once).
+    once per step, not once per chunk).
     """
     n = ids.shape[0]
     if n <= _CHUNK or getattr(optimizer, "kernel_rule", lambda: None)() is None:
