@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -455,6 +455,22 @@ class Embedding:
             )
 
     @functools.cached_property
+    def _programs(self) -> dict[tuple[Any, ...], Callable[..., Any]]:
+        """The jitted programs of eager calls (``_run``), by kind and batch paths."""
+        return {}
+
+    def _run(self, key: tuple[Any, ...], call: Callable[..., Any], args: tuple) -> Any:
+        """``call(*args)``: inline inside a trace (the user's ``jit``); otherwise through one
+        ``jax.jit`` of ``call`` kept per ``key`` (what ``call`` depends on besides its
+        arguments), which compiles once per argument shapes. Op by op, an eager ``shard_map``
+        would compile each of its ops again on every call: seconds per call."""
+        if _traced(args):
+            return call(*args)
+        if key not in self._programs:
+            self._programs[key] = jax.jit(call)
+        return self._programs[key](*args)
+
+    @functools.cached_property
     def _expected_state(self) -> EmbeddingState:
         """``abstract_state()``, computed once: what ``check_state`` compares with."""
         return self.abstract_state()
@@ -554,6 +570,7 @@ class Embedding:
         """
         self._check_batch(batch)
         self.check_state(state, slots=False)
+        paths = batch.paths
 
         def body(tables, requests, plans):
             sources = {
@@ -575,18 +592,19 @@ class Embedding:
 
             return [
                 combine_rows(rows, _batch.local(plan), ids=ids)
-                for path, plan in zip(batch.paths, plans, strict=True)
+                for path, plan in zip(paths, plans, strict=True)
                 for rows, ids in [source(path)]
             ]
 
         spec = self._batch_spec()
-        outs = jax.shard_map(
+        call = jax.shard_map(
             body,
             mesh=self.mesh,
             in_specs=(self._specs(state.tables), spec, spec),
-            out_specs=[spec] * len(batch.paths),
+            out_specs=[spec] * len(paths),
             check_vma=False,
-        )(state.tables, batch.requests, batch.plans)
+        )
+        outs = self._run(("lookup", paths), call, (state.tables, batch.requests, batch.plans))
         _reads.record(state.tables, outs)  # apply_gradients updates the tables after these reads
         return jax.tree_util.tree_unflatten(batch.treedef, outs)
 
@@ -660,10 +678,11 @@ class Embedding:
         self.check_state(state)
         cotangents = self._cotangents(batch, grads)
         guard = self.nonfinite_gradients
+        paths = batch.paths
 
         def body(tables, slots, step, requests, plans, cots, reads):
             parts: dict[str, list] = {name: [] for name in requests}
-            for path, plan, cot in zip(batch.paths, plans, cots, strict=True):
+            for path, plan, cot in zip(paths, plans, cots, strict=True):
                 parts[self._layout_of_path(path).name].append(
                     slot_cotangents(_batch.local(plan), cot)
                 )
@@ -676,7 +695,7 @@ class Embedding:
                 axes = self.plan.batch_axes
                 counts = jax.lax.psum(jnp.stack([_bad_rows(c).sum() for c in cots]), axes)
                 if guard == "raise":  # every device raises (no device waits in a collective)
-                    check = _raise_if_nonfinite(batch.paths)
+                    check = _raise_if_nonfinite(paths)
                     ok = jax.pure_callback(check, jax.ShapeDtypeStruct((), jnp.int32), counts)
                 else:
                     dropped = counts.sum(dtype=jnp.int32)
@@ -721,11 +740,11 @@ class Embedding:
             cotangents,
             reads,
         )
-        traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args))
-        if guard == "raise" and not traced:
-            tables, slots, dropped, ok = _raising_eagerly(call, args)
+        key = ("apply_gradients", paths, len(reads))
+        if guard == "raise" and not _traced(args):
+            tables, slots, dropped, ok = _raising_eagerly(lambda: self._run(key, call, args))
         else:
-            tables, slots, dropped, ok = call(*args)
+            tables, slots, dropped, ok = self._run(key, call, args)
         nonfinite = state.nonfinite
         if guard == "skip" and nonfinite is not None:
             nonfinite = nonfinite + dropped
@@ -810,10 +829,15 @@ def _raise_if_nonfinite(paths: Sequence[str]) -> Any:
     return check
 
 
-def _raising_eagerly(call: Any, args: tuple) -> Any:
-    """``call(*args)`` outside ``jit``, turning a failed host check into NonFiniteGradientError."""
+def _traced(args: Any) -> bool:
+    """Whether any leaf of ``args`` is a tracer (the call is inside a ``jit`` or other trace)."""
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args))
+
+
+def _raising_eagerly(run: Callable[[], Any]) -> Any:
+    """``run()`` outside ``jit``, turning a failed host check into NonFiniteGradientError."""
     try:
-        return jax.block_until_ready(call(*args))
+        return jax.block_until_ready(run())
     except jax.errors.JaxRuntimeError as err:
         marker = f"{NonFiniteGradientError.__name__}: "
         if marker not in str(err):

@@ -891,6 +891,52 @@ def test_jitted_train_step_with_mesh_does_not_recompile_within_a_bucket():
     assert compiled.count("sharded_train_step") == 1
 
 
+@pytest.mark.parametrize("mesh", ["none", "1d", "2d"])
+def test_eager_calls_compile_once_and_equal_the_jitted_step(mesh):
+    """Outside ``jit``, ``lookup`` and ``apply_gradients`` compile one program each per
+    Embedding and batch shapes (op by op, the ``shard_map`` compiled each of its ops again on
+    every call: seconds per call): a second batch of the same shapes compiles nothing, and
+    every result equals the same calls inside one jitted step."""
+    meshes = {"none": None, "1d": _mesh(), "2d": _mesh_2d()}
+    fc = _fc_one(output_shape=(16, 3))
+    emb = je.Embedding(fc, jeo.Adagrad(0.1), mesh=meshes[mesh])
+    rng = np.random.default_rng(3)
+
+    def inputs():
+        return {"items": je.Ragged.from_row_lengths(rng.integers(0, 64, 32), [2] * 16)}
+
+    def grads_of(acts):
+        return {"items": (acts["items"] * 0.5 + 0.25).astype(np.float32)}
+
+    @jax.jit
+    def jitted(state, batch):
+        acts = emb.lookup(state, batch)
+        return acts, emb.apply_gradients(state, batch, grads_of(acts))
+
+    state = emb.init(KEY)
+    raw = [inputs() for _ in range(3)]
+    assert len({_signature(emb, r) for r in raw}) == 1  # the same shapes
+    batches = [emb.preprocess(r) for r in raw]
+    emb.apply_gradients(state, batches[0], grads_of(emb.lookup(state, batches[0])))
+    for batch in batches[1:]:
+        with compilations() as compiled:
+            acts = emb.lookup(state, batch)
+            new = emb.apply_gradients(state, batch, grads_of(acts))
+        assert compiled == [], compiled
+        want_acts, want = jitted(state, batch)
+        np.testing.assert_array_equal(np.asarray(acts["items"]), np.asarray(want_acts["items"]))
+        for got, expected in zip(jax.tree.leaves(new), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+        before, after = state.tables["items"], new.tables["items"]
+        assert not np.array_equal(np.asarray(after), np.asarray(before))
+        state = new
+    # Another Embedding of the same configs compiles its own programs.
+    with compilations() as compiled:
+        other = je.Embedding(fc, jeo.Adagrad(0.1), mesh=meshes[mesh])
+        other.lookup(state, batches[0])
+    assert compiled, "a new Embedding reused another one's programs"
+
+
 def test_state_sharding_is_the_same_before_and_after_a_step():
     """``init`` places the state exactly as a step returns it, so a jitted step keeps one
     dispatch-cache entry (a different spelling of the same layout, e.g. P('x') vs
