@@ -426,8 +426,10 @@ def _is_orbax_read_leftover(unraisable: Any) -> bool:
 def _quiet_abandoned_reads() -> None:
     """Installs (once) an unraisable hook that drops only ``_is_orbax_read_leftover`` reports.
 
-    Called when a restore fails, so that the one clear error this module raises is not
-    followed, at some later garbage collection, by pages of orbax internals.
+    Called before every read of an item, so that when a read fails the one clear error this
+    module raises is not followed by pages of orbax internals: at some later garbage
+    collection, or at once (TensorStore's completions can find the loop closed before the
+    failure reaches this module).
     """
     previous = sys.unraisablehook
     if getattr(previous, "_jaxembed_filter", False):
@@ -1122,10 +1124,10 @@ class CheckpointManager:
         try:
             return self._read_item(step, item, target, partial)
         except Exception as err:
-            _quiet_abandoned_reads()
             raise self._unreadable(step, item, target, err) from err
 
     def _read_item(self, step: int, item: str, target: Any, partial: bool) -> Any:
+        _quiet_abandoned_reads()
         args = ocp.args.PyTreeRestore(
             target, ocp.checkpoint_utils.construct_restore_args(target), partial_restore=partial
         )
@@ -1166,7 +1168,6 @@ class CheckpointManager:
         try:
             self._read_item(step, item, part, True)
         except Exception:
-            _quiet_abandoned_reads()
             return False
         return True
 
