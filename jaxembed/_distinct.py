@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import importlib.machinery
-import pathlib
 
 import numpy as np
+
+from jaxembed import _native
 
 _LIBRARY = "_distinct_keys"
 
@@ -26,14 +26,7 @@ _LIBRARY = "_distinct_keys"
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled helper, or None (jaxembed was installed without a C++ compiler)."""
-    here = pathlib.Path(__file__).resolve().parent
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = here / f"{_LIBRARY}{suffix}"
-        if path.exists():
-            lib = ctypes.CDLL(str(path))
-            lib.jaxembed_distinct.restype = ctypes.c_int64
-            return lib
-    return None
+    return _native.load(_LIBRARY, "jaxembed_distinct")
 
 
 def distinct(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

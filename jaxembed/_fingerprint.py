@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import importlib.machinery
 import os
-import pathlib
 
 import numpy as np
+
+from jaxembed import _native
 
 _LIBRARY = "_farmhash"
 _KINDS = {"S": 0, "U": 1, "i": 2}
@@ -29,14 +29,9 @@ _KINDS = {"S": 0, "U": 1, "i": 2}
 
 @functools.cache
 def _library() -> ctypes.CDLL:
-    here = pathlib.Path(__file__).resolve().parent
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = here / f"{_LIBRARY}{suffix}"
-        if path.exists():
-            lib = ctypes.CDLL(str(path))
-            for name in ("jaxembed_hash_buckets", "jaxembed_vocab_lookup"):
-                getattr(lib, name).restype = ctypes.c_int64
-            return lib
+    lib = _native.load(_LIBRARY, "jaxembed_hash_buckets", "jaxembed_vocab_lookup")
+    if lib is not None:
+        return lib
     raise RuntimeError(
         "Raw ids need jaxembed's compiled hashing library (jaxembed/_farmhash*.so), which is "
         "built when jaxembed is installed with a C++ compiler on the PATH; reinstall with g++ "

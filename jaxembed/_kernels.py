@@ -22,10 +22,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import importlib.machinery
 import math
 import os
-import pathlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -34,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
+
+from jaxembed import _native
 
 _TARGETS = ("gather_rows", "scatter_rows", "combine", "combine_grad", "apply_rows", "apply_slots")
 _LIBRARY = "_cpu_kernels"
@@ -45,19 +45,10 @@ _UNROLL = 64  # ordered sums up to this many slots are unrolled
 # Loading the CPU kernels.
 
 
-def _find_library() -> pathlib.Path | None:
-    here = pathlib.Path(__file__).resolve().parent
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = here / f"{_LIBRARY}{suffix}"
-        if path.exists():
-            return path
-    return None
-
-
 @functools.cache
 def _load() -> tuple[bool, str]:
     """Loads the library and registers its FFI targets, once per process: (ok, what happened)."""
-    path = _find_library()
+    path = _native.library_path(_LIBRARY)
     if path is None:
         return False, (
             "the compiled CPU kernels are missing (was a C++ compiler available when jaxembed "
