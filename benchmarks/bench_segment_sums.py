@@ -13,7 +13,15 @@ numpy left-to-right sum:
 * ``unsorted_segment_sum`` (what the serving graph runs), ``segment_sum`` (sorted ids),
   ``padded_reduce_sum`` (``RaggedTensor.to_tensor`` then ``reduce_sum(axis=1)``) and
   ``padded_cumsum`` (``cumsum`` along the row, its last column), each including the gather and
-  the segment ids.
+  the segment ids;
+* three ways to get TF's order out of faster kernels, each adding zero rows (``x + 0.0`` is
+  ``x`` for a sum that starts from ``+0.0``): ``segment_sum_zero_interleaved`` (each row followed
+  by three zero rows: ``SegmentSum`` reduces a segment of 16 or more rows into four interleaved
+  accumulators, Eigen's ``InnerMostDimPreserver``, so every real row lands in the first one),
+  ``sparse_segment_sum_zero_blocks`` (each row followed by seven zero rows: ``SparseSegmentSum``
+  adds blocks of 8, so every block holds one real row) and ``sparse_dense_matmul``
+  (``SparseTensorDenseMatMul`` of the examples' 0/1 rows by the gathered rows, which adds an
+  example's rows in order).
 
 Each time includes the session call (``noop``: the same feeds, one ``Identity``); the JSON gives
 medians in seconds, ``over_gather`` (a candidate's time minus ``gather``'s) and
@@ -55,6 +63,39 @@ def left_to_right(table: np.ndarray, ids: np.ndarray, lengths: np.ndarray) -> np
     return out
 
 
+def zero_row_sums(rows: tf.Tensor, segments: tf.Tensor, examples: tf.Tensor) -> dict:
+    """The candidates that reach TF's order through zero rows (see the module docstring)."""
+    n = tf.size(segments, out_type=tf.int64)
+    with_zero = tf.concat([rows, tf.zeros([1, rows.shape[1]], rows.dtype)], axis=0)
+
+    def spread(x: tf.Tensor, fill: tf.Tensor | int, k: int) -> tf.Tensor:
+        """Each entry of ``x`` followed by ``k - 1`` copies of ``fill``."""
+        return tf.reshape(tf.pad(x[:, None], [[0, 0], [0, k - 1]], constant_values=fill), [-1])
+
+    def repeated(k: int) -> tf.Tensor:
+        return tf.reshape(tf.tile(segments[:, None], [1, k]), [-1])
+
+    positions = tf.range(n)
+    matrix = tf.stack([segments, positions], axis=1)
+    return {
+        "segment_sum_zero_interleaved": tf.math.segment_sum(
+            tf.gather(with_zero, spread(positions, n, 4)), repeated(4)
+        ),
+        "sparse_segment_sum_zero_blocks": tf.raw_ops.SparseSegmentSumWithNumSegments(
+            data=with_zero,
+            indices=spread(positions, n, 8),
+            segment_ids=repeated(8),
+            num_segments=examples,
+        ),
+        "sparse_dense_matmul": tf.raw_ops.SparseTensorDenseMatMul(
+            a_indices=matrix,
+            a_values=tf.ones([n], rows.dtype),
+            a_shape=tf.stack([tf.cast(examples, tf.int64), n]),
+            b=rows,
+        ),
+    }
+
+
 def main() -> None:
     args = parse_args()
     tf.compat.v1.disable_eager_execution()
@@ -85,6 +126,7 @@ def main() -> None:
             "segment_sum": tf.math.segment_sum(rows, segments),
             "padded_reduce_sum": tf.reduce_sum(padded, axis=1),
             "padded_cumsum": tf.math.cumsum(padded, axis=1)[:, -1],
+            **zero_row_sums(rows, segments, tf.size(lengths_in)),
         }
         config = tf.compat.v1.ConfigProto(
             intra_op_parallelism_threads=args.threads, inter_op_parallelism_threads=args.threads
