@@ -10,7 +10,10 @@ numpy left-to-right sum:
 
 * ``gather``: the rows only (``ResourceGather``), and ``segment_ids``: the rows' example numbers
   (``RaggedTensorToSparse``, as the serving graph computes them);
-* ``unsorted_segment_sum`` (what the serving graph runs), ``segment_sum`` (sorted ids),
+* ``segment_sum_then_unsorted`` (what the serving graph runs: ``SegmentSum`` adds each
+  example's first 15 rows, ``UnsortedSegmentSum`` the partial sums and the further rows in
+  order; jaxembed's ``_Segments``), ``unsorted_segment_sum`` (all rows; what the serving graph
+  ran before), ``segment_sum`` (sorted ids),
   ``padded_reduce_sum`` (``RaggedTensor.to_tensor`` then ``reduce_sum(axis=1)``) and
   ``padded_cumsum`` (``cumsum`` along the row, its last column), each including the gather and
   the segment ids;
@@ -41,6 +44,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from bench_w import interleaved  # noqa: E402
+from jaxembed.export._lookup import _Segments  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -123,6 +127,7 @@ def main() -> None:
             "unsorted_segment_sum": tf.math.unsorted_segment_sum(
                 rows, segments, tf.size(lengths_in)
             ),
+            "segment_sum_then_unsorted": _Segments.of(lengths_in).sum(rows),
             "segment_sum": tf.math.segment_sum(rows, segments),
             "padded_reduce_sum": tf.reduce_sum(padded, axis=1),
             "padded_cumsum": tf.math.cumsum(padded, axis=1)[:, -1],

@@ -29,9 +29,10 @@ TF Serving runs a SavedModel), with ``--threads`` intra- and inter-op threads, a
 all models are interleaved (one of each per repeat, rotating order); medians are reported. Also
 reported: the ops in each serving graph (its nodes and those of every function it calls), the
 largest difference between the models' outputs, and a floor: ``floor_gathers_and_sums``, a
-SavedModel holding only one gather and one segment sum per table (the work any lookup built from
-these ops must do), so ``tf_recipe_over_floor_gathers_and_sums`` is the most any such graph can
-gain over TF's recipe.
+SavedModel holding only one gather and one ``UnsortedSegmentSum`` per table (the work of any
+lookup that sums with ``UnsortedSegmentSum``, as TF's ragged ``reduce_sum`` does), so
+``tf_recipe_over_floor_gathers_and_sums`` is the most such a graph can gain over TF's recipe;
+jaxembed's graph sums most rows with the cheaper ``SegmentSum`` instead (``export/_lookup.py``).
 
 Prints one JSON object; ``ratios`` are ``tf_recipe`` seconds / ``jaxembed`` seconds (above 1:
 jaxembed is faster).
@@ -202,8 +203,9 @@ def serving_ops(path: str) -> int:
 
 
 def gathers_and_sums(tables: Mapping[str, np.ndarray]) -> tf.Module:
-    """The floor: per table one gather of its features' ids and one segment sum by example,
-    nothing else (no checks, combiner denominators or weights); its outputs are per table."""
+    """The floor: per table one gather of its features' ids and one ``UnsortedSegmentSum`` by
+    example, nothing else (no checks, combiner denominators or weights); its outputs are per
+    table."""
     groups: dict[str, list[str]] = {}
     for f, (table, _, _) in FEATURES.items():
         groups.setdefault(table, []).append(f)

@@ -1,4 +1,4 @@
-"""The serving lookup in plain TF ops: one gather and one segment sum per table.
+"""The serving lookup in plain TF ops: one gather and one left-to-right segment sum per table.
 
 Every serving input is a ragged row of ids (``ids`` plus per-example ``lengths``), so the
 semantics are those of ``je.embedding_lookup`` on ``je.Ragged`` inputs (tf_semantics §4.5):
@@ -8,14 +8,17 @@ function fails, P6).
 
 The features that share a table are served together (``lookup``): their ids are concatenated
 and gathered once (``gather_rows``, which also dequantizes a quantized table), and the combined
-features are summed by one ``unsorted_segment_sum`` whose segments are the examples of every
-feature in turn (feature ``k``'s example ``b`` is segment ``k * batch + b``). That is exactly
-what TF's ``_ragged_embedding_lookup_with_reduce`` computes per feature: TF's ragged
-``reduce_sum(axis=1)`` is an ``unsorted_segment_sum`` over the flat values in order, so every
-example is summed left to right in both, and offsetting the segments of a feature changes no
-sum. The denominators are TF's: ``div_no_nan`` by the row length (the sum of weights of one,
-exact), by ``Σw`` or by ``sqrt(Σ w*w)``, each summed in order by the same segment sum. So the
-results are bit-identical to TF's ``serving_embedding_lookup`` and to ``je.embedding_lookup``.
+features are summed together, the segments being the examples of every feature in turn
+(feature ``k``'s example ``b`` is segment ``k * batch + b``). TF's
+``_ragged_embedding_lookup_with_reduce`` sums each example left to right (its ragged
+``reduce_sum(axis=1)`` is an ``unsorted_segment_sum`` over the flat values in order), and so
+does ``_Segments.sum`` with a fraction of ``unsorted_segment_sum``'s cost: ``segment_sum`` adds
+each example's first 15 rows (left to right for so few rows), and ``unsorted_segment_sum``
+adds that partial sum and the example's further rows in order. Offsetting the segments of a
+feature changes no sum. The denominators are TF's: ``div_no_nan`` by the row length (the sum of
+weights of one, exact), by ``Σw`` or by ``sqrt(Σ w*w)``, each summed in order the same way. So
+the results are bit-identical to TF's ``serving_embedding_lookup`` and to
+``je.embedding_lookup``.
 
 Example:
     >>> import jaxembed as je
@@ -98,19 +101,22 @@ class Guard:
         return Guard(ok, lambda: [c for g in given for c in g.checks()])
 
 
-def check_ids(path: str, ids: tf.Tensor, feature: FeatureConfig) -> tuple[tf.Tensor, int | None]:
-    """``ids`` under the feature's ``out_of_range`` policy, as in training, and the bound they
-    must be checked against: ``"error"`` needs every id in ``[0, bound)`` (pass the feature to
-    ``range_guard``, and the gathers must run after its ``assert_guard``), ``"clamp"`` clamps,
-    ``"zero"`` marks them ``-1`` (``lookup`` reads a zero row for them); those two need no
-    check (bound None)."""
+def check_ids(
+    path: str, ids: tf.Tensor, feature: FeatureConfig
+) -> tuple[tf.Tensor, tf.Tensor | None]:
+    """The ids to gather under the feature's ``out_of_range`` policy, as in training, and, for
+    ``"error"``, the check they must pass. ``"clamp"`` and ``"error"`` both gather the ids
+    clamped into ``[0, vocabulary_size)`` (one op), so a gather can run before any check and
+    never fails first; ``"error"`` also returns ``in_range``, whether clamping left each id as it
+    was (pass it to ``range_guard``, and its ``assert_guard`` to ``lookup``). ``"zero"`` marks
+    the ids outside the table ``-1`` (``lookup`` reads a zero row for them)."""
     vocabulary_size = feature.table.vocabulary_size
-    top = tf.constant(vocabulary_size, ids.dtype)
-    if feature.out_of_range == "clamp":
-        return tf.clip_by_value(ids, tf.zeros_like(top), top - 1), None
     if feature.out_of_range == "zero":
+        top = tf.constant(vocabulary_size, ids.dtype)
         return tf.where((ids >= 0) & (ids < top), ids, -tf.ones_like(ids)), None
-    return ids, vocabulary_size
+    low, top = tf.constant(0, ids.dtype), tf.constant(vocabulary_size - 1, ids.dtype)
+    clamped = tf.raw_ops.ClipByValue(t=ids, clip_value_min=low, clip_value_max=top)
+    return clamped, tf.equal(clamped, ids) if feature.out_of_range == "error" else None
 
 
 def range_message(path: str, vocabulary_size: int) -> str:
@@ -119,14 +125,12 @@ def range_message(path: str, vocabulary_size: int) -> str:
 
 
 def range_guard(ranged: Sequence[tuple[str, tf.Tensor, int]]) -> Guard | None:
-    """The guard that every id of each ``(path, ids, vocabulary_size)`` is in
-    ``[0, vocabulary_size)``: one unsigned comparison per feature checks both bounds (a negative
-    id is a huge uint64), and one ``All`` checks every feature at once."""
+    """The guard that every id of each ``(path, in_range, vocabulary_size)`` was in
+    ``[0, vocabulary_size)`` (``in_range`` from ``check_ids``): one ``All`` checks every feature
+    at once."""
     if not ranged:
         return None
-    in_range = [
-        tf.bitcast(ids, tf.uint64) < tf.constant(size, tf.uint64) for _, ids, size in ranged
-    ]
+    in_range = [check for _, check, _ in ranged]
     flat = _concat(in_range)
     ok = tf.reduce_all(flat)
     # The failure branch takes only `flat` and the sizes (each tensor it takes is an op on every
@@ -167,21 +171,21 @@ def lookup(
     features: Sequence[FeatureIds],
     gather_rows: RowGather,
     *,
-    ids_checked: Sequence[tf.Operation] = (),
-    request_checked: Sequence[tf.Operation] = (),
+    checked: Sequence[tf.Operation] = (),
 ) -> dict[str, tf.Tensor]:
     """Every feature's activations, by path: one ``gather_rows`` call per table.
 
-    All features must have the same batch (the caller checks it). The gathers run after the ops
-    ``ids_checked`` (e.g. ``assert_guard``'s for the ids), everything that reads the lengths or
-    weights after ``request_checked``: control inputs of those ops, no extra ops.
+    All features must have the same batch (the caller checks it), and their ids are in the
+    table (``check_ids``'s). Everything that reads the lengths, the weights or the gathered rows
+    runs after the ops ``checked`` (e.g. ``assert_guard``'s): control inputs of those ops, no
+    extra ops. The gathers do not wait for them, so they overlap the checks.
     """
     groups: dict[TableConfig, list[FeatureIds]] = {}
     for f in features:
         groups.setdefault(f.feature.table, []).append(f)
     out: dict[str, tf.Tensor] = {}
     for table, group in groups.items():
-        out.update(_table_lookup(table, group, gather_rows, ids_checked, request_checked))
+        out.update(_table_lookup(table, group, gather_rows, checked))
     return {f.path: out[f.path] for f in features}
 
 
@@ -206,8 +210,7 @@ def _table_lookup(
     table: TableConfig,
     group: Sequence[FeatureIds],
     gather_rows: RowGather,
-    ids_checked: Sequence[tf.Operation],
-    request_checked: Sequence[tf.Operation],
+    checked: Sequence[tf.Operation],
 ) -> dict[str, tf.Tensor]:
     """The activations of the features of one table: one gather, one segment sum."""
     # Combined and output_shape features first (their rows are summed), sequence features last.
@@ -215,31 +218,28 @@ def _table_lookup(
     ordered = pooled + [f for f in group if _kind(f.feature) == "sequence"]
     ids = _concat([f.ids for f in ordered])
     marked = any(f.feature.out_of_range == "zero" for f in ordered)
-    with tf.control_dependencies(ids_checked):
-        rows = _rows(gather_rows, table, ids, marked)
-    with tf.control_dependencies(request_checked):
-        return _table_activations(table, pooled, ordered, ids, rows)
+    rows = _rows(gather_rows, table, ids, marked)
+    with tf.control_dependencies(checked):
+        return _table_activations(table, pooled, ordered, rows)
 
 
 def _table_activations(
     table: TableConfig,
     pooled: Sequence[FeatureIds],
     ordered: Sequence[FeatureIds],
-    ids: tf.Tensor,
     rows: tf.Tensor,
 ) -> dict[str, tf.Tensor]:
-    """``_table_lookup`` after the gather: ``rows`` are those of ``ids``, the ids of
-    ``ordered``."""
+    """``_table_lookup`` after the gather: ``rows`` are those of the ids of ``ordered``."""
     sizes = [tf.size(f.ids, out_type=tf.int64) for f in ordered]
     need_pieces = len(pooled) < len(ordered) or any(_kind(f.feature) == "shaped" for f in pooled)
     pieces = _split(rows, sizes) if need_pieces else []
     out: dict[str, tf.Tensor] = {}
     if pooled:
-        pooled_ids, pooled_rows = ids, rows
-        if len(pooled) < len(ordered):  # the heads of `ids` and `rows` (slices: no copies)
+        pooled_rows = rows
+        if len(pooled) < len(ordered):  # the head of `rows` (a slice: no copy)
             head = [tf.add_n(sizes[: len(pooled)]), tf.add_n(sizes[len(pooled) :])]
-            pooled_ids, pooled_rows = _split(ids, head)[0], _split(rows, head)[0]
-        combined = _combine(pooled_rows, pooled_ids, pooled, table.combiner)
+            pooled_rows = _split(rows, head)[0]
+        combined = _combine(pooled_rows, pooled, table.combiner)
         for i, f in enumerate(pooled):
             if _kind(f.feature) == "combined":
                 out[f.path] = combined[i]
@@ -260,23 +260,59 @@ def _rows(gather_rows: RowGather, table: TableConfig, ids: tf.Tensor, marked: bo
     return tf.where((ids >= 0)[:, None], found, tf.constant(0.0, found.dtype))
 
 
-def _segment_ids(lengths: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
-    """The row of each of the ``values`` of a ragged tensor with row ``lengths`` (non-negative,
-    adding up to their number), in one linear pass: column 0 of ``RaggedTensorToSparse``'s
-    indices. (``UpperBound`` of the positions in the row ends takes more ops; ``DenseBincount``
-    of the row ends allocates a row of counts per CPU thread.)"""
-    splits = tf.concat([tf.zeros([1], lengths.dtype), tf.cumsum(lengths)], axis=0)
-    indices, _, _ = tf.raw_ops.RaggedTensorToSparse(
-        rt_nested_splits=[splits], rt_dense_values=values
-    )
-    return indices[:, 0]
+LEFT_TO_RIGHT_ROWS = 15
+"""The most rows per segment that TF's CPU ``SegmentSum`` adds left to right, whatever the row
+width. From 16 rows on it keeps four partial sums per 8-float packet of columns, added at the
+end (``benchmarks/bench_segment_sums.py``); ``UnsortedSegmentSum`` adds any number of rows in
+order, at about 8 times ``SegmentSum``'s cost per row."""
 
 
-def _combine(
-    rows: tf.Tensor, ids: tf.Tensor, pooled: Sequence[FeatureIds], combiner: str
-) -> list[tf.Tensor]:
+@dataclasses.dataclass(frozen=True)
+class _Segments:
+    """The examples of a ragged batch of ids, for summing per-id values left to right.
+
+    ``sum`` is ``unsorted_segment_sum(values, example_of_each_id, num)`` to the bit, in two
+    steps: ``segment_sum`` adds each piece (an example's first ``LEFT_TO_RIGHT_ROWS`` values, then
+    each further value alone), left to right, then ``unsorted_segment_sum`` adds each example's
+    pieces in order. Piece 0 is empty: its sum is a zero row and its owner 0 (the ``segment_max``
+    of no ids), so segment 0 starts ``0 + 0`` (as ``unsorted_segment_sum`` starts it from 0).
+    """
+
+    pieces: tf.Tensor
+    """int64 ``[n]``: each id's piece, 1, 2, ... (non-decreasing)."""
+    owners: tf.Tensor
+    """int64 ``[pieces + 1]``: each piece's example."""
+    num: tf.Tensor
+    """int64 scalar: the number of examples."""
+
+    @staticmethod
+    def of(lengths: tf.Tensor) -> _Segments:
+        """The segments of a ragged batch with row ``lengths`` (int64, non-negative)."""
+        one = tf.constant(1, lengths.dtype)
+        # splits, and each id's position in its example minus 1, in one pass over the ids.
+        splits, before = tf.raw_ops.RaggedRange(
+            starts=-one, limits=lengths - one, deltas=one, Tsplits=lengths.dtype
+        )
+        indices, _, _ = tf.raw_ops.RaggedTensorToSparse(
+            rt_nested_splits=[splits], rt_dense_values=before
+        )
+        # A piece starts at each example's first id (before = -1, a huge uint64) and at each id
+        # past the first LEFT_TO_RIGHT_ROWS (before >= LEFT_TO_RIGHT_ROWS - 1).
+        starts = tf.bitcast(before, tf.uint64) >= LEFT_TO_RIGHT_ROWS - 1
+        pieces = tf.cumsum(tf.cast(starts, lengths.dtype))
+        owners = tf.math.segment_max(indices[:, 0], pieces)
+        return _Segments(pieces, owners, tf.size(lengths, out_type=tf.int64))
+
+    def sum(self, values: tf.Tensor) -> tf.Tensor:
+        """``[num, ...]``: each example's ``values`` (``[n, ...]``, one per id) added left to
+        right."""
+        heads = tf.math.segment_sum(values, self.pieces)
+        return tf.math.unsorted_segment_sum(heads, self.owners, self.num)
+
+
+def _combine(rows: tf.Tensor, pooled: Sequence[FeatureIds], combiner: str) -> list[tf.Tensor]:
     """TF's ``_ragged_embedding_lookup_with_reduce`` for the features of one table at once:
-    ``[batch, dim]`` per feature, from their ``ids`` and gathered ``rows``.
+    ``[batch, dim]`` per feature, from their gathered ``rows``.
 
     Without weights TF multiplies every row by a weight of 1 and sums the ones; both are exact,
     so the rows are summed as gathered and the denominators are the row lengths: the same bits,
@@ -284,10 +320,9 @@ def _combine(
     one gets weights of one (``x * 1`` is ``x``, and the ones sum exactly).
     """
     lengths = _concat([f.lengths for f in pooled])
-    segments = _segment_ids(lengths, ids)
-    num = tf.size(lengths, out_type=tf.int64)
+    segments = _Segments.of(lengths)
     if all(f.weights is None for f in pooled):
-        sums = tf.math.unsorted_segment_sum(rows, segments, num)
+        sums = segments.sum(rows)
         if combiner in ("mean", "sqrtn"):
             count = tf.cast(lengths, rows.dtype)
             denominator = count if combiner == "mean" else tf.sqrt(count)
@@ -296,12 +331,11 @@ def _combine(
         weights = _concat(
             [tf.ones_like(f.ids, rows.dtype) if f.weights is None else f.weights for f in pooled]
         )
-        sums = tf.math.unsorted_segment_sum(rows * weights[:, None], segments, num)
+        sums = segments.sum(rows * weights[:, None])
         if combiner == "mean":
-            denominator = tf.math.unsorted_segment_sum(weights, segments, num)
-            sums = tf.math.divide_no_nan(sums, denominator[:, None])
+            sums = tf.math.divide_no_nan(sums, segments.sum(weights)[:, None])
         elif combiner == "sqrtn":
-            denominator = tf.sqrt(tf.math.unsorted_segment_sum(weights * weights, segments, num))
+            denominator = tf.sqrt(segments.sum(weights * weights))
             sums = tf.math.divide_no_nan(sums, denominator[:, None])
     return [sums] if len(pooled) == 1 else tf.split(sums, len(pooled), axis=0)
 

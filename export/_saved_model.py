@@ -276,9 +276,9 @@ class _ServingModule(tf.Module):
         )
 
     def _rows(self, path: str, feature: FeatureConfig, ids: tf.Tensor) -> tuple:
-        """A feature's served ids as rows, and the bound they must be checked against (None if
+        """A feature's served ids as rows in the table, and the check they must pass (None if
         none): raw ids are mapped as in training (always in range); row ids follow the
-        ``out_of_range`` policy."""
+        ``out_of_range`` policy (``check_ids``)."""
         if feature.vocabulary is None:
             return check_ids(path, ids, feature)
         table = self.vocabularies.get(path)
@@ -296,30 +296,35 @@ class _ServingModule(tf.Module):
         return rows
 
     def _outputs(
-        self, requested: list[tuple[FeatureIds, int | None]], request: Guard | None
+        self, requested: list[tuple[FeatureIds, tf.Tensor | None]], request: Guard | None
     ) -> dict[str, tf.Tensor]:
         """Activations for every feature, then the model (or the activations) by output name.
 
-        ``requested`` pairs each feature with the bound its ids are checked against (None: no
-        check), ``request`` guards the rest of the request (lengths, weights, batch sizes). All
-        the checks are one ``Assert`` (its message, naming the features, is built only when it
-        fails), and the gathers and everything that reads the lengths or weights run after it,
-        so no op runs on a malformed request (where it could fail first, with its own message).
+        ``requested`` pairs each feature with the check of its ids (``check_ids``'s ``in_range``;
+        None: no check), ``request`` guards the rest of the request (lengths, weights, batch
+        sizes). All the checks are one ``Assert`` (its message, naming the features, is built
+        only when it fails), and everything that reads the lengths, weights or gathered rows runs
+        after it, so no op can fail first on a malformed request, with its own message. The
+        gathers overlap the checks: they read clamped ids, always in the table.
         """
-        ranged = [(f.path, f.ids, bound) for f, bound in requested if bound is not None]
+        ranged = [
+            (f.path, check, f.feature.table.vocabulary_size)
+            for f, check in requested
+            if check is not None
+        ]
         checked = assert_guard(Guard.all([range_guard(ranged), request]))
         features = [f for f, _ in requested]
-        acts = lookup(features, self._gather_rows, ids_checked=checked, request_checked=checked)
+        acts = lookup(features, self._gather_rows, checked=checked)
         nested = _nest.pack_like(self._emb.feature_config, [acts[p] for p in self._features])
         return _named_outputs(nested if self.model is None else self.model(nested))
 
     def _serve(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         requested = []
         for path, feature in self._features.items():
-            ids, bound = self._rows(path, feature, inputs[input_name(path, "ids")])
+            ids, check = self._rows(path, feature, inputs[input_name(path, "ids")])
             lengths = inputs[input_name(path, "lengths")]
             weights = inputs.get(input_name(path, "weights"))
-            requested.append((FeatureIds(path, feature, ids, lengths, weights), bound))
+            requested.append((FeatureIds(path, feature, ids, lengths, weights), check))
         return self._outputs(requested, _request_guard([f for f, _ in requested]))
 
     def _serve_examples(self, examples: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -335,13 +340,13 @@ class _ServingModule(tf.Module):
             ragged, weights = parsed[path], parsed.get(f"{path}_weights")
             if self._strict_examples:
                 ragged = _require_feature(path, ragged)
-            ids, bound = self._rows(path, feature, ragged.flat_values)
+            ids, check = self._rows(path, feature, ragged.flat_values)
             lengths = ragged.row_lengths()
             if weights is not None:
                 same = tf.reduce_all(tf.equal(weights.row_lengths(), lengths))
                 checks.append((same, f"feature {path}: give one weight per id in every example"))
                 weights = weights.flat_values
-            requested.append((FeatureIds(path, feature, ids, lengths, weights), bound))
+            requested.append((FeatureIds(path, feature, ids, lengths, weights), check))
         return self._outputs(requested, Guard.of(checks))
 
 

@@ -3,7 +3,9 @@
 Every combiner, weighted and unweighted, rows from empty to 50 ids (and up to 600): bit for bit,
 eagerly and in a ``tf.function`` with a dynamic batch (as a SavedModel serves it), and equal to
 jaxembed's lookup too. Features sharing a table are served by one gather and one segment sum,
-and still match TF's per-feature lookup bit for bit.
+and still match TF's per-feature lookup bit for bit. The two-step segment sum is
+``unsorted_segment_sum`` to the bit, at every row width and around the rows where TF's
+``segment_sum`` stops adding left to right.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 
-from jaxembed.export._lookup import FeatureIds, lookup  # noqa: E402
+from jaxembed.export._lookup import LEFT_TO_RIGHT_ROWS, FeatureIds, _Segments, lookup  # noqa: E402
 
 import jaxembed as je  # noqa: E402
 from jaxembed import export  # noqa: E402
@@ -45,6 +47,50 @@ def _served(variable, features, ids, lengths, weights):
     eager = {k: v.numpy() for k, v in run(*args).items()}
     traced = tf.function(run, input_signature=specs)(*args)
     return eager, {k: v.numpy() for k, v in traced.items()}
+
+
+def _left_to_right(values, lengths):
+    """numpy: each example's values added one by one in float32, from 0."""
+    out = np.zeros((len(lengths), *values.shape[1:]), np.float32)
+    ends = np.cumsum(lengths)
+    with np.errstate(invalid="ignore"):  # inf + -inf
+        for b, (lo, hi) in enumerate(zip(ends - lengths, ends, strict=True)):
+            for v in values[lo:hi]:
+                out[b] = out[b] + v
+    return out
+
+
+@pytest.mark.parametrize("width", [None, 1, 7, 8, 16, 33])
+def test_segment_sums_add_left_to_right_bit_for_bit(width):
+    rng = np.random.default_rng(width or 0)
+    edge = LEFT_TO_RIGHT_ROWS
+    lengths = np.concatenate(
+        [[0, 1, edge - 1, edge, edge + 1, 2 * edge + 3, 0], rng.integers(0, 41, 40), [0]]
+    )
+    n = int(lengths.sum())
+    shape = (n,) if width is None else (n, width)
+    # Magnitudes over 12 orders, so that any other order of the additions changes bits.
+    values = (rng.standard_normal(shape) * np.exp(rng.uniform(-14, 14, shape))).astype(np.float32)
+    flat = values.reshape(n, -1)
+    flat[3] = -0.0  # an example of one -0.0 row: unsorted_segment_sum gives +0.0
+    flat[40], flat[41] = np.inf, -np.inf
+    flat[60] = np.nan
+    segments = np.repeat(np.arange(len(lengths)), lengths)
+    got = _Segments.of(tf.constant(lengths, tf.int64)).sum(tf.constant(values)).numpy()
+    want = tf.math.unsorted_segment_sum(values, segments, len(lengths)).numpy()
+    assert got.shape == want.shape == (len(lengths), *values.shape[1:])
+    assert np.array_equal(got.view(np.int32), want.view(np.int32))
+    assert np.array_equal(got, _left_to_right(values, lengths), equal_nan=True)
+    # ...where TF's segment_sum alone differs once an example has 16 rows or more.
+    alone = tf.math.segment_sum(values, segments).numpy()  # no rows for the trailing empties
+    differ = (alone.view(np.int32) != want[: len(alone)].view(np.int32)).reshape(len(alone), -1)
+    differs = np.flatnonzero(differ.any(axis=1))
+    if width is not None and width >= 8:  # full 8-float packets
+        assert differs.size and (lengths[differs] > edge).all(), differs
+    for lengths in ([], [0, 0, 0]):
+        empty = tf.zeros([0] if width is None else [0, width])
+        got = _Segments.of(tf.constant(lengths, tf.int64)).sum(empty).numpy()
+        assert np.array_equal(got, np.zeros((len(lengths), *empty.shape[1:]), np.float32))
 
 
 @pytest.mark.parametrize("combiner", ["sum", "mean", "sqrtn"])
