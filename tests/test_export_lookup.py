@@ -185,9 +185,33 @@ def _op_counts(concrete) -> collections.Counter:
     return counts
 
 
+def _assert_gathers_overlap_the_checks(concrete) -> None:
+    """In the function that gathers: no gather waits for the ``Assert`` of the request checks
+    (they read clamped ids), and every output does."""
+    library = concrete.graph.as_graph_def().library.function
+    (body,) = [f for f in library if any(n.op == "ResourceGather" for n in f.node_def)]
+    inputs = {n.name: [i.lstrip("^").split(":")[0] for i in n.input] for n in body.node_def}
+    ops = {n.name: n.op for n in body.node_def}
+
+    def has_assert_above(name: str) -> bool:
+        seen, todo = set(), [name]
+        while todo:
+            node = todo.pop()
+            if node not in seen and node in inputs:
+                seen.add(node)
+                todo.extend(inputs[node])
+        return any(ops[n] == "Assert" for n in seen)
+
+    gathers = [n for n, op in ops.items() if op == "ResourceGather"]
+    assert gathers and not any(has_assert_above(g) for g in gathers)
+    outputs = [r.split(":")[0] for r in body.ret.values()]
+    assert outputs and all(has_assert_above(o) for o in outputs)
+
+
 def test_saved_model_gathers_each_table_once(tmp_path):
     """Seven features over three tables (shared, weighted, sequence, out_of_range zero and
-    clamp): three gathers in each signature, and outputs equal to TF's lookup bit for bit."""
+    clamp): three gathers in each signature, none waiting for the request checks, and outputs
+    equal to TF's lookup bit for bit."""
     users = je.TableConfig(200, 8, combiner="mean", name="users")
     items = je.TableConfig(300, 4, combiner="sqrtn", name="items")
     tags = je.TableConfig(50, 4, combiner="sum", name="tags")
@@ -208,6 +232,7 @@ def test_saved_model_gathers_each_table_once(tmp_path):
     for key in ("serving_default", "serving_examples"):
         counts = _op_counts(loaded.signatures[key])
         assert counts["ResourceGather"] + counts["GatherV2"] == 3, (key, counts)
+        _assert_gathers_overlap_the_checks(loaded.signatures[key])
 
     rng = np.random.default_rng(3)
     batch = 7
