@@ -175,10 +175,11 @@ def lookup(
 ) -> dict[str, tf.Tensor]:
     """Every feature's activations, by path: one ``gather_rows`` call per table.
 
-    All features must have the same batch (the caller checks it), and their ids are in the
-    table (``check_ids``'s). Everything that reads the lengths, the weights or the gathered rows
-    runs after the ops ``checked`` (e.g. ``assert_guard``'s): control inputs of those ops, no
-    extra ops. The gathers do not wait for them, so they overlap the checks.
+    All features must have the same batch (the caller checks it), and their ids are
+    ``check_ids``'s: in the table, or ``-1`` (a zero row) for ``out_of_range="zero"``.
+    Everything that reads the lengths, the weights or the gathered rows runs after the ops
+    ``checked`` (e.g. ``assert_guard``'s): control inputs of those ops, no extra ops. The gathers
+    do not wait for them, so they overlap the checks.
     """
     groups: dict[TableConfig, list[FeatureIds]] = {}
     for f in features:
