@@ -22,7 +22,8 @@ computation with the bytes it reads and writes, with these rules:
   rows;
 * ``copy`` (of a whole table, say): read and written in full, so a table copy shows up;
 * ``conditional``: the costliest branch; ``while``: its body and condition times the known trip
-  count (1 when XLA does not know it; ``while_trip_counts_unknown`` counts those); ``call``: the
+  count (when XLA does not know it, a loop whose bound is computed at run time, the caller's
+  ``unknown_trips``, default 1; ``while_trip_counts_unknown`` counts those loops); ``call``: the
   callee.
 
 ``naive_bytes`` is the same walk charging every operand and output in full (close to XLA's own
@@ -363,8 +364,9 @@ class Charge:
 class Counter:
     """Row-aware and naive byte counts of a parsed module."""
 
-    def __init__(self, text: str):
+    def __init__(self, text: str, unknown_trips: int = 1):
         self.comps = parse_module(text)
+        self.default_trips = unknown_trips
         entries = [c for c in self.comps.values() if c.entry]
         if len(entries) != 1:
             raise ValueError(f"expected one ENTRY computation, found {len(entries)}")
@@ -400,7 +402,7 @@ class Counter:
             return best[0], best[1], {"branches": len(costs)}
         if op == "while":
             m = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins.attrs)
-            trips = int(m.group(1)) if m else 1
+            trips = int(m.group(1)) if m else self.default_trips
             if not m:
                 self.unknown_trips += 1
             total = naive_total = 0
@@ -409,7 +411,7 @@ class Counter:
                     if c in self.comps:
                         b, nb, _ = self.computation(self.comps[c])
                         total, naive_total = total + b * trips, naive_total + nb * trips
-            return total, naive_total, {"trips": trips if m else "unknown"}
+            return total, naive_total, {"trips": trips if m else f"{trips} (run-time bound)"}
         if op == "call":
             callee = (ins.attr_computations("to_apply") or [""])[0]
             if callee in self.comps:
@@ -448,10 +450,11 @@ class Counter:
         return sum(c.bytes for c in charges), sum(c.naive for c in charges), charges
 
 
-def row_aware_bytes(hlo_text: str) -> dict[str, Any]:
+def row_aware_bytes(hlo_text: str, unknown_trips: int = 1) -> dict[str, Any]:
     """``{"bytes", "naive_bytes", "instructions": [Charge...], "while_trip_counts_unknown"}``
-    for the entry computation of ``hlo_text`` (``compiled.as_text()``)."""
-    counter = Counter(hlo_text)
+    for the entry computation of ``hlo_text`` (``compiled.as_text()``); a ``while`` loop whose
+    trip count XLA does not know is charged ``unknown_trips`` trips."""
+    counter = Counter(hlo_text, unknown_trips)
     total, naive, charges = counter.computation(counter.entry)
     return {
         "bytes": total,

@@ -107,3 +107,23 @@ def test_shape_bytes_of_arrays_and_tuples():
     assert hlo_bytes.shape_bytes("f32[10,4]{1,0}") == 160
     assert hlo_bytes.shape_bytes("(f32[2,3]{1,0}, s32[], pred[8])") == 24 + 4 + 8
     assert hlo_bytes.shape_bytes("bf16[0,5]") == 0
+
+
+def test_a_loop_with_a_run_time_bound_is_charged_the_callers_trips():
+    """XLA knows no trip count for ``fori_loop(0, n)`` with a traced ``n``: the caller's
+    ``unknown_trips`` multiply the body (here an in-place scatter-add of ``K`` rows)."""
+    table, ids, updates = operands()
+
+    def loop(table, ids, updates, n):
+        return jax.lax.fori_loop(0, n, lambda i, t: t.at[ids].add(updates), table)
+
+    text = compiled(loop, table, ids, updates, jnp.int32(3), donate=(0,)).as_text()
+
+    def loops(trips: int) -> list:
+        counted = hlo_bytes.row_aware_bytes(text, trips)
+        assert counted["while_trip_counts_unknown"] == 1
+        return [c for c in counted["instructions"] if c.opcode == "while"]
+
+    (one,), (seven,) = loops(1), loops(7)
+    assert seven.bytes == 7 * one.bytes
+    assert 3 * ROWS + IDS <= one.bytes < TABLE  # rows read, added to, written; ids; no table

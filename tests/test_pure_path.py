@@ -133,3 +133,18 @@ def test_optax_updates_take_one_pass():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     counts = [np.asarray(x) for x in jax.tree.leaves(got[1]) if np.ndim(x) == 0]
     assert counts and all(int(c) == 1 for c in counts)
+
+
+@pytest.mark.parametrize(
+    "real,padding,trips",  # ids in units of chunks: (real ids, trailing padding, trips)
+    [(0, 0.5, 0), (1 / 512, 0, 1), (1, 1.5, 1), (1 + 1 / 512, 2, 2), (2.25, 0.75, 3)],
+)
+def test_update_loop_stops_after_the_last_chunk_with_a_real_id(real, padding, trips):
+    """Trailing padding (ids equal to the row count) costs no trips; padding before a real id
+    does not shorten the loop."""
+    vocab, real, padding = 5000, round(real * k._CHUNK), round(padding * k._CHUNK)
+    ids = np.concatenate([np.arange(real), np.full(padding, vocab)]).astype(np.int32)
+    assert int(k._live_chunks(jnp.asarray(ids), vocab)) == trips
+    if real:
+        ids[: real - 1] = -1  # only the last real id is left: the same trips
+        assert int(k._live_chunks(jnp.asarray(ids), vocab)) == trips
