@@ -663,12 +663,30 @@ def _apply_once(optimizer: Any, table, slots, ids, grads, step):
     return _set_at(table, ids, new_w), new_slots
 
 
+def _chunks_to_last(inside: jax.Array) -> jax.Array:
+    """Per ``[..., U]`` mask of real ids: the chunks of ``_CHUNK`` up to its last real id."""
+    n = inside.shape[-1]
+    used = jnp.max(jnp.where(inside, jnp.arange(1, n + 1, dtype=jnp.int32), 0), axis=-1)
+    return (used + _CHUNK - 1) // _CHUNK
+
+
+@jax.custom_batching.custom_vmap
+def _live_trips(inside: jax.Array) -> jax.Array:
+    return _chunks_to_last(inside)
+
+
+@_live_trips.def_vmap
+def _live_trips_vmap(axis_size: int, in_batched: list, inside: jax.Array) -> tuple:
+    # Under vmap, the most trips any member needs, not a bound per member: a loop with a
+    # batched bound would select every carried table on every trip.
+    return jnp.max(_chunks_to_last(inside)), False
+
+
 def _live_chunks(ids: jax.Array, rows: int) -> jax.Array:
     """The chunks of ``_CHUNK`` ids up to the last one inside ``[0, rows)``: the trips the
-    update loop needs (the chunks after it hold only padding, which it would skip anyway)."""
-    inside = (ids >= 0) & (ids < rows)
-    used = jnp.max(jnp.where(inside, jnp.arange(1, ids.shape[0] + 1, dtype=jnp.int32), 0))
-    return (used + _CHUNK - 1) // _CHUNK
+    update loop needs (the chunks after it hold only padding, which it would skip anyway).
+    Under ``vmap``, the most that any member needs (the others' extra trips are padding)."""
+    return _live_trips((ids >= 0) & (ids < rows))
 
 
 def _apply_generic(optimizer: Any, table, slots, ids, grads, step):

@@ -148,3 +148,31 @@ def test_update_loop_stops_after_the_last_chunk_with_a_real_id(real, padding, tr
     if real:
         ids[: real - 1] = -1  # only the last real id is left: the same trips
         assert int(k._live_chunks(jnp.asarray(ids), vocab)) == trips
+
+
+def test_vmapped_update_loops_to_the_busiest_member_without_selecting_tables():
+    """Under ``vmap`` with a batch of ids, each member gets its own update, and the loop runs
+    the most trips any member needs: a bound per member would make XLA select every carried
+    table on every trip."""
+    opt = UPDATES["adagrad"]
+    vocab, dim = 5000, 8
+    members = [_update_case(opt, n, vocab, dim, seed) for seed, n in enumerate((1100, 300))]
+    n = 3 * k._CHUNK
+    ids = np.full((2, n), vocab, np.int32)  # the second member has one live chunk, the first 3
+    grads = np.zeros((2, n, dim), np.float32)
+    for b, (_, _, i, g) in enumerate(members):
+        ids[b, : i.shape[0]], grads[b, : i.shape[0]] = i, g
+    tables = jnp.stack([m[0] for m in members])
+    slots = jax.tree.map(lambda *x: jnp.stack(x), *[m[1] for m in members])
+
+    def update(t, s, i, g):
+        return k._apply_generic(opt, t, s, i, g, jnp.int32(1))
+
+    batched = jax.jit(jax.vmap(update))
+    got = jax.tree.map(np.asarray, batched(tables, slots, jnp.asarray(ids), jnp.asarray(grads)))
+    for b, (table, slot, i, g) in enumerate(members):
+        want = jax.jit(k._apply_once, static_argnums=0)(opt, table, slot, i, g, jnp.int32(1))
+        for a, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(a[b], np.asarray(w), rtol=1e-5, atol=1e-6)
+    hlo = batched.lower(tables, slots, jnp.asarray(ids), jnp.asarray(grads)).compile().as_text()
+    assert f"f32[2,{vocab},{dim}]{{2,1,0}} select(" not in hlo
