@@ -663,23 +663,19 @@ def _apply_once(optimizer: Any, table, slots, ids, grads, step):
     return _set_at(table, ids, new_w), new_slots
 
 
-def _chunks_to_last(inside: jax.Array) -> jax.Array:
-    """Per ``[..., U]`` mask of real ids: the chunks of ``_CHUNK`` up to its last real id."""
-    n = inside.shape[-1]
-    used = jnp.max(jnp.where(inside, jnp.arange(1, n + 1, dtype=jnp.int32), 0), axis=-1)
-    return (used + _CHUNK - 1) // _CHUNK
-
-
 @jax.custom_batching.custom_vmap
 def _live_trips(inside: jax.Array) -> jax.Array:
-    return _chunks_to_last(inside)
+    """The chunks of ``_CHUNK`` up to the last real id of an ``[U]`` mask of real ids."""
+    used = jnp.max(jnp.where(inside, jnp.arange(1, inside.shape[0] + 1, dtype=jnp.int32), 0))
+    return (used + _CHUNK - 1) // _CHUNK
 
 
 @_live_trips.def_vmap
 def _live_trips_vmap(axis_size: int, in_batched: list, inside: jax.Array) -> tuple:
-    # Under vmap, the most trips any member needs, not a bound per member: a loop with a
-    # batched bound would select every carried table on every trip.
-    return jnp.max(_chunks_to_last(inside)), False
+    # Under vmap, the most trips any member needs (the chunks up to the last id that is real in
+    # any member), not a bound per member: a loop with a batched bound would select every
+    # carried table on every trip. Recursing keeps nested vmaps unbatched too.
+    return _live_trips(jnp.any(inside, axis=0)), False
 
 
 def _live_chunks(ids: jax.Array, rows: int) -> jax.Array:

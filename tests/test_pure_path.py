@@ -176,3 +176,31 @@ def test_vmapped_update_loops_to_the_busiest_member_without_selecting_tables():
             np.testing.assert_allclose(a[b], np.asarray(w), rtol=1e-5, atol=1e-6)
     hlo = batched.lower(tables, slots, jnp.asarray(ids), jnp.asarray(grads)).compile().as_text()
     assert f"f32[2,{vocab},{dim}]{{2,1,0}} select(" not in hlo
+
+
+def test_nested_vmaps_leave_the_update_loop_bound_unbatched():
+    """Two levels of ``vmap`` over ids: the loop still runs to the busiest member's last chunk
+    (only one member has ids in its third chunk), and no carried table is selected."""
+    opt, vocab, dim, c = UPDATES["adagrad"], 300, 4, k._CHUNK
+    ids = np.full((2, 2, 3 * c), vocab, np.int32)
+    ids[:, :, :3] = [[[0, 1, 2], [3, 4, 5]], [[6, 7, 8], [9, 10, 11]]]
+    ids[1, 0, 2 * c + 1] = 299
+    grads = np.ones((2, 2, 3 * c, dim), np.float32)
+    tables = jnp.zeros((2, 2, vocab, dim), jnp.float32)
+    slots = jax.tree.map(
+        lambda x: jnp.broadcast_to(x, (2, 2, *x.shape)), opt.init_slots(tables[0, 0])
+    )
+
+    def update(t, s, i, g):
+        return k._apply_generic(opt, t, s, i, g, jnp.int32(0))
+
+    nested = jax.jit(jax.vmap(jax.vmap(update)))
+    new_tables, _ = nested(tables, slots, jnp.asarray(ids), jnp.asarray(grads))
+    touched = np.asarray(new_tables)[..., 0] != 0
+    want = np.zeros((2, 2, vocab), bool)
+    for b in np.ndindex(2, 2):
+        want[b][ids[b][ids[b] < vocab]] = True
+    np.testing.assert_array_equal(touched, want)  # the last chunk's id 299 was updated
+    hlo = nested.lower(tables, slots, jnp.asarray(ids), jnp.asarray(grads)).compile().as_text()
+    assert f"f32[2,2,{vocab},{dim}]" in hlo
+    assert f"f32[2,2,{vocab},{dim}]{{3,2,1,0}} select(" not in hlo
