@@ -136,13 +136,14 @@ def test_optax_updates_take_one_pass():
 
 
 @pytest.mark.parametrize(
-    "real,padding,trips",  # ids in units of chunks: (real ids, trailing padding, trips)
-    [(0, 0.5, 0), (1 / 512, 0, 1), (1, 1.5, 1), (1 + 1 / 512, 2, 2), (2.25, 0.75, 3)],
+    "chunks,extra,padding,trips",  # real ids: chunks x _CHUNK + extra; padding in chunks
+    [(0, 0, 0.5, 0), (0, 1, 0, 1), (1, 0, 1.5, 1), (1, 1, 2, 2), (2.25, 0, 0.75, 3)],
 )
-def test_update_loop_stops_after_the_last_chunk_with_a_real_id(real, padding, trips):
+def test_update_loop_stops_after_the_last_chunk_with_a_real_id(chunks, extra, padding, trips):
     """Trailing padding (ids equal to the row count) costs no trips; padding before a real id
     does not shorten the loop."""
-    vocab, real, padding = 5000, round(real * k._CHUNK), round(padding * k._CHUNK)
+    vocab, padding = 5000, round(padding * k._CHUNK)
+    real = round(chunks * k._CHUNK) + extra
     ids = np.concatenate([np.arange(real), np.full(padding, vocab)]).astype(np.int32)
     assert int(k._live_chunks(jnp.asarray(ids), vocab)) == trips
     if real:
