@@ -366,12 +366,12 @@ class Counter:
 
     def __init__(self, text: str, unknown_trips: int = 1):
         self.comps = parse_module(text)
-        self.default_trips = unknown_trips
+        self.unknown_trips = unknown_trips  # charged to each loop XLA has no count for
         entries = [c for c in self.comps.values() if c.entry]
         if len(entries) != 1:
             raise ValueError(f"expected one ENTRY computation, found {len(entries)}")
         self.entry = entries[0]
-        self.unknown_trips = 0
+        self.unknown_loops = 0
 
     def _operand_bytes(self, comp: Computation, ins: Instr) -> int:
         return sum(comp.instrs[o].bytes for o in ins.operands if o in comp.instrs)
@@ -402,9 +402,9 @@ class Counter:
             return best[0], best[1], {"branches": len(costs)}
         if op == "while":
             m = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins.attrs)
-            trips = int(m.group(1)) if m else self.default_trips
+            trips = int(m.group(1)) if m else self.unknown_trips
             if not m:
-                self.unknown_trips += 1
+                self.unknown_loops += 1
             total = naive_total = 0
             for key in ("body", "condition"):
                 for c in ins.attr_computations(key):
@@ -460,7 +460,7 @@ def row_aware_bytes(hlo_text: str, unknown_trips: int = 1) -> dict[str, Any]:
         "bytes": total,
         "naive_bytes": naive,
         "instructions": charges,
-        "while_trip_counts_unknown": counter.unknown_trips,
+        "while_trip_counts_unknown": counter.unknown_loops,
     }
 
 
