@@ -198,6 +198,20 @@ def test_xla_cpu_scatter_adds_duplicate_rows_in_index_order_and_loop_agrees():
         np.testing.assert_array_equal(np.asarray(loop(acc, rows, parts)), want)
 
 
+@pytest.mark.parametrize("kind", ["ragged_weighted", "sparse_weighted"])
+def test_a_single_weighted_overflow_entry_keeps_its_product_rounded(kind, kernels):
+    # One row one entry past the cap: one overflow block. XLA:CPU would turn its one-update
+    # scatter into a dynamic-update-slice and contract acc + w * e into an FMA.
+    for seed in range(12):
+        inp, w = long_input(kind, seed=seed, long={5: lookup.MIN_ROW_SLOTS + 1})
+        table = je.TableConfig(VOCAB, DIM, combiner="sum", name="t")
+        features, tables = {"f": je.FeatureConfig(table)}, {table: _table(seed)}
+        plan = lookup.plan_feature("f", inp, w, features["f"])
+        assert plan.overflow.shape[0] == 1
+        args = {"f": inp}, {"f": w}, tables, features
+        _assert_bits(je.embedding_lookup(*args), tf_lookup(*args), f"seed {seed}")
+
+
 # ---------------------------------------------------------------------------------------------
 # TF parity
 
