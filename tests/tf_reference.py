@@ -223,13 +223,33 @@ LONG_ROW_ATOL = 1e-5  # times sum_j |w_j e_j| (divided by the combiner's denomin
 SQRTN_RTOL = 1e-6  # TF computes sum(pow(w, 2)), which differs from w*w in the last bit
 
 
+def left_to_right_weighted(
+    rows: np.ndarray, ids: np.ndarray, w: np.ndarray, table: np.ndarray, combiner: str, n: int
+) -> np.ndarray:
+    """jaxembed's weighted sparse lookup in float32: each row's ``w * e`` products added left
+    to right from 0 (entries in input order within a row), divided by ``sum(w)`` (mean) or
+    ``sqrt(sum(w * w))`` (sqrtn), summed the same way; 0 where the divisor is 0."""
+    order = np.argsort(rows, kind="stable")
+    rows, ids, w = rows[order], ids[order], np.asarray(w, np.float32)[order]
+    acc = np.zeros((n, table.shape[1]), np.float32)
+    np.add.at(acc, rows, table[ids] * w[:, None])  # in index order, one at a time
+    if combiner == "sum":
+        return acc
+    divisor = np.zeros(n, np.float32)
+    np.add.at(divisor, rows, w if combiner == "mean" else w * w)
+    divisor = divisor if combiner == "mean" else np.sqrt(divisor)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(divisor[:, None] == 0, np.float32(0), acc / divisor[:, None])
+
+
 def assert_matches_tf(
     got: Any, want: Any, inputs: Any, weights: Any, tables: Mapping[Any, Any], feature_config: Any
 ) -> None:
     """Compares jaxembed's output ``got`` with TF's ``want`` leaf by leaf, per section 4.4.
 
     Bit-exact for dense, ragged, unweighted sparse and sequence outputs, and for weighted sparse
-    ``sum``/``mean`` rows with fewer than 16 entries; weighted sparse ``sqrtn`` gets rtol 1e-6;
+    ``sum``/``mean`` rows with fewer than 16 entries; weighted sparse outputs also equal
+    ``left_to_right_weighted`` bit for bit (every row); weighted sparse ``sqrtn`` gets rtol 1e-6;
     weighted sparse rows with >= 16 entries get atol 1e-5 * sum_j |w_j e_j| (per element, scaled
     by the combiner's denominator). For ``validate_weights_and_indices=False`` (rank 2), TF drops
     trailing empty rows: TF's rows are compared with our first rows and our extra rows must be 0.
@@ -302,7 +322,10 @@ def assert_leaf_matches_tf(
         keep &= ids >= 0
         if combiner != "sum":
             keep &= w > 0
-    rows, ids, w = rows[keep], ids[keep], w[keep].astype(np.float64)
+    rows, ids, w32 = rows[keep], ids[keep], w[keep]
+    ours = left_to_right_weighted(rows, ids, w32, table, combiner, n_rows)[:tf_rows]
+    np.testing.assert_array_equal(got, ours, err_msg=f"{where}: not the left-to-right sums")
+    w = w32.astype(np.float64)
     counts = np.bincount(rows, minlength=n_rows)[:tf_rows]
     abs_terms = np.zeros((n_rows, dim))
     np.add.at(abs_terms, rows, np.abs(w[:, None] * table[ids].astype(np.float64)))
