@@ -642,8 +642,8 @@ def overflow_sums(
         slots = jnp.take(_as_index(ids), slots, mode="fill", fill_value=-1)
     entries = gather_rows(rows, slots.reshape(-1)).reshape(*slots.shape, rows.shape[1])
     parts = _sequential_sum(entries, 1, overflow_w)
-    # Keeps XLA from fusing the products into the additions as FMAs (TF rounds w * e first).
-    parts = jax.lax.optimization_barrier(parts)
+    # The products are rounded before they are added (TF's order): add_rows_in_order keeps a
+    # scatter, which XLA does not fuse with them into FMAs (tests/test_long_rows.py).
     return add_rows_in_order(acc, overflow_rows, parts)
 
 
