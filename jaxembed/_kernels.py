@@ -583,6 +583,12 @@ def slot_grads(cot: jax.Array, head: Any, head_w: Any, blocks: Any, block_w: Any
 def _scatter_in_order(acc: jax.Array, rows: jax.Array, parts: jax.Array) -> jax.Array:
     """``acc[rows[m]] += parts[m]``: XLA:CPU's scatter applies the updates one at a time in
     index order, duplicates included (tests/test_long_rows.py checks it)."""
+    if rows.shape[0] == 1:
+        # XLA:CPU turns a one-update scatter into a dynamic-update-slice fused with the ops that
+        # made ``parts``, where LLVM contracts ``acc + w * e`` into an FMA (TF rounds the product
+        # first). A second update, dropped, keeps it a scatter.
+        rows = jnp.concatenate([rows, jnp.full((1,), acc.shape[0], rows.dtype)])
+        parts = jnp.concatenate([parts, jnp.zeros_like(parts)])
     return acc.at[rows].add(parts, mode="drop")
 
 
@@ -610,15 +616,8 @@ def add_rows_in_order(acc: jax.Array, rows: Any, parts: jax.Array) -> jax.Array:
         >>> add_rows_in_order(jnp.zeros((2, 1)), jnp.array([1, 1, 2]), jnp.ones((3, 1))).tolist()
         [[0.0], [2.0]]
     """
-    rows = _as_index(rows)
-    if rows.shape[0] == 1:
-        # XLA:CPU turns a one-update scatter into a dynamic-update-slice fused with the ops that
-        # made ``parts``, where LLVM contracts ``acc + w * e`` into an FMA (TF rounds the product
-        # first). A second update, dropped, keeps it a scatter.
-        rows = jnp.concatenate([rows, jnp.full((1,), acc.shape[0], rows.dtype)])
-        parts = jnp.concatenate([parts, jnp.zeros_like(parts)])
     return jax.lax.platform_dependent(
-        acc, rows, parts, cpu=_scatter_in_order, default=_loop_in_order
+        acc, _as_index(rows), parts, cpu=_scatter_in_order, default=_loop_in_order
     )
 
 
