@@ -26,15 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxembed.embedding import Embedding, EmbeddingState
-from jaxembed.optimizers import OptaxOptimizer, RowWiseOptimizer
 
 from ._configs import logical_arrays, tf_feature_config, tf_table_configs
 from ._tf import tf
 
 _SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
-
-# Optimizers without a TF twin: their tables are written and read without slots.
-_NO_TF_TWIN = (OptaxOptimizer, RowWiseOptimizer)
 
 
 def _escape(local_name: str) -> str:
@@ -64,7 +60,8 @@ def _slot_arrays(emb: Embedding, state: EmbeddingState) -> dict[str, dict[str, n
     out = {}
     for table, slots in emb.slot_variables(state).items():
         name = emb.table_names[table]
-        if not isinstance(emb.optimizers[name], _NO_TF_TWIN):
+        opt = emb.optimizers[name]
+        if opt is None or opt.has_tf_twin:  # the others' tables are written without slots
             out[name] = {k: np.asarray(v) for k, v in slots.items()}
     return out
 
@@ -289,7 +286,7 @@ def load_tf_checkpoint(
         shape = (table.vocabulary_size, table.dim)
         tables[name] = read(name, shape)
         opt = emb.optimizers[name]
-        if tables_only or opt is None or isinstance(opt, _NO_TF_TWIN):
+        if tables_only or opt is None or not opt.has_tf_twin:
             continue
         slots[name] = {s: read(f"{name}/{s}", shape) for s in opt.slot_names}
     if slots:  # the tables not read (Optax, row-wise, or no optimizer) start fresh

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -12,7 +11,7 @@ import numpy as np
 from jaxembed import _nest
 from jaxembed.configs import FeatureConfig, QuantizationConfig, TableConfig
 from jaxembed.embedding import Embedding, EmbeddingState
-from jaxembed.optimizers import OptaxOptimizer, Optimizer, RowWiseOptimizer
+from jaxembed.optimizers import Optimizer
 
 from ._tf import tf
 
@@ -27,9 +26,9 @@ def tf_optimizer(optimizer: Optimizer | None, step: int = 0) -> Any:
     Optax optimizers (``from_optax``) and FBGEMM's row-wise optimizers (``RowWiseAdagrad``,
     ``PartialRowWiseAdam``) have no TF twin and give None.
     """
-    if optimizer is None or isinstance(optimizer, (OptaxOptimizer, RowWiseOptimizer)):
+    if optimizer is None or not optimizer.has_tf_twin:
         return None
-    args = {f.name: getattr(optimizer, f.name) for f in dataclasses.fields(optimizer)}  # type: ignore[arg-type]
+    args = optimizer.hyperparameters()
     if callable(args["learning_rate"]):  # a schedule's value at step, a zero-arg callable's now
         args["learning_rate"] = optimizer.learning_rate_value(step)
     if "slot_variable_creation_fn" in args:

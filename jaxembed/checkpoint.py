@@ -78,7 +78,6 @@ from jaxembed.dense_model import DenseModel as DenseModel  # public here: je.che
 from jaxembed.dense_model import check_model, params_from_structure, plain_params
 from jaxembed.dense_model import model_summary as model_summary  # je.checkpoint.model_summary
 from jaxembed.embedding import Embedding, EmbeddingState
-from jaxembed.optimizers import OptaxOptimizer
 
 _ITEMS = ("embedding", "config", "extra", "model")
 _LOCK_FILE = ".jaxembed-writer.lock"
@@ -463,9 +462,7 @@ def optimizer_config(optimizer: Any) -> dict | None:
     """The optimizer's class and hyperparameters as JSON-able data (None without one)."""
     if optimizer is None:
         return None
-    if isinstance(optimizer, OptaxOptimizer):
-        return {"class": "OptaxOptimizer", "args": {}}  # the slot tree's structure is checked
-    args = {f.name: _json_value(getattr(optimizer, f.name)) for f in dataclasses.fields(optimizer)}
+    args = {k: _json_value(v) for k, v in optimizer.hyperparameters().items()}
     return {"class": type(optimizer).__name__, "args": args}
 
 

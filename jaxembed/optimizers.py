@@ -167,6 +167,9 @@ class Optimizer:
 
     slot_names: ClassVar[tuple[str, ...]] = ()
     lazy: ClassVar[bool] = True  # False: every row is updated (non-lazy Adam)
+    # Whether tf.tpu.experimental.embedding has an optimizer of this class name taking
+    # ``hyperparameters()`` as arguments (export.tf_optimizer builds it).
+    has_tf_twin: ClassVar[bool] = True
 
     # TF's common arguments: fields of every subclass (declared here for the type checker).
     if TYPE_CHECKING:
@@ -326,6 +329,17 @@ class Optimizer:
         raise NotImplementedError
 
     # The CPU kernel's kind of this rule (``_kernel_abi.KINDS``); None: no kernel.
+    def hyperparameters(self) -> dict[str, Any]:
+        """The optimizer's arguments by name (its dataclass fields), as its constructor takes
+        them; what checkpoints record and ``export.tf_optimizer`` passes to TF.
+
+        Example:
+            >>> import jaxembed as je
+            >>> je.optimizers.SGD(0.5).hyperparameters()["learning_rate"]
+            0.5
+        """
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
     _kernel_kind: ClassVar[int | None] = None
 
     def _kernel_constants(self) -> tuple[list[float], int]:
@@ -731,6 +745,7 @@ class RowWiseOptimizer(Optimizer):
     """
 
     row_slots: ClassVar[tuple[str, ...]] = ()
+    has_tf_twin: ClassVar[bool] = False  # FBGEMM's optimizers: none in TF
 
     # TF's common options: not arguments of FBGEMM's optimizers.
     use_gradient_accumulation = True
@@ -1043,6 +1058,8 @@ class OptaxOptimizer(Optimizer):
 
     tx: optax.GradientTransformation
 
+    has_tf_twin: ClassVar[bool] = False
+
     # Not fields: the TF options do not apply (optax has its own).
     learning_rate = 0.0
     clipvalue = None
@@ -1062,6 +1079,10 @@ class OptaxOptimizer(Optimizer):
                     "cannot be updated row by row)."
                 )
         return state
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """None that can be stored: ``tx`` is code (a checkpoint checks its slot tree instead)."""
+        return {}
 
     def apply(self, w, slots, g, step):
         del step  # optax keeps its own count

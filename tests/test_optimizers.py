@@ -284,6 +284,30 @@ def test_equality_is_by_class_and_every_argument():
     assert len({jeo.SGD(0.1), jeo.SGD(0.1), jeo.Adam(0.1), jeo.Adam(0.2)}) == 3
 
 
+@pytest.mark.parametrize(
+    "opt,twin",
+    [
+        (jeo.SGD(0.1, clipvalue=(-1.0, None)), True),
+        (jeo.Adagrad(0.2, initial_accumulator_value=0.5, weight_decay_factor=0.01), True),
+        (jeo.AdagradMomentum(0.1, momentum=0.9, use_nesterov=True), True),
+        (jeo.Adam(0.1, lazy_adam=False, clip_weight_max=2.0), True),
+        (jeo.FTRL(0.1, beta=0.5, multiply_linear_by_learning_rate=True), True),
+        (jeo.RowWiseAdagrad(0.1, epsilon=1e-6), False),
+        (jeo.PartialRowWiseAdam(0.1, beta_1=0.8), False),
+    ],
+)
+def test_hyperparameters_rebuild_the_optimizer(opt, twin):
+    """What checkpoints record and ``export.tf_optimizer`` passes to TF: every argument."""
+    assert type(opt)(**opt.hyperparameters()) == opt
+    assert opt.has_tf_twin is twin
+
+
+def test_an_optax_optimizer_has_no_storable_hyperparameters_and_no_tf_twin():
+    opt = jeo.from_optax(optax.adam(0.01))
+    assert opt.hyperparameters() == {}
+    assert not opt.has_tf_twin
+
+
 # ---------------------------------------------------------------------------------------------
 # Training against the numpy reference
 
