@@ -328,7 +328,6 @@ class Optimizer:
     def _rule(self, w, slots, g, lr):
         raise NotImplementedError
 
-    # The CPU kernel's kind of this rule (``_kernel_abi.KINDS``); None: no kernel.
     def hyperparameters(self) -> dict[str, Any]:
         """The optimizer's arguments by name (its dataclass fields), as its constructor takes
         them; what checkpoints record and ``export.tf_optimizer`` passes to TF.
@@ -340,6 +339,7 @@ class Optimizer:
         """
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
 
+    # The CPU kernel's kind of this rule (``_kernel_abi.KINDS``); None: no kernel.
     _kernel_kind: ClassVar[int | None] = None
 
     def _kernel_constants(self) -> tuple[list[float], int]:
@@ -1081,7 +1081,7 @@ class OptaxOptimizer(Optimizer):
         return state
 
     def hyperparameters(self) -> dict[str, Any]:
-        """None that can be stored: ``tx`` is code (a checkpoint checks its slot tree instead)."""
+        """No storable arguments: ``tx`` is code (a checkpoint checks its slot tree instead)."""
         return {}
 
     def apply(self, w, slots, g, step):
