@@ -828,6 +828,8 @@ class _ColumnBlocks(Optimizer):
     axes: tuple[str, ...]
     dim: int
 
+    has_tf_twin: ClassVar[bool] = False
+
     @property
     def slot_names(self) -> tuple[str, ...]:  # type: ignore[override]
         return self.optimizer.slot_names

@@ -36,15 +36,16 @@ def _trainable(case) -> bool:
     )
 
 
-def _embedding(case, devices: int, seed: int) -> je.Embedding:
-    optimizer = je.optimizers.SGD(0.1)
+def random_embedding(
+    case, devices: int, rng: np.random.Generator, optimizer: je.optimizers.Optimizer
+) -> je.Embedding:
+    """``case``'s Embedding: on one device, or on a ``devices`` mesh with each table placed at
+    random (``rng``) by a layout its vocabulary allows."""
     if devices == 1:
         return je.Embedding(case.feature_config, optimizer)
-    rng = np.random.default_rng(seed)
-    tables = {t for _, f in flatten_with_paths(case.feature_config) for t in [f.table]}
-    emb = je.Embedding(case.feature_config, optimizer)  # only to learn the tables' names
+    names = je.Embedding(case.feature_config, optimizer).table_names  # in table order
     sharding = {
-        emb.table_names[t]: str(rng.choice(LAYOUTS[t.vocabulary_size < devices :])) for t in tables
+        n: str(rng.choice(LAYOUTS[t.vocabulary_size < devices :])) for t, n in names.items()
     }
     mesh = jax.make_mesh((devices,), ("x",))
     return je.Embedding(case.feature_config, optimizer, mesh=mesh, sharding=sharding)
@@ -61,7 +62,9 @@ def test_training_lookup_equals_the_functional_lookup(block, devices):
             continue
         want = je.embedding_lookup(case.inputs, case.weights, case.tables, case.feature_config)
         try:
-            emb = _embedding(case, devices, seed)
+            emb = random_embedding(
+                case, devices, np.random.default_rng(seed), je.optimizers.SGD(0.1)
+            )
         except ValueError as err:  # as TF's: unnamed tables are named table_<i>, and may clash
             if "unique name" not in str(err):
                 raise

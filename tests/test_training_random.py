@@ -21,7 +21,7 @@ import numpy as np
 import numpy_reference as ref
 import pytest
 from test_lookup_differential import make_case
-from test_lookup_training_path import LAYOUTS, _trainable
+from test_lookup_training_path import _trainable, random_embedding
 from test_optimizers import TOLERANCES
 from tf_reference import flatten_with_paths
 
@@ -77,17 +77,6 @@ def _optimizer(rng: np.random.Generator) -> jeo.Optimizer:
     return jeo.PartialRowWiseAdam(lr)
 
 
-def _embedding(case, optimizer, devices: int, rng: np.random.Generator) -> je.Embedding:
-    if devices == 1:
-        return je.Embedding(case.feature_config, optimizer)
-    names = je.Embedding(case.feature_config, optimizer).table_names
-    sharding = {
-        n: str(rng.choice(LAYOUTS[t.vocabulary_size < devices :])) for t, n in names.items()
-    }
-    mesh = jax.make_mesh((devices,), ("x",))
-    return je.Embedding(case.feature_config, optimizer, mesh=mesh, sharding=sharding)
-
-
 def _train_and_compare(seed: int, devices: int, kernels: bool) -> bool:
     """Whether the case ran (False: outside the training path's rules)."""
     case = make_case(seed)
@@ -97,7 +86,7 @@ def _train_and_compare(seed: int, devices: int, kernels: bool) -> bool:
     optimizer = _optimizer(rng)
     try:
         one = je.Embedding(case.feature_config, optimizer)
-        emb = _embedding(case, optimizer, devices, rng)
+        emb = random_embedding(case, devices, rng, optimizer)
     except ValueError as err:  # as TF's: unnamed tables are named table_<i>, and may clash
         if "unique name" not in str(err):
             raise
