@@ -40,6 +40,17 @@ import argparse
 import os
 import sys
 
+# Each optimizer at bench_w's learning rate (Adagrad also at its initial accumulator value).
+OPTIMIZERS = (
+    "adagrad",
+    "sgd",
+    "adagrad_momentum",
+    "adam",
+    "ftrl",
+    "rowwise_adagrad",
+    "partial_rowwise_adam",
+)
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -51,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("-B", "--batch", type=int, default=4096)
     p.add_argument("-L", "--max-len", type=int, default=39, help="ids per example ~ U[1, L]")
     p.add_argument("--zipf", type=float, default=1.05)
-    p.add_argument("--optimizer", choices=("adagrad", "sgd"), default="adagrad")
+    p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adagrad")
     p.add_argument("--devices", type=int, default=1, help="simulated CPU devices (row-sharded)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
@@ -88,12 +99,16 @@ from jaxembed import _kernels  # noqa: E402
 
 
 def make_embedding(args: argparse.Namespace, mesh: Any) -> je.Embedding:
+    lr, opts = bw.LEARNING_RATE, je.optimizers
     opt = {
-        "adagrad": je.optimizers.Adagrad(
-            bw.LEARNING_RATE, initial_accumulator_value=bw.INITIAL_ACCUMULATOR
-        ),
-        "sgd": je.optimizers.SGD(bw.LEARNING_RATE),
-    }[args.optimizer]
+        "adagrad": lambda: opts.Adagrad(lr, initial_accumulator_value=bw.INITIAL_ACCUMULATOR),
+        "sgd": lambda: opts.SGD(lr),
+        "adagrad_momentum": lambda: opts.AdagradMomentum(lr, momentum=0.9),
+        "adam": lambda: opts.Adam(lr),
+        "ftrl": lambda: opts.FTRL(lr, l1_regularization_strength=0.01),
+        "rowwise_adagrad": lambda: opts.RowWiseAdagrad(lr),
+        "partial_rowwise_adam": lambda: opts.PartialRowWiseAdam(lr),
+    }[args.optimizer]()
     tables = [
         je.TableConfig(args.vocab, args.dim, combiner="sum", name=f"t{f}")
         for f in range(args.features)

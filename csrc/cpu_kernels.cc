@@ -672,6 +672,10 @@ inline float Clip(float x, bool has_lo, float lo, bool has_hi, float hi) {
   return x;
 }
 
+// x^e; x^0.5 (FTRL's default learning_rate_power of -0.5) as a square root: correctly
+// rounded, where powf is not always, and several times faster.
+inline float Pow(float x, float e) { return e == 0.5f ? std::sqrt(x) : std::pow(x, e); }
+
 struct Rule {
   int32_t kind, flags;
   const float* h;  // hyper
@@ -718,8 +722,8 @@ struct Rule {
       }
       default: {  // kFtrl: p = power, l1, l2, beta, 2 * l2
         const float acc = *a, new_acc = acc + g * g;
-        const float new_pow = std::pow(new_acc, p[0]);
-        const float delta = new_pow - std::pow(acc, p[0]);
+        const float new_pow = Pow(new_acc, p[0]);
+        const float delta = new_pow - Pow(acc, p[0]);
         float lin = *b;
         if (flags & kLinearTimesLr) {
           lin = lin + lr * g - delta * w0;

@@ -162,11 +162,14 @@ class Optimizer:
     """Base class of the row-sparse optimizers: the shared TF options and the update order.
 
     Subclasses are frozen dataclasses declaring TF's arguments; they set ``slot_names`` and
-    implement ``_initial_values`` and ``_rule`` (the elementwise equations).
+    implement ``_initial_values``, ``_slot_rule`` and ``_weight_rule`` (the elementwise
+    equations: the new slots, then the new weights from the new slots).
     """
 
     slot_names: ClassVar[tuple[str, ...]] = ()
     lazy: ClassVar[bool] = True  # False: every row is updated (non-lazy Adam)
+    # Whether ``apply`` is ``new_slots`` then ``new_rows`` (every rule here; not Optax's).
+    splits_update: ClassVar[bool] = True
     # Whether tf.tpu.experimental.embedding has an optimizer of this class name taking
     # ``hyperparameters()`` as arguments (export.tf_optimizer builds it).
     has_tf_twin: ClassVar[bool] = True
@@ -325,7 +328,12 @@ class Optimizer:
                 )
         return {k: jnp.asarray(slots[k], table.dtype) for k in self.slot_names}
 
-    def _rule(self, w, slots, g, lr):
+    def _slot_rule(self, w, slots, g, lr) -> Slots:
+        """The new slots of rows ``w`` from their ``slots`` and clipped gradients ``g``."""
+        return {}
+
+    def _weight_rule(self, w, slots, g, lr) -> jax.Array:
+        """The new rows (before weight decay and clipping) from their **new** ``slots``."""
         raise NotImplementedError
 
     def hyperparameters(self) -> dict[str, Any]:
@@ -367,12 +375,43 @@ class Optimizer:
         common = [lo, hi, self.weight_decay_factor, self.clip_weight_min, self.clip_weight_max]
         return self._kernel_kind, flags | own_flags, [c or 0.0 for c in common] + constants
 
+    def step_scalars(self, step: jax.Array) -> jax.Array:
+        """What the rule takes from the step count, computed once per step: the learning rate
+        (a row-wise optimizer adds its own, e.g. Adam's bias corrections). The CPU kernel takes
+        the same scalars."""
+        return self.learning_rate_at(step)
+
     def apply(self, w: jax.Array, slots: Slots, g: jax.Array, step: jax.Array):
-        """Updates rows ``w`` (``[U, dim]``) and their ``slots`` with summed gradients ``g``."""
-        lr = self.learning_rate_at(step)
-        if self.clipvalue is not None:
-            g = jnp.clip(g, self.clip_gradient_min, self.clip_gradient_max)
-        new_w, new_slots = self._rule(w, slots, g, lr)
+        """Updates rows ``w`` (``[U, dim]``) and their ``slots`` with summed gradients ``g``:
+        ``new_slots``, then ``new_rows`` from them.
+
+        Example:
+            >>> import jax.numpy as jnp, jaxembed as je
+            >>> opt = je.optimizers.Adagrad(0.5, initial_accumulator_value=0.0)
+            >>> w, slots = opt.apply(jnp.ones((1, 2)), {"accumulators": jnp.zeros((1, 2))},
+            ...                      jnp.full((1, 2), 2.0), jnp.int32(0))
+            >>> w.tolist(), slots["accumulators"].tolist()
+            ([[0.5, 0.5]], [[4.0, 4.0]])
+        """
+        scalars = self.step_scalars(step)
+        new_slots = self.new_slots(w, slots, g, scalars)
+        return self.new_rows(w, new_slots, g, scalars), new_slots
+
+    def _clipped(self, g: jax.Array) -> jax.Array:
+        if self.clipvalue is None:
+            return g
+        return jnp.clip(g, self.clip_gradient_min, self.clip_gradient_max)
+
+    def new_slots(self, w: jax.Array, slots: Slots, g: jax.Array, scalars: jax.Array) -> Slots:
+        """The first half of ``apply``: the new slots of rows ``w`` (``scalars``:
+        ``step_scalars(step)``)."""
+        return self._slot_rule(w, slots, self._clipped(g), scalars)
+
+    def new_rows(self, w: jax.Array, new_slots: Slots, g: jax.Array, scalars: jax.Array):
+        """The second half of ``apply``: the new rows ``w`` from their **new** slots (so the
+        update can write the slots, then read them back, as ``_kernels`` does)."""
+        lr = scalars
+        new_w = self._weight_rule(w, new_slots, self._clipped(g), lr)
         if self.weight_decay_factor:
             decay: Any = self.weight_decay_factor
             if self.multiply_weight_decay_factor_by_learning_rate:
@@ -380,7 +419,7 @@ class Optimizer:
             new_w = new_w - decay * w
         if self.clip_weight_min is not None or self.clip_weight_max is not None:
             new_w = jnp.clip(new_w, self.clip_weight_min, self.clip_weight_max)
-        return new_w.astype(w.dtype), new_slots
+        return new_w.astype(w.dtype)
 
     def column_blocks(self, axes: tuple[str, ...], dim: int) -> Optimizer:
         """This optimizer for one column block of rows split over mesh ``axes`` (column-wise
@@ -413,8 +452,8 @@ class SGD(Optimizer):
 
     _kernel_kind: ClassVar[int | None] = KINDS["SGD"]
 
-    def _rule(self, w, slots, g, lr):
-        return w - lr * g, slots
+    def _weight_rule(self, w, slots, g, lr):
+        return w - lr * g
 
 
 @dataclasses.dataclass(frozen=True)
@@ -456,9 +495,11 @@ class Adagrad(Optimizer):
 
     _kernel_kind: ClassVar[int | None] = KINDS["ADAGRAD"]
 
-    def _rule(self, w, slots, g, lr):
-        acc = slots["accumulators"] + g * g
-        return w - lr * g / jnp.sqrt(acc), {"accumulators": acc}
+    def _slot_rule(self, w, slots, g, lr):
+        return {"accumulators": slots["accumulators"] + g * g}
+
+    def _weight_rule(self, w, slots, g, lr):
+        return w - lr * g / jnp.sqrt(slots["accumulators"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -527,16 +568,23 @@ class AdagradMomentum(Optimizer):
             self.momentum,
         ], flags
 
-    def _rule(self, w, slots, g, lr):
+    def _scaled(self, g, acc):
+        return g * jnp.power(acc + self.epsilon, -1.0 / self.exponent)
+
+    def _slot_rule(self, w, slots, g, lr):
         acc = slots["accumulators"]
         if self.beta2 == 1:
             acc = acc + g * g
         else:
             acc = self.beta2 * acc + (1 - self.beta2) * g * g
-        scaled = g * jnp.power(acc + self.epsilon, -1.0 / self.exponent)
-        mom = self.momentum * slots["momenta"] + scaled
-        step = self.momentum * mom + scaled if self.use_nesterov else mom
-        return w - lr * step, {"accumulators": acc, "momenta": mom}
+        mom = self.momentum * slots["momenta"] + self._scaled(g, acc)
+        return {"accumulators": acc, "momenta": mom}
+
+    def _weight_rule(self, w, slots, g, lr):
+        mom = slots["momenta"]
+        if self.use_nesterov:
+            return w - lr * (self.momentum * mom + self._scaled(g, slots["accumulators"]))
+        return w - lr * mom
 
 
 @dataclasses.dataclass(frozen=True)
@@ -609,14 +657,18 @@ class Adam(Optimizer):
         ]
         return constants, _flags(SUM_INSIDE_SQRT=self.sum_inside_sqrt)
 
-    def _rule(self, w, slots, g, lr):
+    def _slot_rule(self, w, slots, g, lr):
         m = self.beta_1 * slots["momenta"] + (1 - self.beta_1) * g
         v = self.beta_2 * slots["velocities"] + (1 - self.beta_2) * g * g
+        return {"momenta": m, "velocities": v}
+
+    def _weight_rule(self, w, slots, g, lr):
+        m, v = slots["momenta"], slots["velocities"]
         if self.sum_inside_sqrt:
             denom = jnp.sqrt(v + self.epsilon**2)
         else:
             denom = jnp.sqrt(v) + self.epsilon
-        return w - lr * m / denom, {"momenta": m, "velocities": v}
+        return w - lr * m / denom
 
 
 @dataclasses.dataclass(frozen=True)
@@ -704,24 +756,33 @@ class FTRL(Optimizer):
         ]
         return constants, _flags(LINEAR_TIMES_LR=self.multiply_linear_by_learning_rate)
 
-    def _rule(self, w, slots, g, lr):
+    def _pow(self, acc):
+        """``acc^-learning_rate_power``; TF's default power -0.5 as a (correctly rounded) square
+        root, as the CPU kernel computes it."""
         power = -self.learning_rate_power
+        return jnp.sqrt(acc) if power == 0.5 else jnp.power(acc, power)
+
+    def _slot_rule(self, w, slots, g, lr):
         acc, lin = slots["accumulators"], slots["linears"]
         new_acc = acc + g * g
-        new_pow = jnp.power(new_acc, power)
-        delta = new_pow - jnp.power(acc, power)
+        delta = self._pow(new_acc) - self._pow(acc)
+        if self.multiply_linear_by_learning_rate:
+            lin = lin + lr * g - delta * w
+        else:
+            lin = lin + g - delta * w / lr
+        return {"accumulators": new_acc, "linears": lin}
+
+    def _weight_rule(self, w, slots, g, lr):
+        new_pow = self._pow(slots["accumulators"])
+        lin = slots["linears"]
         l1, l2, beta = (
             self.l1_regularization_strength,
             self.l2_regularization_strength,
             self.beta,
         )
         if self.multiply_linear_by_learning_rate:
-            lin = lin + lr * g - delta * w
-            new_w = (jnp.clip(lin, -lr * l1, lr * l1) - lin) / (new_pow + 2 * lr * l2 + beta)
-        else:
-            lin = lin + g - delta * w / lr
-            new_w = (jnp.clip(lin, -l1, l1) - lin) / ((new_pow + beta) / lr + 2 * l2)
-        return new_w, {"accumulators": new_acc, "linears": lin}
+            return (jnp.clip(lin, -lr * l1, lr * l1) - lin) / (new_pow + 2 * lr * l2 + beta)
+        return (jnp.clip(lin, -l1, l1) - lin) / ((new_pow + beta) / lr + 2 * l2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -794,29 +855,26 @@ class RowWiseOptimizer(Optimizer):
         kind, flags, constants = self._row_kernel()
         return kind, flags, [0.0] * 5 + constants
 
-    def kernel_scalars(self, step: jax.Array) -> jax.Array:
-        """The kernel's run-time scalars: the learning rate (and what else the rule needs)."""
-        return self.learning_rate_at(step)
-
-    def apply(self, w: jax.Array, slots: Slots, g: jax.Array, step: jax.Array):
-        return self.apply_blocks(w, slots, g, step, _row_sum, w.shape[-1])
-
-    def apply_blocks(
+    def new_slots(
         self,
         w: jax.Array,
         slots: Slots,
         g: jax.Array,
-        step: jax.Array,
-        row_sum: Callable[[jax.Array], jax.Array],
-        dim: int,
-    ) -> tuple[jax.Array, Slots]:
-        """``apply`` on ``[U, B]`` blocks of rows: ``row_sum`` sums ``[U, B]`` over the whole
-        logical row (``[U]``) and ``dim`` is the row's logical width."""
-        lr = self.learning_rate_at(step)
-        new_w, new_slots = self._row_rule(w, slots, g, lr, step, row_sum, dim)
-        return new_w.astype(w.dtype), new_slots
+        scalars: jax.Array,
+        row_sum: Callable[[jax.Array], jax.Array] = _row_sum,
+        dim: int | None = None,
+    ) -> Slots:
+        """The new slots; on ``[U, B]`` blocks of rows, ``row_sum`` sums ``[U, B]`` over the
+        whole logical row (``[U]``) and ``dim`` is the row's logical width (default: ``B``)."""
+        return self._row_slot_rule(w, slots, g, scalars, row_sum, dim or w.shape[-1])
 
-    def _row_rule(self, w, slots, g, lr, step, row_sum, dim):
+    def new_rows(self, w: jax.Array, new_slots: Slots, g: jax.Array, scalars: jax.Array):
+        return self._row_weight_rule(w, new_slots, g, scalars).astype(w.dtype)
+
+    def _row_slot_rule(self, w, slots, g, scalars, row_sum, dim) -> Slots:
+        raise NotImplementedError
+
+    def _row_weight_rule(self, w, slots, g, scalars) -> jax.Array:
         raise NotImplementedError
 
 
@@ -844,11 +902,17 @@ class _ColumnBlocks(Optimizer):
     def init_slots(self, table: jax.Array) -> Slots:
         return self.optimizer.init_slots(table)
 
-    def apply(self, w, slots, g, step):
+    def step_scalars(self, step: jax.Array) -> jax.Array:
+        return self.optimizer.step_scalars(step)
+
+    def new_slots(self, w, slots, g, scalars):
         def row_sum(x: jax.Array) -> jax.Array:
             return jax.lax.psum(jnp.sum(x, axis=-1), self.axes)
 
-        return self.optimizer.apply_blocks(w, slots, g, step, row_sum, self.dim)
+        return self.optimizer.new_slots(w, slots, g, scalars, row_sum, self.dim)
+
+    def new_rows(self, w, new_slots, g, scalars):
+        return self.optimizer.new_rows(w, new_slots, g, scalars)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -923,18 +987,19 @@ class RowWiseAdagrad(RowWiseOptimizer):
         )
         return KINDS["ROWWISE_ADAGRAD"], flags, [self.epsilon, wd]
 
-    def _row_rule(self, w, slots, g, lr, step, row_sum, dim):
+    def _row_slot_rule(self, w, slots, g, scalars, row_sum, dim):
         wd, mode = self.weight_decay, self.weight_decay_mode
         g_eff = g + wd * w if mode == "l2" and wd else g
-        acc = slots["accumulators"] + row_sum(g_eff * g_eff) / dim
-        mult = (lr / (jnp.sqrt(acc) + self.epsilon))[:, None]
+        return {"accumulators": slots["accumulators"] + row_sum(g_eff * g_eff) / dim}
+
+    def _row_weight_rule(self, w, slots, g, scalars):
+        wd, mode, lr = self.weight_decay, self.weight_decay_mode, scalars
+        mult = (lr / (jnp.sqrt(slots["accumulators"]) + self.epsilon))[:, None]
         if mode == "l2" and wd:
-            new_w = (1 - mult * wd) * w - mult * g
-        elif mode == "decoupled" and wd:
-            new_w = (1 - lr * wd) * w - mult * g
-        else:
-            new_w = w - mult * g
-        return new_w, {"accumulators": acc}
+            return (1 - mult * wd) * w - mult * g
+        if mode == "decoupled" and wd:
+            return (1 - lr * wd) * w - mult * g
+        return w - mult * g
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1000,20 +1065,23 @@ class PartialRowWiseAdam(RowWiseOptimizer):
         constants = [b1, 1 - b1, b2, 1 - b2, self.epsilon, self.weight_decay]
         return KINDS["PARTIAL_ROWWISE_ADAM"], 0, constants
 
-    def kernel_scalars(self, step: jax.Array) -> jax.Array:
+    def step_scalars(self, step: jax.Array) -> jax.Array:
+        """The learning rate and the two bias corrections."""
         return jnp.stack([self.learning_rate_at(step), *self._bias_corrections(step)])
 
-    def _row_rule(self, w, slots, g, lr, step, row_sum, dim):
+    def _row_slot_rule(self, w, slots, g, scalars, row_sum, dim):
         b1, b2 = self.beta_1, self.beta_2
-        bias1, bias2 = self._bias_corrections(step)
         v = row_sum(g * g) / dim * (1 - b2) + slots["velocities"] * b2
-        v_hat = v / bias2
         m = b1 * slots["momenta"] + (1 - b1) * g
-        m_hat = m / bias1
-        update = m_hat / (jnp.sqrt(v_hat) + self.epsilon)[:, None]
+        return {"momenta": m, "velocities": v}
+
+    def _row_weight_rule(self, w, slots, g, scalars):
+        lr, bias1, bias2 = scalars[0], scalars[1], scalars[2]
+        m_hat = slots["momenta"] / bias1
+        update = m_hat / (jnp.sqrt(slots["velocities"] / bias2) + self.epsilon)[:, None]
         if self.weight_decay:
             update = update + self.weight_decay * w
-        return w - lr * update, {"momenta": m, "velocities": v}
+        return w - lr * update
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1061,6 +1129,7 @@ class OptaxOptimizer(Optimizer):
     tx: optax.GradientTransformation
 
     has_tf_twin: ClassVar[bool] = False
+    splits_update: ClassVar[bool] = False  # the new rows come from optax's updates
 
     # Not fields: the TF options do not apply (optax has its own).
     learning_rate = 0.0

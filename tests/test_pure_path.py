@@ -109,6 +109,41 @@ def test_chunked_update_gives_every_row_the_update_of_one_pass(name):
     np.testing.assert_array_equal(got[0][untouched], np.asarray(table)[untouched])
 
 
+@pytest.mark.parametrize("name", [n for n in UPDATES if n != "sgd"])
+def test_update_writes_the_new_slots_then_reads_them_back(name):
+    """``_apply_once`` writes the new slot rows, then computes the new rows from the slots read
+    back (``new_slots``, then ``new_rows``): the update of ``apply`` on the gathered rows."""
+    opt = UPDATES[name]
+    table, slots, ids, grads = _update_case(opt, 300, seed=1)
+    got = jax.jit(lambda t, s: k._apply_once(opt, t, s, ids, grads, jnp.int32(3)))(table, slots)
+    real = np.isin(np.asarray(ids), np.arange(table.shape[0]))
+    at = np.asarray(ids)[real]
+    want = jax.jit(opt.apply)(table[at], {n: v[at] for n, v in slots.items()}, grads[real], 3)
+    assert set(got[1]) == set(want[1])
+    for name_ in want[1]:
+        np.testing.assert_allclose(got[1][name_][at], want[1][name_], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[0][at], want[0], rtol=1e-5, atol=1e-6)
+    untouched = np.setdiff1d(np.arange(table.shape[0]), at)
+    np.testing.assert_array_equal(np.asarray(got[0])[untouched], np.asarray(table)[untouched])
+
+
+def test_a_zero_argument_learning_rate_is_called_once_per_update():
+    """The learning rate is computed once per update, outside the loop over chunks of rows: a
+    zero-argument callable (a host callback) is not called once per chunk."""
+    calls = []
+
+    def lr():
+        calls.append(1)
+        return 0.1
+
+    opt = jeo.Adagrad(lr)
+    table, slots, ids, grads = _update_case(opt, 3 * k._CHUNK + 17)
+    update = jax.jit(lambda s: k._apply_generic(opt, *s, ids, grads, jnp.int32(0)))
+    new_table, _ = jax.block_until_ready(update((table, slots)))
+    assert len(calls) == 1
+    assert not np.array_equal(np.asarray(new_table), np.asarray(table))
+
+
 def test_chunked_update_is_in_place():
     """Donated, the loop updates the table and its slots in place: no copy of either."""
     opt = UPDATES["adagrad"]
