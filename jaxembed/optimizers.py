@@ -387,7 +387,7 @@ class Optimizer:
 
         Example:
             >>> import jax.numpy as jnp, jaxembed as je
-            >>> opt = je.optimizers.Adagrad(0.5, initial_accumulator_value=0.0)
+            >>> opt = je.optimizers.Adagrad(0.5)
             >>> w, slots = opt.apply(jnp.ones((1, 2)), {"accumulators": jnp.zeros((1, 2))},
             ...                      jnp.full((1, 2), 2.0), jnp.int32(0))
             >>> w.tolist(), slots["accumulators"].tolist()
