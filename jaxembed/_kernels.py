@@ -680,11 +680,12 @@ def _apply_once(optimizer: Any, table, slots, ids, grads, step, scalars=None):
     def write(tree, new_rows):
         return jax.tree.map(lambda x, r: _set_at(x, ids, r) if is_row(x) else r, tree, new_rows)
 
+    w = _take(table, ids)
     if not optimizer.splits_update:
-        new_w, new_rows = optimizer.apply(_take(table, ids), rows_of(slots), grads, step)
+        new_w, new_rows = optimizer.apply(w, rows_of(slots), grads, step)
         return _set_at(table, ids, new_w), write(slots, new_rows)
-    new_slots = write(slots, optimizer.new_slots(_take(table, ids), rows_of(slots), grads, scalars))
-    new_w = optimizer.new_rows(_take(table, ids), rows_of(new_slots), grads, scalars)
+    new_slots = write(slots, optimizer.new_slots(w, rows_of(slots), grads, scalars))
+    new_w = optimizer.new_rows(w, rows_of(new_slots), grads, scalars)
     return _set_at(table, ids, new_w), new_slots
 
 
