@@ -717,8 +717,8 @@ def _apply_generic(optimizer: Any, table, slots, ids, grads, step):
     the same as in one pass over all rows; that pass would write four ``[U, D]`` temporaries
     (gathered rows and slots, their new values), several times slower on CPU than a chunk's
     cached ones. The loop stops after the last chunk holding a real id (``_live_chunks``), so
-    the padding that rounds request capacities up to powers of two costs no trips (on workload
-    W, 26,003 distinct rows in a capacity of 32,768: 51 trips of 64).
+    the padding that rounds request capacities up (``lookup.row_bucket``) costs no trips (on
+    workload W, 26,003 distinct rows in a capacity of 28,672: 51 trips of 56).
 
     Only optimizers whose rows are independent (those with a ``kernel_rule``: TF's equations,
     row by row) are chunked; ``from_optax`` takes the one pass (an Optax count must advance

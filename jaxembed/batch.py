@@ -34,6 +34,7 @@ from jaxembed.lookup import (
     pad_axis,
     plan_training_feature,
     remap_plan,
+    row_bucket,
     slot_bucket,
 )
 from jaxembed.sharding import ShardingPlan, split_evenly
@@ -76,8 +77,9 @@ device, at least ``MIN_BUCKET_EXAMPLES`` (8, 16, 32, ...), so that any batch siz
 a few compiled programs."""
 MIN_BUCKET_EXAMPLES = 8
 MIN_CAPACITY = 64
-"""Distinct rows a device requests per shard are padded to a power of two, at least this: small
-batches share one program, at the cost of a few padding rows."""
+"""Distinct rows a device requests per shard are padded to ``lookup.row_bucket`` (powers of two
+up to 512, quarter steps past it), at least this: small batches share one program, at the cost
+of a few padding rows."""
 
 
 _EVERY_FEATURE = (
@@ -275,7 +277,7 @@ def preprocess(
     fetched: dict[str, int] = {}
     it = iter(maxima[: len(needed)])
     for layout in plan.layouts:
-        capacity = bucket(max(next(it) for _ in local), MIN_CAPACITY)
+        capacity = row_bucket(max(next(it) for _ in local), MIN_CAPACITY)
         fetched[layout.name] = layout.fetched_rows(capacity)
         reqs = []
         for d, (paths, keys, distinct, inverse) in enumerate(routed[layout.name]):

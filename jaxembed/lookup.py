@@ -638,6 +638,29 @@ def bucket(n: int, minimum: int = 1) -> int:
     return 1 << (n - 1).bit_length()
 
 
+FINE_ROW_BUCKETS_FROM = 512
+"""Past this many distinct rows, ``row_bucket`` steps by quarters of a power of two."""
+
+
+def row_bucket(n: int, minimum: int = 1) -> int:
+    """Capacity for ``n`` distinct rows: the next power of two up to ``FINE_ROW_BUCKETS_FROM``
+    (512), then the next quarter step between powers of two (640, 768, 896, 1024, 1280, ...).
+
+    What a step moves grows with the capacity, padding included: the gradient rows it zeroes,
+    and on a mesh the rows every device sends and receives in its ``all_to_all``. Quarter steps
+    pad by under 25% where powers of two pad by up to 100%, for at most four compiled sizes
+    per doubling of the distinct rows.
+
+    >>> [row_bucket(n) for n in (3, 512, 513, 1025, 26003)]
+    [4, 512, 640, 1280, 28672]
+    """
+    n = max(int(n), minimum)
+    if n <= FINE_ROW_BUCKETS_FROM:
+        return bucket(n)
+    step = 1 << ((n - 1).bit_length() - 3)
+    return -(-n // step) * step
+
+
 def slot_bucket(n: int) -> int:
     """Capacity for ``n`` slots per example: powers of two up to 8, then multiples of 8 up to 64.
 
