@@ -151,8 +151,15 @@ def output_name(path: str) -> str:
 
 
 def _check_paths(features: Mapping[str, FeatureConfig], options: ExportOptions) -> None:
+    if "" in features:
+        raise ValueError(
+            "A bare FeatureConfig (feature path '') gives the SavedModel's inputs no name: "
+            "export an Embedding built on a dict of it, e.g. "
+            "je.Embedding({'item': feature_config}, optimizer), with the same state (tables "
+            "are keyed by their names, not by feature paths)."
+        )
     for path in features:
-        if not path or not set(path) <= _ALLOWED or path.startswith(("_", "-", "/")):
+        if not set(path) <= _ALLOWED or path.startswith(("_", "-", "/")):
             raise ValueError(
                 f"Feature path {path!r} cannot name a SavedModel input: use dict keys made of "
                 "letters, digits, '_', '.' and '-' (e.g. {'user_id': FeatureConfig(...)})."

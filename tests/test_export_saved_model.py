@@ -326,6 +326,27 @@ def test_bad_options_are_rejected(trained, tmp_path, options, match):
         export.save_serving_model(tmp_path / "m", emb, state, options=options)
 
 
+def test_bare_feature_config_is_refused_with_the_dict_that_exports_its_state(tmp_path):
+    """A bare FeatureConfig names no input; the error's fix (the same state under a dict of
+    it) exports and serves the trained table."""
+    table = je.TableConfig(50, 4, combiner="sum", name="t")
+    bare = je.Embedding(je.FeatureConfig(table), je.optimizers.Adagrad(0.1))
+    state = bare.init(jax.random.key(0))
+    batch = bare.preprocess(np.array([1, 2, 3]))
+    state = bare.apply_gradients(state, batch, bare.lookup(state, batch))
+    with pytest.raises(ValueError, match=r"bare FeatureConfig .*je.Embedding\(\{'item'"):
+        export.save_serving_model(tmp_path / "bare", bare, state)
+    named = je.Embedding({"item": je.FeatureConfig(table)}, je.optimizers.Adagrad(0.1))
+    path = export.save_serving_model(tmp_path / "named", named, state)
+    served = tf.saved_model.load(path).signatures["serving_default"]
+    got = served(
+        item_ids=tf.constant([1, 2, 3], tf.int64), item_lengths=tf.constant([2, 1], tf.int64)
+    )
+    (trained,) = bare.embedding_tables(state).values()
+    want = np.stack([trained[1] + trained[2], trained[3]])
+    np.testing.assert_array_equal(got["item"].numpy(), want)
+
+
 def test_model_with_output_shape_feature_is_rejected(tmp_path):
     table = je.TableConfig(10, 4, name="t")
     emb = je.Embedding({"a": je.FeatureConfig(table, output_shape=[2, 2])})
