@@ -33,7 +33,7 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from jaxembed import _native
+from jaxembed import _native, _reads
 
 _TARGETS = ("gather_rows", "scatter_rows", "combine", "combine_grad", "apply_rows", "apply_slots")
 _LIBRARY = "_cpu_kernels"
@@ -258,11 +258,13 @@ def _slot_grads_jax(cot, head, head_w, blocks, block_w, num_rows: int) -> jax.Ar
         return x.reshape(rows, math.prod(x.shape[1:]))
 
     slots = jnp.concatenate([flat(head, jnp.int32), flat(blocks, jnp.int32)], axis=1)
-    out = jnp.zeros((num_rows, dim), cot.dtype)
     if slots.shape[1] == 0:
-        return out
+        return jnp.zeros((num_rows, dim), cot.dtype)
     valid = (slots >= 0) & (slots < num_rows)
     columns = jnp.where(valid, slots, num_rows).T  # [slots, R]: one contiguous row per trip
+    # Zeros computed from this call's slots: XLA would merge the zeros of every table's call
+    # into one array, then copy it into each table's gradient buffer, every buffer live at once.
+    out = jnp.broadcast_to(_reads.zero_after([columns]).astype(cot.dtype), (num_rows, dim))
     weights = None
     if head_w is not None:
         tail = jnp.zeros(jnp.shape(blocks)) if block_w is None else block_w

@@ -14,6 +14,11 @@ zero computed from one value of each) to the ids it updates. The update then dep
 reads, at the cost of one scalar op. Entries hold weak references and go with the traced
 table, so nothing outlives its trace, and a table of another trace or an eager array has none.
 
+``zero_after`` orders other work the same way: ``apply_gradients`` updates the tables one after
+another (each table's slot indices carry a zero read from the previous table's updated rows),
+and the pure-JAX gradient sum starts each table's buffer from zeros computed from its own slot
+indices, so XLA does not merge them into one array copied into every buffer.
+
 Example:
     >>> import jax, jax.numpy as jnp
     >>> def step(table, ids):

@@ -648,7 +648,9 @@ class Embedding:
         (on CPU by one kernel pass over the touched rows), so a step costs the same at any
         vocabulary size, whatever ``grads`` depend on: the update is ordered after this step's
         ``lookup`` of the same state (a fixed linear head, constant or ``custom_vjp``
-        gradients included; see ``jaxembed._reads``).
+        gradients included; see ``jaxembed._reads``). The tables are updated one after
+        another, so without the CPU kernels the step holds one table's ``[rows, dim]`` gradient
+        rows at a time, not every table's.
 
         Gradient rows holding NaN or Inf follow ``Embedding(nonfinite_gradients=...)``: by
         default they are dropped (one elementwise pass over ``grads``) and counted in the
@@ -705,12 +707,16 @@ class Embedding:
                             parts[name], requests[name], pad
                         )
             new_tables, new_slots = dict(tables), dict(slots)
+            # One table after another: a table's gradient rows are summed once the previous
+            # table is updated, so the step holds one table's gradient rows at a time.
+            after = jnp.zeros((), jnp.int32)
             for name, req in requests.items():
                 optimizer = self.optimizer_of(name)
                 assert optimizer is not None
                 new_tables[name], new_slots[name] = self.plan.layout(name).apply_gradients(
-                    optimizer, tables[name], slots[name], step, req, parts[name]
+                    optimizer, tables[name], slots[name], step, req, _after(parts[name], after)
                 )
+                after = _reads.zero_after([new_tables[name]])
             return new_tables, new_slots, dropped, ok
 
         reads = _reads.reads_of(state.tables)  # this step's lookups of the tables, if traced
@@ -751,6 +757,12 @@ class Embedding:
         # "raise": the step depends on the check, so the check is never pruned.
         step = state.step + 1 + ok if guard == "raise" else state.step + 1
         return EmbeddingState(tables, slots, step, nonfinite)
+
+
+def _after(features: list[tuple[Any, ...]], zero: jax.Array) -> list[tuple[Any, ...]]:
+    """Each feature's slot-cotangent parts with ``zero`` added to their slot indices: XLA sums
+    them only once ``zero`` is computed."""
+    return [tuple((p[0], p[1] + zero, *p[2:]) for p in parts) for parts in features]
 
 
 def _slot_summary(slots: Any) -> str:
