@@ -24,7 +24,8 @@ off and reports, per device (the compiled SPMD program is one device's):
   ``ratio_xla_over_minimum``;
 * step time of the pure-JAX step and of the fused CPU-kernel step (interleaved, medians) and
   ``ratio_pure_over_fused`` (goal <= 2); ``pure_vs_fused_max_abs_diff`` after one step from the
-  same state (the kernels equal the pure path to float32 rounding).
+  same state (the kernels equal the pure path to float32 rounding); each step's
+  ``scratch_bytes`` (XLA's temporary memory) and ``page_faults_per_step``.
 
 ``--devices N`` runs on ``N`` simulated CPU devices (``--xla_force_host_platform_device_count``,
 set before JAX starts) with the tables row-sharded over a 1-D mesh (``Embedding(mesh=...)``).
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 
 # Each optimizer at bench_w's learning rate (Adagrad also at its initial accumulator value).
@@ -186,6 +188,21 @@ def compile_step(emb, state, batch, g, kernels: bool):
         return step.lower(state, batch, g).compile()
 
 
+def scratch_bytes(compiled) -> int:
+    """The compiled step's temporary memory on a device: one allocation per run on CPU, which
+    glibc maps afresh (page faults on first touch) when it exceeds its 32 MB ``mmap``
+    threshold."""
+    return int(compiled.memory_analysis().temp_size_in_bytes)
+
+
+def page_faults(case: bw.Stepper, steps: int = 5) -> float:
+    """Minor page faults per call of ``case`` (the process's, from ``getrusage``)."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(steps):
+        case()
+    return round((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps, 1)
+
+
 def copy_state(state):
     return jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
 
@@ -284,6 +301,9 @@ def main() -> None:
         out["seconds_min"] = {k: round(float(np.min(v)), 6) for k, v in times.items()}
         out["ids_per_s"] = {k: round(ids / v) for k, v in med.items()}
         out["ratio_pure_over_fused"] = round(med["pure_jax"] / med["fused"], 3)
+        steps = {"pure_jax": pure, "fused": fused}
+        out["scratch_bytes"] = {k: scratch_bytes(s) for k, s in steps.items()}
+        out["page_faults_per_step"] = {k: page_faults(c) for k, c in cases.items()}
     out["goals"] = {
         "row_aware_bytes_le_2x_minimum": out["ratio_row_aware_over_minimum"] <= 2,
         **(

@@ -262,9 +262,7 @@ def _slot_grads_jax(cot, head, head_w, blocks, block_w, num_rows: int) -> jax.Ar
         return jnp.zeros((num_rows, dim), cot.dtype)
     valid = (slots >= 0) & (slots < num_rows)
     columns = jnp.where(valid, slots, num_rows).T  # [slots, R]: one contiguous row per trip
-    # Zeros computed from this call's slots: XLA would merge the zeros of every table's call
-    # into one array, then copy it into each table's gradient buffer, every buffer live at once.
-    out = jnp.broadcast_to(_reads.zero_after([columns]).astype(cot.dtype), (num_rows, dim))
+    out = _reads.zeros_after([columns], (num_rows, dim), cot.dtype)  # one buffer per table
     weights = None
     if head_w is not None:
         tail = jnp.zeros(jnp.shape(blocks)) if block_w is None else block_w

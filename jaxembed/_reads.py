@@ -96,3 +96,10 @@ def zero_after(reads: Sequence[jax.Array]) -> jax.Array:
             bits = jax.lax.bitcast_convert_type(read.reshape(-1)[0].astype(jnp.float32), jnp.int32)
             zero = zero + jax.lax.shift_right_logical(jax.lax.population_count(bits), 6)
     return zero
+
+
+def zeros_after(reads: Sequence[jax.Array], shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    """Zeros of ``shape`` computed from ``zero_after(reads)``: an array of their own, which XLA
+    neither computes before ``reads`` nor merges with other zeros of the step (merged zeros are
+    one array that XLA copies into each of its users' buffers, every copy live at once)."""
+    return jnp.broadcast_to(zero_after(reads).astype(dtype), shape)

@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from jaxembed import _kernels
+from jaxembed import _kernels, _reads
 from jaxembed.optimizers import Optimizer, Slots, apply_rows, apply_slot_gradients
 
 Part = tuple[Any, ...]  # slot cotangents: (cot, head, head_w, blocks, block_w)
@@ -257,7 +257,9 @@ class Layout:
         distinct, inverse = jnp.unique(
             ids, size=ids.shape[0], fill_value=self.shard_shape[0], return_inverse=True
         )
-        summed = jax.ops.segment_sum(grads, inverse.reshape(-1), num_segments=ids.shape[0])
+        # segment_sum, from zeros of this table's own (see jaxembed._reads.zeros_after)
+        zeros = _reads.zeros_after([inverse], grads.shape, grads.dtype)
+        summed = zeros.at[inverse.reshape(-1)].add(grads, mode="drop")
         return apply_rows(optimizer, shard, slots, distinct, summed, step)
 
 

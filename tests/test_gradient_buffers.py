@@ -12,6 +12,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import jaxembed as je
 from jaxembed import _kernels
@@ -19,13 +20,15 @@ from jaxembed import _kernels
 VOCAB, DIM, BATCH, IDS = 50_000, 8, 256, 16
 
 
-def _compiled_step(tables: int) -> tuple[jax.stages.Compiled, int]:
-    """The compiled pure train step over ``tables`` tables and the rows of one gradient buffer."""
+def _compiled_step(tables: int, devices: int) -> tuple[jax.stages.Compiled, int]:
+    """The compiled pure train step over ``tables`` tables, row-sharded over ``devices``, and
+    the rows of one table's gradient buffer on a device (the rows it fetched)."""
     features = {
         f"f{i}": je.FeatureConfig(je.TableConfig(VOCAB, DIM, combiner="sum", name=f"t{i}"))
         for i in range(tables)
     }
-    emb = je.Embedding(features, je.optimizers.Adagrad(0.1))
+    mesh = jax.make_mesh((devices,), ("x",)) if devices > 1 else None
+    emb = je.Embedding(features, je.optimizers.Adagrad(0.1), mesh=mesh)
     rng = np.random.default_rng(0)
     lengths = np.full(BATCH, IDS)
     inputs = {
@@ -44,20 +47,23 @@ def _compiled_step(tables: int) -> tuple[jax.stages.Compiled, int]:
 
     with _kernels.use_kernels(False):
         compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile()
-    return compiled, capacities.pop()
+    return compiled, devices * capacities.pop()
 
 
-def test_no_table_copies_a_shared_zero_buffer():
-    compiled, rows = _compiled_step(4)
+@pytest.mark.parametrize("devices", [1, 8])
+def test_no_table_copies_a_shared_zero_buffer(devices):
+    compiled, rows = _compiled_step(4, devices)
     copy = re.compile(rf"= f32\[{rows},{DIM}\]\S* copy\(")
     copies = [line for line in compiled.as_text().splitlines() if copy.search(line)]
     assert not copies, copies
 
 
 def test_scratch_memory_holds_one_table_of_gradient_rows():
+    """(On a mesh each device also fetches as many rows per table for its lookups, so its
+    scratch memory grows by more than the gradient rows.)"""
     more = 4
-    few, rows = _compiled_step(2)
-    many, _ = _compiled_step(2 + more)
+    few, rows = _compiled_step(2, 1)
+    many, _ = _compiled_step(2 + more, 1)
     buffer = rows * DIM * 4
     assert buffer >= 4 * BATCH * DIM * 4  # the gradient rows outweigh a table's activations
     growth = many.memory_analysis().temp_size_in_bytes - few.memory_analysis().temp_size_in_bytes
