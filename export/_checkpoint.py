@@ -258,6 +258,17 @@ def load_tf_checkpoint(
             ``root=None``, several objects hold every table (the error lists them: pass one
             as ``root``); with a ``root``, it does not hold them (the error lists the objects
             that do).
+
+    Example:
+        >>> import jax, tempfile, jaxembed as je
+        >>> from jaxembed import export
+        >>> users = je.FeatureConfig(je.TableConfig(6, 2, name="user"))
+        >>> emb = je.Embedding({"user": users}, je.optimizers.SGD(0.5))
+        >>> trained = emb.init(jax.random.key(1))
+        >>> prefix = export.save_tf_checkpoint(f"{tempfile.mkdtemp()}/model", emb, trained)
+        >>> state = export.load_tf_checkpoint(prefix, emb, step=10)
+        >>> int(state.step), bool((state.tables["user"] == trained.tables["user"]).all())
+        (10, True)
     """
     if root is not None:
         _root_parts(root)  # before any work

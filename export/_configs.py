@@ -25,6 +25,15 @@ def tf_optimizer(optimizer: Optimizer | None, step: int = 0) -> Any:
     zero-argument callable); a ``slot_variable_creation_fn`` works on JAX arrays and is dropped.
     Optax optimizers (``from_optax``) and FBGEMM's row-wise optimizers (``RowWiseAdagrad``,
     ``PartialRowWiseAdam``) have no TF twin and give None.
+
+    Example:
+        >>> import jaxembed as je
+        >>> from jaxembed import export
+        >>> tf_adagrad = export.tf_optimizer(je.optimizers.Adagrad(0.1))
+        >>> type(tf_adagrad).__name__, tf_adagrad.learning_rate
+        ('Adagrad', 0.1)
+        >>> print(export.tf_optimizer(je.optimizers.RowWiseAdagrad(0.1)))
+        None
     """
     if optimizer is None or not optimizer.has_tf_twin:
         return None

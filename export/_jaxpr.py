@@ -1623,6 +1623,19 @@ class TFModel(tf.Module):
     Attributes: ``param_variables`` (a dict from the sanitized param path, e.g.
     ``params.Dense_0.kernel``, to its tf.Variable), ``output_structure`` (the pytree structure of
     fn's output) and ``output_paths`` (the "/"-joined keys of a dict output, else None).
+
+    Example:
+        >>> import numpy as np, tensorflow as tf
+        >>> from jaxembed import export
+        >>> def tower(params, acts):
+        ...     return acts["x"] @ params["w"]
+        >>> model = export.TFModel(
+        ...     tower, {"w": np.ones((3, 2), np.float32)}, {"x": np.ones((4, 3), np.float32)}
+        ... )
+        >>> model({"x": tf.ones((5, 3))}).shape  # any batch size
+        TensorShape([5, 2])
+        >>> sorted(model.param_variables)
+        ['w']
     """
 
     def __init__(self, fn: Callable, params: Any, example_activations: Any, *, name: str = "model"):

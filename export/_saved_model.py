@@ -141,7 +141,13 @@ class ExportOptions:
 
 
 def input_name(path: str, suffix: str) -> str:
-    """The signature input name of a feature path: ``"ctx/item", "ids"`` -> ``"ctx_item_ids"``."""
+    """The signature input name of a feature path: ``"ctx/item", "ids"`` -> ``"ctx_item_ids"``.
+
+    Example:
+        >>> from jaxembed import export
+        >>> export.input_name("ctx/item", "ids"), export.input_name("user", "lengths")
+        ('ctx_item_ids', 'user_lengths')
+    """
     return f"{path.replace('/', '_')}_{suffix}" if path else suffix
 
 
@@ -565,9 +571,46 @@ def serving_request(samples: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str
 
 
 def serialized_examples(samples: Mapping[str, Mapping[str, np.ndarray]]) -> list[bytes]:
-    """``samples`` as serialized ``tf.Example``s, one per example of the batch."""
-    first = next(iter(samples.values()))
-    batch = len(first["lengths"])
+    """``samples`` as serialized ``tf.Example``s, one per example of the batch: the input of
+    the SavedModel's ``serve_examples`` signature.
+
+    ``samples`` maps each feature path to its ragged ids in the ``serving_default`` layout:
+    ``{"ids": [N] all examples' ids in order, "lengths": [B] ids per example}``, and
+    ``"weights"`` (``[N]``) for a weighted feature. Each example's ids become the feature
+    ``path`` (``int64_list``, or ``bytes_list`` for raw string ids), its weights
+    ``path + "_weights"``.
+
+    Raises:
+        ValueError: a feature lacks ``ids`` or ``lengths``, its lengths do not add up to its
+            ids, or the features give different batch sizes.
+
+    Example:
+        >>> import numpy as np, tensorflow as tf
+        >>> from jaxembed import export
+        >>> samples = {"items": {"ids": np.array([3, 1, 4]), "lengths": np.array([2, 1])}}
+        >>> first, second = export.serialized_examples(samples)
+        >>> tf.train.Example.FromString(second).features.feature["items"].int64_list.value
+        [4]
+    """
+    batches = set()
+    for path, arrays in samples.items():
+        if "ids" not in arrays or "lengths" not in arrays:
+            raise ValueError(
+                f"serialized_examples: feature {path!r} has arrays {sorted(arrays)}; give it "
+                "'ids' (all examples' ids in order) and 'lengths' (ids per example)."
+            )
+        if int(np.sum(arrays["lengths"])) != len(arrays["ids"]):
+            raise ValueError(
+                f"serialized_examples: feature {path!r} has {len(arrays['ids'])} ids but its "
+                f"lengths add up to {int(np.sum(arrays['lengths']))}; make them agree."
+            )
+        batches.add(len(arrays["lengths"]))
+    if len(batches) > 1:
+        raise ValueError(
+            f"serialized_examples: the features give batch sizes {sorted(batches)}; give "
+            "every feature one length per example."
+        )
+    batch = batches.pop() if batches else 0
     splits = {p: np.concatenate([[0], np.cumsum(a["lengths"])]) for p, a in samples.items()}
     out = []
     for i in range(batch):

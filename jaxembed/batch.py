@@ -58,6 +58,16 @@ class Batch:
         treedef: the inputs' nested structure (static), to pack the activations.
         owner: a fingerprint of the features and plan of the ``Embedding`` that built it
             (static), so that a ``Batch`` is never used with an ``Embedding`` it does not fit.
+
+    Example:
+        >>> import numpy as np, jaxembed as je
+        >>> table = je.TableConfig(vocabulary_size=10, dim=4, name="items")
+        >>> emb = je.Embedding({"items": je.FeatureConfig(table)}, je.optimizers.SGD(0.1))
+        >>> batch = emb.preprocess({"items": np.array([[1], [7]])})
+        >>> batch.paths, batch.plans[0].mode
+        (('items',), 'gather')
+        >>> batch.requests["items"].shape  # one device, one shard, 64 rows (padded)
+        (1, 1, 64)
     """
 
     requests: Mapping[str, jax.Array]

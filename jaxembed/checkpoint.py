@@ -79,6 +79,25 @@ from jaxembed.dense_model import check_model, params_from_structure, plain_param
 from jaxembed.dense_model import model_summary as model_summary  # je.checkpoint.model_summary
 from jaxembed.embedding import Embedding, EmbeddingState
 
+__all__ = [
+    "CheckpointCorruptedError",
+    "CheckpointError",
+    "CheckpointLockedError",
+    "CheckpointManager",
+    "CheckpointWriteError",
+    "DenseModel",
+    "StepExistsError",
+    "config_metadata",
+    "feature_config_from",
+    "latest_step",
+    "model_summary",
+    "optimizer_config",
+    "read_config",
+    "restore",
+    "restore_model",
+    "save",
+]
+
 _ITEMS = ("embedding", "config", "extra", "model")
 _LOCK_FILE = ".jaxembed-writer.lock"
 _TRASH_DIR = ".jaxembed-deleted"
@@ -459,7 +478,14 @@ def _json_value(value: Any) -> Any:
 
 
 def optimizer_config(optimizer: Any) -> dict | None:
-    """The optimizer's class and hyperparameters as JSON-able data (None without one)."""
+    """The optimizer's class and hyperparameters as JSON-able data (None without one).
+
+    Example:
+        >>> import jaxembed as je
+        >>> cfg = je.checkpoint.optimizer_config(je.optimizers.SGD(0.1))
+        >>> cfg["class"], cfg["args"]["learning_rate"]
+        ('SGD', 0.1)
+    """
     if optimizer is None:
         return None
     args = {k: _json_value(v) for k, v in optimizer.hyperparameters().items()}
@@ -467,7 +493,15 @@ def optimizer_config(optimizer: Any) -> dict | None:
 
 
 def config_metadata(emb: Embedding) -> dict:
-    """What a checkpoint records about ``emb``'s configs."""
+    """What a checkpoint records about ``emb``'s configs.
+
+    Example:
+        >>> import jaxembed as je
+        >>> table = je.TableConfig(10, 4, name="items")
+        >>> meta = je.checkpoint.config_metadata(je.Embedding({"items": je.FeatureConfig(table)}))
+        >>> [(t["name"], t["vocabulary_size"], t["dim"]) for t in meta["tables"]]
+        [('items', 10, 4)]
+    """
     tables = [
         {
             "name": name,
@@ -535,6 +569,15 @@ def read_config(directory: str | os.PathLike, step: int | None = None) -> dict:
     Raises:
         FileNotFoundError: no complete checkpoint (or no such step) in ``directory``.
         CheckpointCorruptedError: the step's config file is missing or damaged.
+
+    Example:
+        >>> import jax, tempfile, jaxembed as je
+        >>> emb = je.Embedding({"items": je.FeatureConfig(je.TableConfig(10, 4, name="items"))})
+        >>> path = tempfile.mkdtemp()
+        >>> je.checkpoint.save(path, emb, emb.init(jax.random.key(0)), step=2)
+        >>> cfg = je.checkpoint.read_config(path)
+        >>> cfg["step"], cfg["tables"][0]["name"], cfg["tables"][0]["combiner"]
+        (2, 'items', 'mean')
     """
     with CheckpointManager(directory, None, create=False) as manager:
         step = manager._resolve_step(step)
@@ -547,8 +590,19 @@ def feature_config_from(config: dict) -> Any:
 
     Tables get their saved name, shape, combiner and quantization config, TF's default
     initializer and no optimizer (a learning-rate schedule cannot be stored): enough to restore
-    and serve the tables, e.g.
-    ``je.checkpoint.restore(dir, je.Embedding(feature_config_from(cfg)), tables_only=True)``.
+    and serve the tables.
+
+    Example:
+        >>> import jax, tempfile, jaxembed as je
+        >>> trained = je.Embedding({"ads": je.FeatureConfig(je.TableConfig(8, 2, name="ads"))})
+        >>> path = tempfile.mkdtemp()
+        >>> je.checkpoint.save(path, trained, trained.init(jax.random.key(0)), step=1)
+        >>> features = je.checkpoint.feature_config_from(je.checkpoint.read_config(path))
+        >>> features["ads"].table.vocabulary_size, features["ads"].table.dim
+        (8, 2)
+        >>> served = je.checkpoint.restore(path, je.Embedding(features), tables_only=True)
+        >>> served.tables["ads"].shape
+        (8, 2)
     """
     tables = {
         t["name"]: TableConfig(
@@ -594,24 +648,30 @@ def _nest_from_paths(features: dict[str, Any]) -> Any:
 
 
 def _logical_tree(emb: Embedding, state: EmbeddingState) -> dict:
-    tables = {emb.table_names[t]: v for t, v in emb.embedding_tables(state).items()}
-    return {"tables": tables, "slots": emb.logical_slots(state), "step": state.step}
+    """What ``save`` writes: logical row order, each table split over the mesh's devices."""
+    tables, slots = emb.logical_arrays(state)
+    return {"tables": tables, "slots": slots, "step": state.step}
 
 
 def _restore_target(emb: Embedding) -> dict:
-    """The logical tree ``save`` writes, as shapes placed on one device (a restore target)."""
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    """The logical tree ``save`` writes, as shapes split over ``emb``'s mesh as
+    ``Embedding.logical_arrays`` splits them: each process reads only its devices' rows."""
 
-    def struct(shape, dtype=np.float32):
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=device)
+    def struct(name: str, shape: tuple, dtype: Any = np.float32) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=emb.logical_sharding(name, shape))
 
     tables, slots = {}, {}
     for table, name in emb.table_names.items():
-        tables[name] = struct((table.vocabulary_size, table.dim))
+        tables[name] = struct(name, (table.vocabulary_size, table.dim))
         opt = emb.optimizers[name]
         shapes = jax.eval_shape(opt.init_slots, tables[name]) if opt is not None else {}
-        slots[name] = jax.tree.map(lambda x: struct(x.shape, x.dtype), shapes)
-    return {"tables": tables, "slots": slots, "step": struct((), np.int32)}
+        slots[name] = jax.tree.map(lambda x, n=name: struct(n, x.shape, x.dtype), shapes)
+    replicated = jax.sharding.NamedSharding(emb.mesh, jax.sharding.PartitionSpec())
+    return {
+        "tables": tables,
+        "slots": slots,
+        "step": jax.ShapeDtypeStruct((), np.int32, sharding=replicated),
+    }
 
 
 def save(
@@ -714,7 +774,18 @@ def _vocabulary_summary(data: dict | None) -> str:
 
 
 def latest_step(directory: str | os.PathLike) -> int | None:
-    """The newest complete step in ``directory`` (None if there is none)."""
+    """The newest complete step in ``directory`` (None if there is none).
+
+    Example:
+        >>> import jax, tempfile, jaxembed as je
+        >>> emb = je.Embedding({"items": je.FeatureConfig(je.TableConfig(10, 4, name="items"))})
+        >>> path = tempfile.mkdtemp()
+        >>> print(je.checkpoint.latest_step(path))
+        None
+        >>> je.checkpoint.save(path, emb, emb.init(jax.random.key(0)), step=7)
+        >>> je.checkpoint.latest_step(path)
+        7
+    """
     with CheckpointManager(directory, None, create=False) as manager:
         return manager.latest_step()
 
@@ -745,6 +816,17 @@ def restore(
         CheckpointCorruptedError: the step is damaged (a checksum differs, or a file is
             missing, truncated or undecodable), naming the step and the table or file; with
             ``step=None`` it also names the newest older step that restores intact.
+
+    Example:
+        >>> import jax, tempfile, jaxembed as je
+        >>> table = je.TableConfig(10, 4, name="items")
+        >>> emb = je.Embedding({"items": je.FeatureConfig(table)}, je.optimizers.Adagrad(0.1))
+        >>> path = tempfile.mkdtemp()
+        >>> je.checkpoint.save(path, emb, emb.init(jax.random.key(0)), step=3)
+        >>> state = je.checkpoint.restore(path, emb)  # the latest step, 3
+        >>> state.tables["items"].shape, list(state.slots["items"])
+        ((10, 4), ['accumulators'])
+        >>> fresh = je.checkpoint.restore(path, emb, tables_only=True)  # slots start fresh
     """
     with CheckpointManager(directory, emb, create=False) as manager:
         state, _ = manager.restore(step, tables_only=tables_only, reinit_slots=reinit_slots)
@@ -1013,9 +1095,8 @@ class CheckpointManager:
         if extra is not None:
             restored_extra = self._restore_item(step, "extra", extra, partial=False)
             self._verify(step, recorded, {"extra": restored_extra})
-        host = jax.tree.map(np.asarray, restored)
-        slots = None if fresh else host["slots"]
-        state = emb.state_from_logical(host["tables"], slots, host["step"])
+        slots = None if fresh else restored["slots"]
+        state = emb.state_from_logical(restored["tables"], slots, restored["step"])
         return state, restored_extra
 
     def restore_model(self, step: int | None = None, *, sharding: Any = None) -> DenseModel | None:

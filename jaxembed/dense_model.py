@@ -349,7 +349,22 @@ def check_model(model: Any) -> DenseModel:
 
 def model_summary(config: Mapping[str, Any]) -> dict | None:
     """What a step's config (``read_config``) says about its dense model, without importing
-    it: ``{"apply", "kwargs", "arrays", "parameters"}``, or None if none is stored."""
+    it: ``{"apply", "kwargs", "arrays", "parameters"}``, or None if none is stored.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, tempfile, jaxembed as je
+        >>> from jaxembed.demo import model as demo
+        >>> acts = {"user": jnp.ones((2, 4)), "item": jnp.ones((2, 4)),
+        ...         "categories": jnp.ones((2, 4)), "history": jnp.ones((2, 3, 4))}
+        >>> params = demo.Tower(hidden=(8,)).init(jax.random.key(0), acts)
+        >>> dense = je.checkpoint.DenseModel(demo.Tower, params, kwargs={"hidden": (8,)})
+        >>> emb = je.Embedding({"item": je.FeatureConfig(je.TableConfig(10, 4, name="items"))})
+        >>> path = tempfile.mkdtemp()
+        >>> je.checkpoint.save(path, emb, emb.init(jax.random.key(0)), step=1, model=dense)
+        >>> summary = je.checkpoint.model_summary(je.checkpoint.read_config(path))  # no import
+        >>> summary["apply"], summary["kwargs"], summary["arrays"], summary["parameters"]
+        ('jaxembed.demo.model:Tower', {'hidden': [8]}, 4, 129)
+    """
     stored = config.get("model")
     if stored is None:
         return None

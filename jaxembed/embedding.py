@@ -43,7 +43,7 @@ from jaxembed.lookup import (
     slot_cotangents,
 )
 from jaxembed.optimizers import Optimizer
-from jaxembed.sharding import ShardingPlan, plan_sharding
+from jaxembed.sharding import ShardingPlan, plan_sharding, spread_sharding
 
 NONFINITE_GRADIENTS = ("skip", "raise", "apply")
 """``Embedding(nonfinite_gradients=...)`` policies for gradient rows holding NaN or Inf."""
@@ -82,6 +82,16 @@ class EmbeddingState(NamedTuple):
             default). ``init``, ``abstract_state`` and ``state_from_logical`` set it; None (a
             state built as ``EmbeddingState(tables, slots, step)``) drops such rows uncounted.
             A diagnostic: checkpoints do not store it, so it counts from 0 after a restore.
+
+    Example:
+        >>> import jax, jaxembed as je
+        >>> table = je.TableConfig(vocabulary_size=10, dim=4, name="items")
+        >>> emb = je.Embedding({"items": je.FeatureConfig(table)}, je.optimizers.Adagrad(0.1))
+        >>> state = emb.init(jax.random.key(0))
+        >>> {name: t.shape for name, t in state.tables.items()}, list(state.slots["items"])
+        ({'items': (10, 4)}, ['accumulators'])
+        >>> int(state.step), int(state.nonfinite)
+        (0, 0)
     """
 
     tables: dict[str, Any]  # jax.Array, or jax.ShapeDtypeStruct from abstract_state
@@ -271,37 +281,45 @@ class Embedding:
                 table is not ``[vocabulary_size, dim]``, naming the table.
         """
         self._check_logical(tables, slots)
-        tables = {n: jnp.asarray(t, jnp.float32) for n, t in tables.items()}
+        mesh = self.mesh
+
+        def physical_of(layout: Layout, leaves: dict[str, Any]) -> Any:
+            """The layout's leaf from its tables' logical leaves, each first spread over the
+            mesh: rows move between devices, none holds a whole table."""
+            logical = {n: _put(v, self.logical_sharding(n, np.shape(v))) for n, v in leaves.items()}
+            rows_only = np.ndim(next(iter(logical.values()))) == 1  # a row-wise slot
+            shape = layout.physical_shape[:1] if rows_only else layout.physical_shape
+            return _relayout(layout, None, NamedSharding(mesh, layout.spec(shape)))(logical)
+
         physical, physical_slots = {}, {}
         for layout in self.plan.layouts:
-            physical[layout.name] = layout.to_physical(tables)
-            opt = self.optimizer_of(layout.name)
-            if slots is not None:
-                physical_slots[layout.name] = _physical_slots(layout, slots)
-            else:
-                physical_slots[layout.name] = (
-                    opt.init_slots(physical[layout.name]) if opt is not None else {}
-                )
-        physical_slots = {n: jax.tree.map(jnp.asarray, sub) for n, sub in physical_slots.items()}
+            names = [t.name for t in layout.tables]
+            physical[layout.name] = physical_of(layout, {n: _float32(tables[n]) for n in names})
+            if slots is None:
+                opt = self.optimizer_of(layout.name)
+                physical_slots[layout.name] = _initial_slots(opt, physical, layout, mesh)
+                continue
 
-        def put(x, spec):  # host value -> global array (works across processes)
-            sharding = NamedSharding(self.mesh, spec)
-            if isinstance(x, jax.core.Tracer):  # e.g. jax.jit(emb.init)
-                return _constrain(x, sharding)
-            if jax.process_count() == 1:  # device to device, no host copy of the tables
-                return jax.device_put(x, sharding)
-            host = np.asarray(x)
-            return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+            def combine(*leaves, layout=layout, names=names):
+                if np.ndim(leaves[0]) == 0:  # scalar state (e.g. an optax count): shared
+                    return leaves[0]
+                return physical_of(layout, dict(zip(names, leaves, strict=True)))
+
+            physical_slots[layout.name] = jax.tree.map(combine, *[slots[n] for n in names])
 
         def place(tree):  # a comprehension (not tree.map) keeps the tables in TF's order
             specs = self._specs(tree)
-            return {name: jax.tree.map(put, sub, specs[name]) for name, sub in tree.items()}
+            return {
+                name: jax.tree.map(lambda x, s: _put(x, NamedSharding(mesh, s)), sub, specs[name])
+                for name, sub in tree.items()
+            }
 
+        replicated = NamedSharding(mesh, P())
         return EmbeddingState(
             place(physical),
             place(physical_slots),
-            put(jnp.asarray(step, jnp.int32), P()),
-            put(jnp.asarray(nonfinite, jnp.int32), P()),
+            _put(jnp.asarray(step, jnp.int32), replicated),
+            _put(jnp.asarray(nonfinite, jnp.int32), replicated),
         )
 
     def _check_logical(self, tables: Any, slots: Any) -> None:
@@ -329,19 +347,50 @@ class Embedding:
         """``{table name: slots}`` with every table-shaped slot leaf in logical row order.
 
         Unlike ``slot_variables`` this keeps the whole slot pytree (e.g. an Optax state's step
-        count), so ``state_from_logical`` can rebuild the state on any mesh.
+        count), so ``state_from_logical`` can rebuild the state on any mesh. The leaves are
+        spread over the mesh as ``logical_arrays`` says.
         """
-        out = {}
-        for name in self.table_names.values():
+        return self.logical_arrays(state)[1]
+
+    def logical_sharding(self, name: str, shape: Sequence[int]) -> NamedSharding:
+        """Where a logical-order array of table ``name`` (``[vocabulary_size, dim]``, a
+        ``[vocabulary_size]`` row-wise slot) lives on the mesh: split over the table's shard
+        axes as far as ``shape`` allows (``sharding.spread_sharding``), replicated over the
+        others, as the table itself is."""
+        return spread_sharding(self.mesh, shape, self.plan.layout(name).shard_axes)
+
+    def logical_arrays(self, state: EmbeddingState) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``({table name: [vocabulary_size, dim]}, {table name: slots})`` in logical row order,
+        as a checkpoint stores them, each table-shaped or row-wise leaf split over the devices
+        of the table's shard axes (``logical_sharding``): rows move between devices, and no
+        device holds more of a table than its layout gives it, give or take the padding
+        (``embedding_tables`` gives every device the whole table).
+        ``state_from_logical`` takes them back onto any mesh.
+
+        Example:
+            >>> import jax, jaxembed as je
+            >>> table = je.TableConfig(10, 4, name="items")
+            >>> emb = je.Embedding({"items": je.FeatureConfig(table)}, je.optimizers.Adagrad(0.1))
+            >>> tables, slots = emb.logical_arrays(emb.init(jax.random.key(0)))
+            >>> tables["items"].shape, slots["items"]["accumulators"].shape
+            ((10, 4), (10, 4))
+        """
+        tables, slots = {}, {}
+        for table, name in self.table_names.items():
             layout = self.plan.layout(name)
 
-            def logical(leaf, name=name, layout=layout):
+            def logical(leaf, name=name, layout=layout, table=table):
                 if not layout.row_aligned(np.shape(leaf)):
                     return leaf
-                return layout.to_logical(leaf, name)
+                rows = table.vocabulary_size
+                shape = (rows,) if np.ndim(leaf) == 1 else (rows, table.dim)
+                # A state placed elsewhere (e.g. built on one device) is laid out first.
+                leaf = _put(leaf, NamedSharding(self.mesh, layout.spec(np.shape(leaf))))
+                return _relayout(layout, name, self.logical_sharding(name, shape))(leaf)
 
-            out[name] = jax.tree.map(logical, state.slots[layout.name])
-        return out
+            tables[name] = logical(state.tables[layout.name])
+            slots[name] = jax.tree.map(logical, state.slots[layout.name])
+        return tables, slots
 
     def abstract_state(self) -> EmbeddingState:
         """``init``'s state as ``jax.ShapeDtypeStruct``s with their shardings; allocates nothing.
@@ -857,13 +906,58 @@ def _raising_eagerly(run: Callable[[], Any]) -> Any:
         raise NonFiniteGradientError(str(err).rsplit(marker, 1)[1].strip()) from None
 
 
-def _physical_slots(layout: Layout, slots: Mapping[str, Any]) -> Any:
-    """One array's slot pytree from its tables' logical slot pytrees."""
-    names = [t.name for t in layout.tables]
+@functools.cache
+def _relayout(layout: Layout, name: str | None, sharding: NamedSharding | None) -> Any:
+    """``layout.to_physical`` (``name`` None) or ``layout.to_logical(., name)``, jitted, its
+    result laid out as ``sharding`` (None: XLA's choice). The body runs with the mesh's axes in
+    auto mode, so XLA moves rows between devices (``all_to_all``) instead of gathering a whole
+    table on each device, as the reshapes of an explicit-axis mesh would."""
+    fn = layout.to_physical if name is None else functools.partial(layout.to_logical, name=name)
+    if sharding is None:
+        return jax.jit(fn)
+    return jax.jit(jax.sharding.auto_axes(fn, out_sharding=sharding), out_shardings=sharding)
 
-    def combine(*leaves):
-        if np.ndim(leaves[0]) == 0:  # scalar state (e.g. an optax count): shared
-            return leaves[0]
-        return layout.to_physical(dict(zip(names, leaves, strict=True)))
 
-    return jax.tree.map(combine, *[slots[n] for n in names])
+def _put(x: Any, sharding: NamedSharding) -> Any:
+    """``x`` (a host value, a local or global array, or a tracer) as a global array laid out as
+    ``sharding``; works across processes (every process passes the same value)."""
+    if isinstance(x, jax.core.Tracer):  # e.g. jax.jit(emb.init)
+        return _constrain(x, sharding)
+    if (
+        isinstance(x, jax.Array)
+        and isinstance(x.sharding, NamedSharding)
+        and x.sharding.is_equivalent_to(sharding, x.ndim)
+    ):  # already there, e.g. restored in place
+        return x
+    if jax.process_count() == 1:  # to the devices: no host copy of a device array
+        return jax.device_put(x, sharding)
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:  # spread over processes
+        return jax.jit(lambda a: a, out_shardings=sharding)(x)
+    host = np.asarray(x)  # this process holds the whole value
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def _float32(x: Any) -> Any:
+    """``x`` as float32, staying where it is (a device array) or on the host."""
+    return x.astype(jnp.float32) if isinstance(x, jax.Array) else np.asarray(x, np.float32)
+
+
+def _initial_slots(opt: Optimizer | None, physical: dict, layout: Layout, mesh: Any) -> Any:
+    """``opt``'s fresh slots for ``layout``'s array in ``physical``, made where they live
+    (``{}`` without an optimizer)."""
+    if opt is None:
+        return {}
+    try:
+        initializer = _slot_initializer(opt, layout, mesh)
+    except TypeError:  # an optimizer holding something unhashable: built for this call
+        initializer = _slot_initializer.__wrapped__(opt, layout, mesh)
+    return initializer(physical[layout.name])
+
+
+@functools.cache
+def _slot_initializer(opt: Optimizer, layout: Layout, mesh: Any) -> Any:
+    """``opt.init_slots`` for ``layout``'s array, jitted to make each slot where it lives."""
+    table = jax.ShapeDtypeStruct(layout.physical_shape, jnp.float32)
+    shapes = jax.eval_shape(opt.init_slots, table)
+    out = jax.tree.map(lambda s: NamedSharding(mesh, layout.spec(s.shape)), shapes)
+    return jax.jit(opt.init_slots, out_shardings=out)

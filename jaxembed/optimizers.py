@@ -164,6 +164,15 @@ class Optimizer:
     Subclasses are frozen dataclasses declaring TF's arguments; they set ``slot_names`` and
     implement ``_initial_values``, ``_slot_rule`` and ``_weight_rule`` (the elementwise
     equations: the new slots, then the new weights from the new slots).
+
+    Example:
+        >>> import jax.numpy as jnp, jaxembed as je
+        >>> opt = je.optimizers.SGD(learning_rate=0.5)
+        >>> isinstance(opt, je.optimizers.Optimizer), opt.slot_names
+        (True, ())
+        >>> w, slots = opt.apply(jnp.ones(2), opt.init_slots(jnp.ones(2)), jnp.ones(2), 0)
+        >>> w.tolist()
+        [0.5, 0.5]
     """
 
     slot_names: ClassVar[tuple[str, ...]] = ()
@@ -803,6 +812,16 @@ class RowWiseOptimizer(Optimizer):
     Slots named in ``row_slots`` have shape ``[V]`` (one value per table row) and are sharded
     like the table's rows; the others have the table's shape. TF's common options (clipping,
     ``weight_decay_factor``) do not apply; the optimizers take FBGEMM's own arguments instead.
+
+    Example:
+        >>> import jax.numpy as jnp, jaxembed as je
+        >>> opt = je.optimizers.RowWiseAdagrad(learning_rate=0.5)
+        >>> opt.row_slots, opt.init_slots(jnp.zeros((3, 2)))["accumulators"].shape
+        (('accumulators',), (3,))
+        >>> g = jnp.array([[1.0, 1.0], [0.0, 2.0], [0.0, 0.0]])
+        >>> w, slots = opt.apply(jnp.zeros((3, 2)), opt.init_slots(jnp.zeros((3, 2))), g, 0)
+        >>> slots["accumulators"].tolist()  # each row's mean of g^2
+        [1.0, 2.0, 0.0]
     """
 
     row_slots: ClassVar[tuple[str, ...]] = ()
@@ -1124,7 +1143,19 @@ def _check_elementwise(tx: optax.GradientTransformation) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class OptaxOptimizer(Optimizer):
-    """An elementwise Optax transformation applied to the touched rows (see ``from_optax``)."""
+    """An elementwise Optax transformation applied to the touched rows (see ``from_optax``).
+
+    Example:
+        >>> import jax.numpy as jnp, optax, jaxembed as je
+        >>> opt = je.optimizers.from_optax(optax.sgd(0.5))
+        >>> table = jnp.zeros((4, 2))
+        >>> rows = jnp.array([1, 4])  # 4 = the vocabulary size: padding, ignored
+        >>> table, _ = je.optimizers.apply_rows(
+        ...     opt, table, opt.init_slots(table), rows, jnp.ones((2, 2)), 0
+        ... )
+        >>> table[:, 0].tolist()
+        [0.0, -0.5, 0.0, 0.0]
+    """
 
     tx: optax.GradientTransformation
 
@@ -1215,6 +1246,17 @@ def apply_rows(
 
     Returns:
         The new table and slots. Untouched rows are unchanged unless ``optimizer.lazy`` is False.
+
+    Example:
+        >>> import jax.numpy as jnp, jaxembed as je
+        >>> opt = je.optimizers.Adagrad(0.5, initial_accumulator_value=1.0)
+        >>> table = jnp.zeros((4, 2))
+        >>> ids = jnp.array([2, 4])  # 4 = the vocabulary size: padding, ignored
+        >>> table, slots = je.optimizers.apply_rows(
+        ...     opt, table, opt.init_slots(table), ids, jnp.ones((2, 2)), 0
+        ... )
+        >>> slots["accumulators"][:, 0].tolist()
+        [1.0, 1.0, 2.0, 1.0]
     """
     if not optimizer.lazy:
         dense = jnp.zeros_like(table).at[ids].add(grads, mode="drop")
@@ -1236,6 +1278,19 @@ def apply_slot_gradients(
     ``lookup.slot_cotangents``): row ``i``'s gradient is the sum of ``(w *) cot[r]`` over the
     slots holding ``i``. With one part, the CPU kernel sums each row's gradient right before
     updating the row, with no ``[U, D]`` gradient array.
+
+    Example:
+        >>> import jax.numpy as jnp, jaxembed as je
+        >>> opt = je.optimizers.SGD(learning_rate=1.0)
+        >>> table = jnp.zeros((3, 2))
+        >>> ids = jnp.array([0, 2])  # the touched rows
+        >>> cot = jnp.array([[1.0, 1.0], [2.0, 2.0]])  # dL/d(activation) of two examples
+        >>> head = jnp.array([[0, 1], [1, 2]])  # example 0 sums rows ids[0], ids[1]; 2 = none
+        >>> blocks = jnp.zeros((2, 0, 8), jnp.int32)  # no tail blocks
+        >>> part = (cot, head, None, blocks, None)
+        >>> table, _ = je.optimizers.apply_slot_gradients(opt, table, {}, ids, [part], 0)
+        >>> table[:, 0].tolist()  # row 2 gets both examples' gradients
+        [-1.0, 0.0, -3.0]
     """
     if len(parts) == 1 and optimizer.lazy:
         cot, head, head_w, blocks, block_w = parts[0]

@@ -26,6 +26,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxembed.configs import TableConfig
 from jaxembed.layouts import (
@@ -264,6 +266,39 @@ def _stack_tables(members: list[tuple[str, int, int]], spread: tuple) -> TableLa
         for name, vocab, dim in members
     )
     return TableLayout(group, placements, *spread)
+
+
+def spread_sharding(
+    mesh: jax.sharding.Mesh, shape: Sequence[int], axes: Sequence[str] | None = None
+) -> NamedSharding:
+    """Where a logical-order array (a table's ``[vocabulary_size, dim]``, a ``[vocabulary_size]``
+    row-wise slot, a scalar) lives between a checkpoint and its layout: split over ``axes`` (the
+    table's shard axes, ``Layout.shard_axes``; None: all of ``mesh``'s axes) as far as its shape
+    allows, so that no device holds more of the table than its layout gives it.
+
+    For each dimension, ``axes`` are taken in the mesh's order, skipping any that would not
+    divide the dimension evenly (JAX shards only evenly); the dimension split the most ways
+    wins (the first on a tie), and the other axes replicate it.
+
+    Example:
+        >>> import jax
+        >>> mesh = jax.sharding.Mesh(jax.devices()[:1], ("x",))
+        >>> spread_sharding(mesh, (10, 4)).spec, spread_sharding(mesh, ()).spec
+        (P('x', None), P())
+    """
+    allowed = mesh.axis_names if axes is None else tuple(axes)
+    best, spec = 1, P()
+    for dim, size in enumerate(shape):
+        split: list[str] = []
+        ways = 1
+        for axis, n in mesh.shape.items():
+            if axis in allowed and size % (ways * n) == 0:
+                split.append(axis)
+                ways *= n
+        if split and (ways > best or spec == P()):
+            rest = [None] * (len(shape) - dim - 1)
+            best, spec = ways, P(*([None] * dim), tuple(split), *rest)
+    return NamedSharding(mesh, spec)
 
 
 def split_evenly(batch_size: int, num_shards: int, what: str = "batch") -> Sequence[int]:

@@ -390,3 +390,25 @@ def test_lookup_is_one_gather_per_table_and_few_ops(exported):
         assert counts.get("ResourceGather", 0) + counts.get("GatherV2", 0) == 3, (key, counts)
         assert counts.get("UnsortedSegmentSum", 0) <= 4, (key, counts)  # 3 tables + a mean's Σw
         assert sum(counts.values()) < 400, (key, sum(counts.values()))
+
+
+@pytest.mark.parametrize(
+    "samples, message",
+    [
+        ({"items": {"ids": np.array([1, 2])}}, r"feature 'items' has arrays \['ids'\].*'lengths'"),
+        (
+            {"items": {"ids": np.array([1, 2]), "lengths": np.array([1, 2])}},
+            r"feature 'items' has 2 ids but its lengths add up to 3",
+        ),
+        (
+            {
+                "a": {"ids": np.array([1]), "lengths": np.array([1])},
+                "b": {"ids": np.array([1]), "lengths": np.array([1, 0])},
+            },
+            r"batch sizes \[1, 2\]",
+        ),
+    ],
+)
+def test_serialized_examples_refuses_samples_out_of_its_layout(samples, message):
+    with pytest.raises(ValueError, match=message):
+        export.serialized_examples(samples)

@@ -119,3 +119,76 @@ def test_raw_id_spellings():
     assert _params(je.Vocabulary)[:2] == ["keys", "num_oov_buckets"]
     assert inspect.signature(je.Vocabulary).parameters["num_oov_buckets"].default == 1
     assert _params(je.Vocabulary.from_file)[:2] == ["path", "num_oov_buckets"]
+
+
+CHECKPOINT_ERRORS = {
+    "CheckpointError",
+    "CheckpointCorruptedError",
+    "CheckpointLockedError",
+    "CheckpointWriteError",
+    "StepExistsError",
+}
+CHECKPOINT = CHECKPOINT_ERRORS | {
+    "save",
+    "restore",
+    "latest_step",
+    "CheckpointManager",
+    "DenseModel",
+    "restore_model",
+    "model_summary",
+    "read_config",
+    "feature_config_from",
+    "config_metadata",
+    "optimizer_config",
+}
+
+
+def test_checkpoint_all_is_pinned_and_resolves():
+    assert set(je.checkpoint.__all__) == CHECKPOINT
+    for name in je.checkpoint.__all__:
+        assert inspect.getdoc(getattr(je.checkpoint, name)), f"jaxembed.checkpoint.{name}"
+
+
+def _public(module) -> list[tuple[str, object]]:
+    """``module``'s public names, less submodules and exception classes."""
+    named = [(f"{module.__name__}.{n}", getattr(module, n)) for n in module.__all__]
+    return [
+        (name, obj)
+        for name, obj in named
+        if not inspect.ismodule(obj)
+        and not (inspect.isclass(obj) and issubclass(obj, BaseException))
+    ]
+
+
+def _without_example(modules) -> list[str]:
+    return [
+        name
+        for module in modules
+        for name, obj in _public(module)
+        if ">>>" not in (inspect.getdoc(obj) or "")
+    ]
+
+
+def test_every_public_name_has_a_runnable_example():
+    """Each public class and function shows its use in a doctest (pytest runs them all:
+    ``--doctest-modules``); exceptions are exempt."""
+    assert _without_example([je, je.optimizers, je.checkpoint]) == []
+
+
+def test_every_export_name_has_a_runnable_example():
+    pytest.importorskip("tensorflow")
+    from jaxembed import export
+
+    assert _without_example([export]) == []
+
+
+def test_the_package_ships_its_type_hints():
+    """PEP 561: ``py.typed`` marks jaxembed (and its subpackages) as typed, and the build
+    declares it, so type checkers of an installed jaxembed read its annotations."""
+    import importlib.resources
+    import tomllib
+    from pathlib import Path
+
+    assert importlib.resources.files("jaxembed").joinpath("py.typed").is_file()
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert "py.typed" in pyproject["tool"]["setuptools"]["package-data"]["jaxembed"]

@@ -62,6 +62,12 @@ def main() -> None:
         for t, named in emb.slot_variables(state).items()
         for k, v in named.items()
     }
+    # What a checkpoint holds is split as the table is: each process writes and reads only its
+    # rows (big: 64 rows over 4 devices, or over the 2 of "model").
+    logical, _ = emb.logical_arrays(state)
+    rows = 64 // emb.plan.layout("big").num_shards
+    assert not logical["big"].is_fully_addressable
+    assert {s.data.shape for s in logical["big"].addressable_shards} == {(rows, 4)}
     je.checkpoint.save(out + ".ckpt", emb, state, step=NUM_STEPS)  # every process takes part
     restored = je.checkpoint.restore(out + ".ckpt", emb)  # and restores onto the same mesh
     for t, v in emb.embedding_tables(restored).items():
