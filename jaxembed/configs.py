@@ -287,13 +287,31 @@ class TableConfig:
                 f"Table {label}: initializer {init!r} returned dtype {table.dtype}, expected a "
                 f"float array (it was asked for {jnp.dtype(dtype).name})."
             )
-        custom = self.initializer is not None  # TF's default never gives NaN or Inf
-        if custom and not isinstance(table, jax.core.Tracer) and not jnp.isfinite(table).all():
-            raise ValueError(
-                f"Table {label}: initializer {init!r} returned NaN or Inf values; initial rows "
-                "must be finite."
-            )
+        if not isinstance(table, jax.core.Tracer):
+            self.check_initial_values(table, name=name)
         return table
+
+    def check_initial_values(self, table: jax.Array, *, name: str | None = None) -> None:
+        """Raises ValueError naming the table if a custom initializer gave NaN or Inf values
+        (TF's default initializer never does, so its tables are not read).
+
+        ``init_table`` checks its concrete results; ``Embedding.init`` checks the tables it
+        builds split over the devices.
+
+        Example:
+            >>> import numpy as np, jaxembed as je
+            >>> table = je.TableConfig(2, 2, lambda key, shape, dtype: np.ones(shape), name="t")
+            >>> table.check_initial_values(np.ones((2, 2)))
+            >>> table.check_initial_values(np.full((2, 2), np.nan))
+            Traceback (most recent call last):
+            ...
+            ValueError: Table 't': initializer ... returned NaN or Inf values; initial rows must be finite.
+        """  # noqa: E501
+        if self.initializer is not None and not bool(jnp.isfinite(table).all()):
+            raise ValueError(
+                f"Table {name or self.name or '(unnamed)'!r}: initializer "
+                f"{self.initializer_fn!r} returned NaN or Inf values; initial rows must be finite."
+            )
 
     def _sort_key(self) -> tuple:
         return (self.name or "", self.vocabulary_size, self.dim, self._order)

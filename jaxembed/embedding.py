@@ -243,10 +243,24 @@ class Embedding:
                 f"{type(key).__name__} of shape {np.shape(key)} ({err})."
             ) from err
         tables = {
-            name: table.init_table(k, name=name)
+            name: self._initial_table(table, name, k)
             for k, (table, name) in zip(keys, self.table_names.items(), strict=True)
         }
         return self.state_from_logical(tables)
+
+    def _initial_table(self, table: TableConfig, name: str, key: jax.Array) -> jax.Array:
+        """``table.init_table(key)`` made where its logical rows live (``logical_sharding``),
+        jitted, so that no device builds a whole table it would not hold; an initializer that
+        cannot be traced (``init_table`` turns its tracer error into a TypeError) runs eagerly."""
+        if isinstance(key, jax.core.Tracer):  # inside jax.jit(emb.init): XLA places it
+            return table.init_table(key, name=name)
+        sharding = self.logical_sharding(name, (table.vocabulary_size, table.dim))
+        try:
+            values = _table_initializer(table, name, sharding)(key)
+        except TypeError:
+            return table.init_table(key, name=name)
+        table.check_initial_values(values, name=name)
+        return values
 
     def optimizer_of(self, array: str) -> Optimizer | None:
         """The optimizer of a physical array (a table, or a group of stacked tables)."""
@@ -284,8 +298,8 @@ class Embedding:
         mesh = self.mesh
 
         def physical_of(layout: Layout, leaves: dict[str, Any]) -> Any:
-            """The layout's leaf from its tables' logical leaves, each first spread over the
-            mesh: rows move between devices, none holds a whole table."""
+            """The layout's leaf from its tables' logical leaves, each first split as its table
+            is (``logical_sharding``): rows move between devices, none gathers a table."""
             logical = {n: _put(v, self.logical_sharding(n, np.shape(v))) for n, v in leaves.items()}
             rows_only = np.ndim(next(iter(logical.values()))) == 1  # a row-wise slot
             shape = layout.physical_shape[:1] if rows_only else layout.physical_shape
@@ -356,8 +370,10 @@ class Embedding:
         """Where a logical-order array of table ``name`` (``[vocabulary_size, dim]``, a
         ``[vocabulary_size]`` row-wise slot) lives on the mesh: split over the table's shard
         axes as far as ``shape`` allows (``sharding.spread_sharding``), replicated over the
-        others, as the table itself is."""
-        return spread_sharding(self.mesh, shape, self.plan.layout(name).shard_axes)
+        others, as the table itself is; a replicated table's, over all the axes (each device
+        already holds the whole table, so this only divides the writing)."""
+        axes = self.plan.layout(name).shard_axes or None
+        return spread_sharding(self.mesh, shape, axes)
 
     def logical_arrays(self, state: EmbeddingState) -> tuple[dict[str, Any], dict[str, Any]]:
         """``({table name: [vocabulary_size, dim]}, {table name: slots})`` in logical row order,
@@ -952,6 +968,12 @@ def _initial_slots(opt: Optimizer | None, physical: dict, layout: Layout, mesh: 
     except TypeError:  # an optimizer holding something unhashable: built for this call
         initializer = _slot_initializer.__wrapped__(opt, layout, mesh)
     return initializer(physical[layout.name])
+
+
+@functools.cache
+def _table_initializer(table: TableConfig, name: str, sharding: NamedSharding) -> Any:
+    """``table.init_table``, jitted to make the table split as ``sharding`` says."""
+    return jax.jit(functools.partial(table.init_table, name=name), out_shardings=sharding)
 
 
 @functools.cache

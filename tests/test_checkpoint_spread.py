@@ -5,11 +5,13 @@ and the physical arrays moves rows between devices (``all_to_all``) instead of g
 device the whole table."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
 import jaxembed as je
+from jaxembed.embedding import _table_initializer
 from jaxembed.sharding import spread_sharding
 
 AXIS_TYPES = [jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit]
@@ -49,13 +51,17 @@ def _per_device_bytes(compiled) -> int:
 @pytest.mark.parametrize("axis_type", AXIS_TYPES, ids=str)
 @pytest.mark.parametrize("strategy", ["row", "column"])
 @pytest.mark.parametrize(
-    "table_axes, share", [(None, 1 / 2), (("b",), 1)], ids=["over_8", "over_4_twice"]
+    "table_axes, ways, share", [(None, 8, 1 / 2), (("b",), 4, 1)], ids=["over_8", "over_4_twice"]
 )
-def test_relayout_never_holds_a_whole_table_on_a_device(axis_type, strategy, table_axes, share):
+def test_relayout_never_holds_a_whole_table_on_a_device(
+    axis_type, strategy, table_axes, ways, share
+):
     """Per device, the compiled relayout (arguments, results and scratch together) takes less
     than ``share`` of what the table and its slot take whole, both ways, and so does
     ``jax.jit(emb.init)``: split over 8 devices (7/16 measured) and over the 4 devices of
-    ``"b"``, replicated over ``"a"`` (each device holds 1/4; 0.72-0.88 measured)."""
+    ``"b"``, replicated over ``"a"`` (each device holds 1/4; 0.72-0.88 measured). The jitted
+    initializer of eager ``init`` needs its device's share of the table and 3 times that for
+    the random bits: 4/8 and 4/4 of one table (measured 0.5002 and 1.0002)."""
     emb = _embedding(_mesh(axis_type), strategy, table_axes=table_axes)
     whole = 2 * (1 << 14) * 64 * 4  # the table and its Adagrad accumulators, float32
     abstract = emb.abstract_state()
@@ -71,6 +77,11 @@ def test_relayout_never_holds_a_whole_table_on_a_device(axis_type, strategy, tab
     assert _per_device_bytes(to_physical) < whole * share
     init = jax.jit(emb.init).lower(jax.random.key(0)).compile()
     assert _per_device_bytes(init) < whole * share
+    # Eager init makes each table with one jitted initializer, split the same way.
+    [table] = emb.table_names
+    make = _table_initializer(table, "t", emb.logical_sharding("t", (1 << 14, 64)))
+    share_of_table = (1 << 14) * 64 * 4 / ways
+    assert _per_device_bytes(make.lower(jax.random.key(0)).compile()) < 4.01 * share_of_table
 
 
 @pytest.mark.parametrize("axis_type", AXIS_TYPES, ids=str)
@@ -82,10 +93,9 @@ def test_save_and_restore_keep_every_table_split(tmp_path, axis_type, strategy):
     state = emb.apply_gradients(state, batch, {"f": np.ones((8, 2, 64), np.float32)})
 
     tables, slots = emb.logical_arrays(state)
-    ways = 1 if strategy == "replicated" else 8  # as the layout splits the table
     for leaf in (tables["t"], slots["t"]["accumulators"]):  # [V, 64] and the row-wise [V]
-        shards = {s.data.shape for s in leaf.addressable_shards}
-        assert shards == {(leaf.shape[0] // ways, *leaf.shape[1:])}, shards
+        shards = {s.data.shape for s in leaf.addressable_shards}  # replicated tables too
+        assert shards == {(leaf.shape[0] // 8, *leaf.shape[1:])}, shards
 
     je.checkpoint.save(tmp_path, emb, state, step=1)
     restored = je.checkpoint.restore(tmp_path, emb)
@@ -107,3 +117,28 @@ def test_a_vocabulary_the_mesh_does_not_divide_is_split_by_columns(tmp_path):
     je.checkpoint.save(tmp_path, emb, state, step=1)
     restored = je.checkpoint.restore(tmp_path, emb)
     np.testing.assert_array_equal(np.asarray(restored.tables["t"]), np.asarray(state.tables["t"]))
+
+
+def test_init_makes_split_tables_checks_them_and_still_runs_untraceable_initializers():
+    mesh = _mesh(jax.sharding.AxisType.Explicit)
+
+    def from_key_value(key, shape, dtype):  # reads the key in numpy: cannot run under jit
+        seed = int(jax.random.key_data(key)[-1])
+        return np.random.default_rng(seed).normal(size=shape).astype(dtype)
+
+    tables = [
+        je.TableConfig(1 << 12, 16, name="default"),
+        je.TableConfig(1 << 12, 16, jax.nn.initializers.uniform(0.5), name="uniform"),
+        je.TableConfig(50, 4, from_key_value, name="numpy"),
+    ]
+    features = {t.name: je.FeatureConfig(t) for t in tables}
+    emb = je.Embedding(features, mesh=mesh, sharding={"default": "row", "uniform": "row"})
+    state = emb.init(jax.random.key(3))
+    keys = jax.random.split(jax.random.key(3), len(tables))
+    for key, (table, logical) in zip(keys, emb.embedding_tables(state).items(), strict=True):
+        want = np.asarray(table.init_table(key, name=table.name))
+        np.testing.assert_allclose(np.asarray(logical), want, rtol=1e-6, atol=1e-7)
+    assert {s.data.shape for s in state.tables["default"].addressable_shards} == {(512, 16)}
+    bad = je.TableConfig(8, 2, lambda key, shape, dtype: jnp.full(shape, jnp.inf, dtype), name="b")
+    with pytest.raises(ValueError, match="Table 'b': initializer .* returned NaN or Inf"):
+        je.Embedding({"b": je.FeatureConfig(bad)}, mesh=mesh).init(jax.random.key(0))
