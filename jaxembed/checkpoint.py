@@ -5,7 +5,9 @@ state) and ``model`` (a ``DenseModel``'s params) when they are saved:
 
 * ``embedding``: ``{"tables": {name: [V, dim]}, "slots": {name: slots}, "step": int}``, every
   table-shaped array in **logical row order**, so a checkpoint written on 8 devices restores onto
-  1, 2 or 64 (the physical layout of a mesh is rebuilt on restore);
+  1, 2 or 64 (the physical layout of a mesh is rebuilt on restore). Saved and restored split
+  over the table's devices (``Embedding.logical_arrays``): no device or host holds a whole
+  sharded table, and each process writes and reads its own part;
 * ``config``: JSON describing the tables (name, vocabulary_size, dim, combiner, optimizer class
   and hyperparameters) and the features, enough to rebuild the configs without the training code;
   with a ``DenseModel``, also its import path (``"package.module:attribute"``), its JSON kwargs
