@@ -923,14 +923,12 @@ def _raising_eagerly(run: Callable[[], Any]) -> Any:
 
 
 @functools.cache
-def _relayout(layout: Layout, name: str | None, sharding: NamedSharding | None) -> Any:
+def _relayout(layout: Layout, name: str | None, sharding: NamedSharding) -> Any:
     """``layout.to_physical`` (``name`` None) or ``layout.to_logical(., name)``, jitted, its
-    result laid out as ``sharding`` (None: XLA's choice). The body runs with the mesh's axes in
-    auto mode, so XLA moves rows between devices (``all_to_all``) instead of gathering a whole
-    table on each device, as the reshapes of an explicit-axis mesh would."""
+    result laid out as ``sharding``. The body runs with the mesh's axes in auto mode, so XLA
+    moves rows between devices (``all_to_all``) instead of gathering a whole table on each
+    device, as the reshapes of an explicit-axis mesh would."""
     fn = layout.to_physical if name is None else functools.partial(layout.to_logical, name=name)
-    if sharding is None:
-        return jax.jit(fn)
     return jax.jit(jax.sharding.auto_axes(fn, out_sharding=sharding), out_shardings=sharding)
 
 
@@ -958,7 +956,9 @@ def _float32(x: Any) -> Any:
     return x.astype(jnp.float32) if isinstance(x, jax.Array) else np.asarray(x, np.float32)
 
 
-def _initial_slots(opt: Optimizer | None, physical: dict, layout: Layout, mesh: Any) -> Any:
+def _initial_slots(
+    opt: Optimizer | None, physical: dict, layout: Layout, mesh: jax.sharding.Mesh
+) -> Any:
     """``opt``'s fresh slots for ``layout``'s array in ``physical``, made where they live
     (``{}`` without an optimizer)."""
     if opt is None:
@@ -977,7 +977,7 @@ def _table_initializer(table: TableConfig, name: str, sharding: NamedSharding) -
 
 
 @functools.cache
-def _slot_initializer(opt: Optimizer, layout: Layout, mesh: Any) -> Any:
+def _slot_initializer(opt: Optimizer, layout: Layout, mesh: jax.sharding.Mesh) -> Any:
     """``opt.init_slots`` for ``layout``'s array, jitted to make each slot where it lives."""
     table = jax.ShapeDtypeStruct(layout.physical_shape, jnp.float32)
     shapes = jax.eval_shape(opt.init_slots, table)
