@@ -30,6 +30,13 @@ off and reports, per device (the compiled SPMD program is one device's):
 ``--devices N`` runs on ``N`` simulated CPU devices (``--xla_force_host_platform_device_count``,
 set before JAX starts) with the tables row-sharded over a 1-D mesh (``Embedding(mesh=...)``).
 
+``--tpu TOPOLOGY`` (e.g. ``v5e:2x2``; ``--devices`` chips of it) compiles the same step for
+TPU chips without a TPU, through libtpu's compiler (install the ``libtpu`` that jax's ``tpu``
+extra pins, in an environment of its own), and reports instead what no CPU count shows: the
+layouts the TPU compiler gives the state (``state_layouts_major_to_minor``; ``[0, 1]`` is
+row-major), the copies of whole tables and slots in the step (``hlo_bytes.whole_array_copies``)
+and XLA's TPU ``bytes accessed``. Nothing runs on a TPU, so there is no time.
+
 Run: ``python benchmarks/bench_accelerator.py`` (one device) and
 ``python benchmarks/bench_accelerator.py --devices 8``; quick: ``-V 100000 -B 1024 --repeats 3``.
 Prints one JSON object (``--hlo-out FILE`` also saves the pure step's optimized HLO).
@@ -72,6 +79,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-time", action="store_true", help="bytes only, no timing")
     p.add_argument("--hlo-out", default=None, help="save the pure step's optimized HLO here")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--tpu",
+        default=None,
+        metavar="TOPOLOGY",
+        help="compile the step for the first --devices chips of a TPU topology (e.g. v5e:2x2) "
+        "without a TPU (needs libtpu) and report its layouts and whole-table copies",
+    )
     return p.parse_args(argv)
 
 
@@ -207,15 +221,105 @@ def copy_state(state):
     return jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
 
 
+def tpu_chips(topology: str, count: int) -> list:
+    """The first ``count`` chips of a TPU topology, for compiling without a TPU (libtpu)."""
+    from jax.experimental import topologies
+
+    try:
+        topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
+    except Exception as e:  # no libtpu, or a topology it does not know
+        raise SystemExit(
+            f"--tpu {topology}: no TPU compiler ({type(e).__name__}: {str(e)[:200]}). Install "
+            "the libtpu that jax's `tpu` extra pins for this jax (its METADATA names it) and "
+            "name a topology libtpu knows, e.g. v5e:2x2 or v4:2x2x1."
+        ) from None
+    chips = list(topo.devices)[:count]
+    if len(chips) < count:
+        raise SystemExit(f"--tpu {topology} has {len(chips)} chips, --devices {count} asked")
+    return chips
+
+
+def tpu_report(args: argparse.Namespace, inputs: bw.Inputs) -> dict[str, Any]:
+    """The pure step compiled for TPU chips (``--tpu``): the layouts XLA gives the state, the
+    whole-table copies in the step, XLA's bytes accessed. Nothing runs: the batch is built on
+    the CPU devices and handed to the compiler as shapes with the same shardings."""
+    from importlib import metadata
+
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    chips = tpu_chips(args.tpu, args.devices)
+    tpu_mesh = Mesh(np.array(chips), ("x",))
+    cpu_mesh = Mesh(np.array(jax.devices("cpu")[: args.devices]), ("x",))
+    emb = make_embedding(args, tpu_mesh)
+    batch = make_embedding(args, cpu_mesh).preprocess(bw.je_inputs(inputs))
+
+    def on_tpu(x: Any) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(
+            x.shape, x.dtype, sharding=NamedSharding(tpu_mesh, x.sharding.spec)
+        )
+
+    batch = jax.tree.map(on_tpu, batch)
+    state = emb.abstract_state()
+    g = {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(tpu_mesh, P("x")))
+        for k, v in bw.fixed_grads(args.features, args.batch, args.dim).items()
+    }
+    t0 = time.perf_counter()
+    compiled = bw.train_step_fn(emb).trace(state, batch, g).lower().compile()
+    compile_s = time.perf_counter() - t0
+    text = compiled.as_text()
+    if args.hlo_out:
+        with open(args.hlo_out, "w") as fh:
+            fh.write(text)
+
+    formats = compiled.input_formats[0][0]  # the state argument's formats
+    table_like = {}  # path: (per-device shape, major-to-minor order of the step's input)
+    for (path, leaf), fmt in zip(
+        jax.tree_util.tree_leaves_with_path(state), jax.tree.leaves(formats), strict=True
+    ):
+        if len(leaf.shape) == 2:
+            order = tuple(fmt.layout.major_to_minor)
+            table_like[jax.tree_util.keystr(path)] = (leaf.sharding.shard_shape(leaf.shape), order)
+    copies = hlo_bytes.whole_array_copies(text, [shape for shape, _ in table_like.values()])
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    mins = minimum_bytes(args, emb, state, inputs)
+    copy_bytes = sum(c["bytes"] for c in copies)
+    return {
+        "benchmark": "accelerator_path_tpu_compile",
+        "tpu": {"topology": args.tpu, "device_kind": chips[0].device_kind, "chips": args.devices},
+        "versions": {
+            "python": platform.python_version(),
+            "jax": jax.__version__,
+            "libtpu": metadata.version("libtpu"),
+        },
+        "config": {k: v for k, v in vars(args).items() if k != "hlo_out"},
+        "compile_seconds": round(compile_s, 2),
+        "state_layouts_major_to_minor": {k: list(o) for k, (_, o) in table_like.items()},
+        "state_row_major": all(o == (0, 1) for _, o in table_like.values()),
+        "whole_table_copies": len(copies),
+        "whole_table_copy_bytes": copy_bytes,
+        "copies": copies,
+        "xla_bytes_accessed": int(float(cost["bytes accessed"])),
+        "minimum_bytes": mins["minimum_bytes"],
+        "ratio_whole_table_copy_bytes_over_minimum": round(copy_bytes / mins["minimum_bytes"], 3),
+        "goals": {"no_whole_table_copies": not copies},
+    }
+
+
 def main() -> None:
     args = ARGS if ARGS is not None else parse_args()
     if args.batch % args.devices:
         raise SystemExit(f"--batch {args.batch} must divide by --devices {args.devices}")
-    if jax.device_count() < args.devices:
-        raise SystemExit(f"{jax.device_count()} devices, --devices {args.devices} asked")
-    mesh = jax.make_mesh((args.devices,), ("x",)) if args.devices > 1 else None
+    if jax.device_count("cpu") < args.devices:
+        raise SystemExit(f"{jax.device_count('cpu')} devices, --devices {args.devices} asked")
     work = bw.Workload(args, args.features, args.seed)
     inputs = work.inputs(args.vocab)
+    if args.tpu:
+        print(json.dumps(tpu_report(args, inputs), indent=1))
+        return
+    mesh = jax.make_mesh((args.devices,), ("x",)) if args.devices > 1 else None
     emb = make_embedding(args, mesh)
     state = emb.init(jax.random.key(0))
     batch = emb.preprocess(bw.je_inputs(inputs))

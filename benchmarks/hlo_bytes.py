@@ -464,6 +464,80 @@ def row_aware_bytes(hlo_text: str, unknown_trips: int = 1) -> dict[str, Any]:
     }
 
 
+_LAYOUT = re.compile(r"\{([0-9,]*)(?::[^}]*)?\}")
+
+
+def _dims(type_str: str) -> tuple[int, ...] | None:
+    """The dimensions of an array type (None for a tuple or a token)."""
+    found = _ARRAY.findall(type_str)
+    if len(found) != 1 or type_str.lstrip().startswith("("):
+        return None
+    return tuple(int(d) for d in found[0][1].split(",") if d)
+
+
+_MOVES = {"copy", "copy-start", "transpose", "reshape"}  # a reshape left after layout
+# assignment is no bitcast: it rewrites the array (e.g. between TPU tilings)
+
+
+def _relayouts(comps: dict[str, Computation], ins: Instr) -> bool:
+    """Whether ``ins`` moves a whole array into a new buffer: a copy, transpose or reshape, or a
+    fusion that is one (its fused root, through bitcasts)."""
+    if ins.opcode in _MOVES:
+        return True
+    if ins.opcode != "fusion":
+        return False
+    fused = comps.get((ins.attr_computations("calls") or [""])[0])
+    if fused is None:
+        return False
+    root = fused.instrs.get(fused.root)
+    while root is not None and root.opcode == "bitcast" and root.operands:
+        root = fused.instrs.get(root.operands[0])
+    return root is not None and root.opcode in _MOVES
+
+
+def whole_array_copies(hlo_text: str, shapes: list[tuple[int, ...]]) -> list[dict[str, Any]]:
+    """The instructions of ``hlo_text`` (``compiled.as_text()``) outside fusions that copy,
+    transpose or reshape into a whole array of one of ``shapes`` (a step's table and slot
+    shapes, per device, logical or as stored):
+    what a step that updated its tables in place would never do. Each is listed with its
+    computation, result layout (XLA's minor-to-major order, tiling dropped), ``op_name`` and
+    bytes moved (read and written in full).
+    """
+    comps = parse_module(hlo_text)
+    fused = {
+        callee
+        for comp in comps.values()
+        for ins in comp.instrs.values()
+        if ins.opcode == "fusion"
+        for callee in ins.attr_computations("calls")
+    }
+    wanted = {tuple(s) for s in shapes}
+    out = []
+    for comp in comps.values():
+        if comp.name in fused:
+            continue
+        for name in comp.order:
+            ins = comp.instrs[name]
+            # an asynchronous copy's result is (destination, source, context)
+            type_str = (
+                _split_top(ins.type.strip()[1:-1])[0] if ins.opcode == "copy-start" else ins.type
+            )
+            if _dims(type_str) in wanted and _relayouts(comps, ins):
+                layout = _LAYOUT.search(type_str)
+                out.append(
+                    {
+                        "name": name,
+                        "computation": comp.name,
+                        "opcode": ins.opcode,
+                        "shape": list(_dims(type_str) or ()),
+                        "minor_to_major": layout.group(1) if layout else "",
+                        "op_name": ins.op_name,
+                        "bytes": 2 * shape_bytes(type_str),
+                    }
+                )
+    return out
+
+
 def top(charges: list[Charge], n: int = 12) -> list[dict[str, Any]]:
     """The ``n`` costliest instructions (row-aware), as dicts."""
     return [c.as_dict() for c in sorted(charges, key=lambda c: -c.bytes)[:n]]

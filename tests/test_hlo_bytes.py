@@ -127,3 +127,47 @@ def test_a_loop_with_a_run_time_bound_is_charged_the_callers_trips():
     (one,), (seven,) = loops(1), loops(7)
     assert seven.bytes == 7 * one.bytes
     assert 3 * ROWS + IDS <= one.bytes < TABLE  # rows read, added to, written; ids; no table
+
+
+def test_whole_array_copies_lists_a_table_copied_before_an_update():
+    """``whole_array_copies`` finds the copy XLA makes of a table it may not update in place
+    (not donated), with its layout and bytes, and nothing once the table is donated."""
+    table, ids, updates = operands()
+    kept = compiled(lambda t, i, u: t.at[i].set(u), table, ids, updates).as_text()
+    (copy,) = hlo_bytes.whole_array_copies(kept, [(V, D)])
+    assert copy["shape"] == [V, D] and copy["bytes"] == 2 * TABLE
+    assert copy["minor_to_major"] == "1,0"  # row-major, XLA:CPU's layout
+    donated = compiled(lambda t, i, u: t.at[i].set(u), table, ids, updates, donate=(0,))
+    assert hlo_bytes.whole_array_copies(donated.as_text(), [(V, D)]) == []
+    # only the shapes asked about count: the rows themselves are no table
+    assert hlo_bytes.whole_array_copies(kept, [(K, D)]) == []
+
+
+def test_whole_array_copies_sees_a_transposing_fusion():
+    """A table moved into another layout (a transpose, fused or not) is a whole-array copy."""
+    table, _, _ = operands()
+    text = compiled(lambda t: t.T + 0.0, table).as_text()
+    found = hlo_bytes.whole_array_copies(text, [(D, V)])
+    assert found and all(c["bytes"] == 2 * TABLE for c in found)
+
+
+def test_whole_array_copies_reads_tpu_style_moves():
+    """TPU programs move arrays with asynchronous copies (``copy-start`` returns a tuple) and
+    with reshapes between tilings that layout assignment could not make bitcasts."""
+    text = "\n".join(
+        [
+            "HloModule m",
+            "ENTRY %main (p: f32[500,128]) -> f32[1000,64] {",
+            "  %p = f32[500,128]{1,0:T(8,128)} parameter(0)",
+            "  %r = f32[1000,64]{1,0:T(8,128)} reshape(%p)",
+            "  %cs = (f32[1000,64]{0,1:T(8,128)}, f32[1000,64]{1,0:T(8,128)}, u32[])"
+            " copy-start(%r)",
+            "  ROOT %cd = f32[1000,64]{0,1:T(8,128)} copy-done(%cs)",
+            "}",
+        ]
+    )
+    found = hlo_bytes.whole_array_copies(text, [(1000, 64)])
+    assert [(c["opcode"], c["minor_to_major"], c["bytes"]) for c in found] == [
+        ("reshape", "1,0", 2 * 1000 * 64 * 4),
+        ("copy-start", "0,1", 2 * 1000 * 64 * 4),
+    ]
