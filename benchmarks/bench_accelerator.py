@@ -112,6 +112,7 @@ import numpy as np  # noqa: E402
 
 import jaxembed as je  # noqa: E402
 from jaxembed import _kernels  # noqa: E402
+from jaxembed.sharding import PACK_ROWS_ENV  # noqa: E402
 
 
 def make_embedding(args: argparse.Namespace, mesh: Any) -> je.Embedding:
@@ -133,12 +134,14 @@ def make_embedding(args: argparse.Namespace, mesh: Any) -> je.Embedding:
     return je.Embedding(features, opt, mesh=mesh)
 
 
-def row_bytes(leaf: Any, vocab: int) -> int:
-    """Bytes per table row of a state leaf: table-shaped and ``[V]`` leaves; 0 otherwise."""
-    shape = tuple(np.shape(leaf))
-    if not shape or shape[0] < vocab:
+def row_bytes(leaf: Any, rows: int) -> int:
+    """Bytes per table row of a state leaf holding ``rows`` rows: table-shaped leaves (however
+    stored: a TPU mesh stores narrow tables several rows to a row) and ``[rows]`` leaves; 0
+    for anything shared by all rows (a scalar)."""
+    size = int(np.prod(np.shape(leaf), dtype=np.int64))
+    if size < rows or size % rows:
         return 0
-    return int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+    return size // rows * np.dtype(leaf.dtype).itemsize
 
 
 def minimum_bytes(args, emb, state, inputs: bw.Inputs) -> dict[str, Any]:
@@ -151,7 +154,7 @@ def minimum_bytes(args, emb, state, inputs: bw.Inputs) -> dict[str, Any]:
         name = f"t{f[1:]}"
         layout = emb.plan.layout(name)
         bytes_per_row = sum(
-            row_bytes(x, layout.physical_shape[0])
+            row_bytes(x, layout.num_rows)
             for x in [state.tables[name], *jax.tree.leaves(state.slots[name])]
         )
         ends = np.cumsum(lengths)
@@ -252,7 +255,11 @@ def tpu_report(args: argparse.Namespace, inputs: bw.Inputs) -> dict[str, Any]:
     tpu_mesh = Mesh(np.array(chips), ("x",))
     cpu_mesh = Mesh(np.array(jax.devices("cpu")[: args.devices]), ("x",))
     emb = make_embedding(args, tpu_mesh)
-    batch = make_embedding(args, cpu_mesh).preprocess(bw.je_inputs(inputs))
+    # The batch's plan must be the TPU's: narrow tables stored several rows to a row there.
+    packs = any(layout.pack > 1 for layout in emb.plan.layouts)
+    os.environ[PACK_ROWS_ENV] = "always" if packs else "never"
+    host = make_embedding(args, cpu_mesh)
+    batch = host.preprocess(bw.je_inputs(inputs))
 
     def on_tpu(x: Any) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(

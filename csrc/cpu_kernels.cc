@@ -824,12 +824,16 @@ bool RowSlot(int32_t kind, size_t slot) {
   return (kind == kRowWiseAdagrad && slot == 0) || (kind == kPartialRowWiseAdam && slot == 1);
 }
 
-ffi::Error AsParams(ffi::RemainingArgs args, ffi::RemainingRets rets, int32_t kind, Params* out) {
+// The table and its slots of an update whose rows are `d` floats wide. A table stored several
+// rows to a row ([R, p * d], as on TPU meshes) is the same row-major memory as [p * R, d].
+ffi::Error AsParams(ffi::RemainingArgs args, ffi::RemainingRets rets, int32_t kind, int64_t d,
+                    Params* out) {
   const size_t want = 1 + SlotCount(kind);
   if (args.size() != want || rets.size() != want) {
     return ffi::Error::InvalidArgument("apply: expected the table and its slots, in and out");
   }
   *out = Params{nullptr, {nullptr, nullptr}, {0, 0}, 0, 0};
+  int64_t stored = 0;  // the table's stored row width
   for (size_t i = 0; i < want; ++i) {
     auto in = args.get<ffi::Buffer<ffi::F32>>(i);
     auto res = rets.get<ffi::Buffer<ffi::F32>>(i);
@@ -845,9 +849,13 @@ ffi::Error AsParams(ffi::RemainingArgs args, ffi::RemainingRets rets, int32_t ki
     } else if (dims.size() != 2) {
       return ffi::Error::InvalidArgument("apply: arrays must be [V, D]");
     } else if (i == 0) {
-      out->num_rows = dims[0];
-      out->d = dims[1];
-    } else if (dims[0] != out->num_rows || dims[1] != out->d) {
+      if (d <= 0 || dims[1] % d != 0) {
+        return ffi::Error::InvalidArgument("apply: the table's rows must hold whole rows of D");
+      }
+      stored = dims[1];
+      out->num_rows = dims[0] * (stored / d);
+      out->d = d;
+    } else if (dims[0] * (stored / d) != out->num_rows || dims[1] != stored) {
       return ffi::Error::InvalidArgument("apply: slots must have the table's shape");
     } else {
       out->width[i - 1] = out->d;
@@ -940,8 +948,8 @@ struct Update {
 
 ffi::Error PrepareUpdate(ffi::Buffer<ffi::F32> lr, ffi::AnyBuffer ids, ffi::RemainingArgs arrays,
                          ffi::RemainingRets results, int32_t kind, int32_t flags,
-                         ffi::Span<const float> hyper, Update* u) {
-  if (ffi::Error e = AsParams(arrays, results, kind, &u->t); e.failure()) return e;
+                         ffi::Span<const float> hyper, int64_t d, Update* u) {
+  if (ffi::Error e = AsParams(arrays, results, kind, d, &u->t); e.failure()) return e;
   if (ffi::Error e = AsIndices(ids, &u->index); e.failure()) return e;
   u->n = static_cast<int64_t>(ids.element_count());
   u->rule = Rule{kind, flags, hyper.begin(), *lr.typed_data()};
@@ -999,7 +1007,9 @@ ffi::Error ApplyRows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lr, ffi::AnyBuf
                      ffi::RemainingRets results, int32_t kind, int32_t flags,
                      ffi::Span<const float> hyper) {
   Update u;
-  if (ffi::Error e = PrepareUpdate(lr, ids, arrays, results, kind, flags, hyper, &u);
+  auto gd = grads.dimensions();
+  const int64_t d = gd.size() == 2 ? gd[1] : 0;
+  if (ffi::Error e = PrepareUpdate(lr, ids, arrays, results, kind, flags, hyper, d, &u);
       e.failure()) {
     return e;
   }
@@ -1019,13 +1029,14 @@ ffi::Error ApplySlots(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lr, ffi::AnyBu
                       ffi::RemainingRets results, int32_t kind, int32_t flags,
                       ffi::Span<const float> hyper) {
   Update u;
-  if (ffi::Error e = PrepareUpdate(lr, ids, arrays, results, kind, flags, hyper, &u);
+  auto cd = cot.dimensions();
+  const int64_t d = cd.size() == 2 ? cd[1] : 0;
+  if (ffi::Error e = PrepareUpdate(lr, ids, arrays, results, kind, flags, hyper, d, &u);
       e.failure()) {
     return e;
   }
   Slots s;
   if (ffi::Error e = AsSlots(head, head_w, blocks, block_w, &s); e.failure()) return e;
-  auto cd = cot.dimensions();
   if (cd.size() != 2 || cd[0] != s.num_out || cd[1] != u.t.d) {
     return ffi::Error::InvalidArgument("apply_slots: cot must be [R, D]");
   }

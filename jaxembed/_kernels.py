@@ -112,13 +112,42 @@ def _as_index(ids: Any) -> jax.Array:
     return ids if ids.dtype in (jnp.int32, jnp.int64) else ids.astype(jnp.int32)
 
 
-def _take(table: jax.Array, ids: jax.Array) -> jax.Array:
-    """``table[ids]``, a zero row for ids outside ``[0, len(table))``."""
+def _take(table: jax.Array, ids: jax.Array, pack: int = 1) -> jax.Array:
+    """``table[ids]``, a zero row for ids outside ``[0, len(table))``.
+
+    ``pack``: ``table`` stores ``pack`` rows side by side in each of its rows (``[R, pack * D]``
+    holds rows ``0 .. pack * R``; see ``_windows``), read in place as ``D``-float windows.
+    """
+    if pack > 1:
+        dim = table.shape[1] // pack
+        starts = _windows(ids, table.shape[0], pack, dim)
+        numbers = jax.lax.GatherDimensionNumbers(
+            offset_dims=(ids.ndim,), collapsed_slice_dims=(0,), start_index_map=(0, 1)
+        )
+        return jax.lax.gather(
+            table, starts, numbers, (1, dim), mode="fill", fill_value=0, indices_are_sorted=False
+        )
     rows = table.shape[0]
     if rows == 0:
         return jnp.zeros((*ids.shape, *table.shape[1:]), table.dtype)
     valid = (ids >= 0) & (ids < rows)
     return jnp.take(table, jnp.where(valid, ids, rows), axis=0, mode="fill", fill_value=0)
+
+
+def _windows(ids: jax.Array, stored_rows: int, pack: int, dim: int) -> jax.Array:
+    """``[*ids.shape, 2]`` (stored row, first column) of each row of a table that stores
+    ``pack`` rows of ``dim`` floats in each of its ``stored_rows`` rows: row ``i`` is columns
+    ``(i mod pack) * dim`` to ``+ dim`` of stored row ``i div pack``. Ids outside the table
+    point past its last stored row (a gather fills them with zeros, a scatter drops them).
+
+    This is how a TPU mesh stores tables narrower than 128 floats (``sharding.rows_per_row``):
+    XLA lays out a ``[rows, 64]`` array on TPU column-major, and a step that reads rows would
+    copy the whole table into row-major order and back each time.
+    """
+    n = stored_rows * pack
+    ids = jnp.asarray(ids)
+    safe = jnp.where((ids >= 0) & (ids < n), ids, n).astype(jnp.int32)
+    return jnp.stack([safe // pack, (safe % pack) * dim], axis=-1)
 
 
 def _add_at(cot: jax.Array, ids: jax.Array, num_rows: int) -> jax.Array:
@@ -129,10 +158,28 @@ def _add_at(cot: jax.Array, ids: jax.Array, num_rows: int) -> jax.Array:
 
 
 def _set_at(table: jax.Array, ids: jax.Array, rows: jax.Array) -> jax.Array:
-    """``table[ids[i]] = rows[i]`` for distinct ids; ids outside the table are dropped."""
+    """``table[ids[i]] = rows[i]`` for distinct ids; ids outside the table are dropped. A table
+    wider than ``rows`` stores several rows in each of its rows (``_take``'s ``pack``)."""
+    pack = table.shape[1] // rows.shape[-1] if table.ndim == 2 else 1
+    if pack > 1:
+        return _scatter_windows(table, ids, rows, pack, add=False)
     valid = (ids >= 0) & (ids < table.shape[0])
     idx = jnp.where(valid, ids, table.shape[0])
     return table.at[idx].set(rows.astype(table.dtype), mode="drop", unique_indices=True)
+
+
+def _scatter_windows(table: jax.Array, ids: jax.Array, rows: jax.Array, pack: int, add: bool):
+    """Rows ``ids`` (``[U]``) of a packed ``table`` set to (or ``add``: added to) ``rows``
+    (``[U, D]``) in place, as ``D``-float windows; ids outside the table are dropped."""
+    dim = rows.shape[-1]
+    starts = _windows(ids, table.shape[0], pack, dim)
+    numbers = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=(1,), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0, 1)
+    )
+    scatter = jax.lax.scatter_add if add else jax.lax.scatter
+    return scatter(
+        table, starts, rows.astype(table.dtype), numbers, unique_indices=not add, mode="drop"
+    )
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
@@ -283,7 +330,8 @@ def _ffi(name: str, out: jax.ShapeDtypeStruct, *args: jax.Array, **kw: Any) -> j
     return jax.ffi.ffi_call(f"jaxembed_{name}", out, **kw)(*args)
 
 
-def _gather_kernel(table: jax.Array, ids: jax.Array) -> jax.Array:
+def _gather_kernel(table: jax.Array, ids: jax.Array, pack: int = 1) -> jax.Array:
+    table = _unpacked(table, pack)  # row-major on CPU: the same memory, a free reshape
     out = jax.ShapeDtypeStruct((*ids.shape, *table.shape[1:]), table.dtype)
     return _ffi("gather_rows", out, table, ids)
 
@@ -368,8 +416,9 @@ def _shaped(shape: tuple, dtype: Any) -> jax.core.ShapedArray:
     return jax.core.ShapedArray(tuple(shape), dtype)
 
 
-def _gather_abstract(table, ids):
-    return _shaped((*ids.shape, *table.shape[1:]), table.dtype)
+def _gather_abstract(table, ids, pack=1):
+    row = table.shape[1:] if pack == 1 else (table.shape[1] // pack,)
+    return _shaped((*ids.shape, *row), table.dtype)
 
 
 def _add_at_abstract(cot, ids, num_rows):
@@ -447,7 +496,12 @@ def _linear(prim: Primitive, transpose: Callable[..., jax.Array]) -> None:
     ad.primitive_transposes[prim] = transpose_rule
 
 
-_linear(gather_p, lambda ct, table, ids: add_at_p.bind(ct, ids, num_rows=table.shape[0]))
+_linear(
+    gather_p,
+    lambda ct, table, ids, pack=1: add_at_p.bind(ct, ids, num_rows=table.shape[0] * pack).reshape(
+        table.shape
+    ),
+)
 _linear(add_at_p, lambda ct, cot, ids, num_rows: gather_p.bind(ct, ids))
 _linear(
     slot_sums_p,
@@ -473,10 +527,12 @@ _linear(
 # Public functions.
 
 
-def gather_rows(table: jax.Array, ids: Any) -> jax.Array:
+def gather_rows(table: jax.Array, ids: Any, pack: int = 1) -> jax.Array:
     """``table[ids]`` along axis 0, with a zero row for every id outside ``[0, len(table))``.
 
     Differentiable in ``table`` (the gradient adds each cotangent row onto its id's row).
+    ``pack``: ``table`` stores ``pack`` rows in each of its rows (``[R, pack * D]``, row ``i``
+    at ``[i // pack, (i % pack) * D:][:D]``); the result has ``D`` columns.
 
     Example:
         >>> import jax.numpy as jnp
@@ -484,7 +540,9 @@ def gather_rows(table: jax.Array, ids: Any) -> jax.Array:
         [[4.0, 5.0], [0.0, 0.0], [0.0, 1.0]]
     """
     ids = _as_index(ids)
-    return gather_p.bind(table, ids) if enabled() else _take(table, ids)
+    if not enabled():
+        return _take(table, ids, pack)
+    return gather_p.bind(table, ids, pack=pack) if pack > 1 else gather_p.bind(table, ids)
 
 
 def scatter_rows(table: jax.Array, ids: Any, rows: jax.Array) -> jax.Array:
@@ -498,6 +556,21 @@ def scatter_rows(table: jax.Array, ids: Any, rows: jax.Array) -> jax.Array:
     """
     ids = _as_index(ids)
     return set_at_p.bind(table, ids, rows) if enabled() else _set_at(table, ids, rows)
+
+
+def add_rows(table: jax.Array, ids: jax.Array, rows: jax.Array) -> jax.Array:
+    """``table`` with ``rows[i]`` added to row ``ids[i]`` (ids outside the table dropped); a
+    table wider than ``rows`` stores several rows in each of its rows (``gather_rows``).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> add_rows(jnp.zeros((2, 4)), jnp.array([3, 0]), jnp.ones((2, 2))).tolist()
+        [[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]]
+    """
+    pack = _pack_of(table, rows)
+    if pack > 1:
+        return _scatter_windows(table, ids, rows, pack, add=True)
+    return table.at[ids].add(rows.astype(table.dtype), mode="drop")
 
 
 def _slot_operands(rows: jax.Array, head, head_w, blocks, block_w) -> list[jax.Array]:
@@ -672,15 +745,18 @@ def _apply_once(optimizer: Any, table, slots, ids, grads, step, scalars=None):
     """
     if scalars is None:
         scalars = optimizer.step_scalars(step)
-    is_row = functools.partial(_same_shape, table)
+    pack = _pack_of(table, grads)
+    is_row = functools.partial(_same_shape, table, pack)
 
     def rows_of(tree):
-        return jax.tree.map(lambda x: _take(x, ids) if is_row(x) else x, tree)
+        return jax.tree.map(
+            lambda x: _take(x, ids, pack if x.ndim == 2 else 1) if is_row(x) else x, tree
+        )
 
     def write(tree, new_rows):
         return jax.tree.map(lambda x, r: _set_at(x, ids, r) if is_row(x) else r, tree, new_rows)
 
-    w = _take(table, ids)
+    w = _take(table, ids, pack)
     if not optimizer.splits_update:
         new_w, new_rows = optimizer.apply(w, rows_of(slots), grads, step)
         return _set_at(table, ids, new_w), write(slots, new_rows)
@@ -725,13 +801,14 @@ def _apply_generic(optimizer: Any, table, slots, ids, grads, step):
     once per step, not once per chunk).
     """
     n = ids.shape[0]
+    rows = table.shape[0] * _pack_of(table, grads)
     scalars = optimizer.step_scalars(step)  # once, outside the loop (a host callback, maybe)
     if n <= _CHUNK or optimizer.kernel_rule() is None:
         return _apply_once(optimizer, table, slots, ids, grads, step, scalars)
     trips = -(-n // _CHUNK)
     pad = trips * _CHUNK - n
     if pad:
-        ids = jnp.concatenate([ids, jnp.full((pad,), table.shape[0], ids.dtype)])
+        ids = jnp.concatenate([ids, jnp.full((pad,), rows, ids.dtype)])
         grads = jnp.concatenate([grads, jnp.zeros((pad, *grads.shape[1:]), grads.dtype)])
 
     def body(c, carry):
@@ -740,14 +817,26 @@ def _apply_generic(optimizer: Any, table, slots, ids, grads, step):
         g = jax.lax.dynamic_slice_in_dim(grads, start, _CHUNK)
         return _apply_once(optimizer, *carry, part, g, step, scalars)
 
-    return jax.lax.fori_loop(0, _live_chunks(ids, table.shape[0]), body, (table, slots))
+    return jax.lax.fori_loop(0, _live_chunks(ids, rows), body, (table, slots))
 
 
-def _same_shape(table: jax.Array, leaf: Any) -> bool:
+def _same_shape(table: jax.Array, pack: int, leaf: Any) -> bool:
     """Whether a slot leaf has one entry per table row: the table's shape, or ``[V]`` (a
-    row-wise statistic); anything else (e.g. an Optax step count) is shared by all rows."""
+    row-wise statistic; ``V`` rows in a table storing ``pack`` rows per row); anything else
+    (e.g. an Optax step count) is shared by all rows."""
     shape = tuple(jnp.shape(leaf))
-    return shape == tuple(table.shape) or shape == tuple(table.shape[:1])
+    return shape == tuple(table.shape) or shape == (table.shape[0] * pack,)
+
+
+def _pack_of(table: jax.Array, rows: jax.Array) -> int:
+    """How many of ``rows``' rows (``[..., D]``) ``table`` stores in each of its rows."""
+    return table.shape[1] // rows.shape[-1] if table.ndim == 2 and rows.shape[-1] else 1
+
+
+def _unpacked(x: jax.Array, pack: int) -> jax.Array:
+    """A ``[R, pack * D]`` table as ``[pack * R, D]``: the same row-major memory (a bitcast on
+    CPU and GPU, where the kernels run)."""
+    return x if pack == 1 else x.reshape(x.shape[0] * pack, x.shape[1] // pack)
 
 
 def _split(optimizer: Any, operands: tuple) -> tuple[jax.Array, dict, tuple]:
@@ -780,6 +869,9 @@ def _unpack(optimizer: Any, arrays: list) -> tuple[jax.Array, dict]:
 
 
 def _apply_call(name: str, optimizer, lr, operands: list, table, slots: dict) -> Any:
+    """The kernel ``name`` on ``table`` and ``slots``, in place. The kernel takes the rows'
+    width from the gradients: a table stored several rows to a row (and its table-shaped
+    slots) is the same row-major memory as its rows."""
     kind, flags, constants = optimizer.kernel_rule()
     arrays = _arrays(optimizer, table, slots)
     first = 1 + len(operands)  # lr, operands, then the arrays updated in place

@@ -302,7 +302,7 @@ class Embedding:
             is (``logical_sharding``): rows move between devices, none gathers a table."""
             logical = {n: _put(v, self.logical_sharding(n, np.shape(v))) for n, v in leaves.items()}
             rows_only = np.ndim(next(iter(logical.values()))) == 1  # a row-wise slot
-            shape = layout.physical_shape[:1] if rows_only else layout.physical_shape
+            shape = (layout.num_rows,) if rows_only else layout.physical_shape
             return _relayout(layout, None, NamedSharding(mesh, layout.spec(shape)))(logical)
 
         physical, physical_slots = {}, {}
@@ -418,7 +418,9 @@ class Embedding:
             tables[layout.name] = jax.ShapeDtypeStruct(layout.physical_shape, jnp.float32)
             opt = self.optimizer_of(layout.name)
             slots[layout.name] = (
-                jax.eval_shape(opt.init_slots, tables[layout.name]) if opt is not None else {}
+                jax.eval_shape(functools.partial(layout.init_slots, opt), tables[layout.name])
+                if opt is not None
+                else {}
             )
 
         def placed(tree):
@@ -979,7 +981,10 @@ def _table_initializer(table: TableConfig, name: str, sharding: NamedSharding) -
 @functools.cache
 def _slot_initializer(opt: Optimizer, layout: Layout, mesh: jax.sharding.Mesh) -> Any:
     """``opt.init_slots`` for ``layout``'s array, jitted to make each slot where it lives."""
-    table = jax.ShapeDtypeStruct(layout.physical_shape, jnp.float32)
-    shapes = jax.eval_shape(opt.init_slots, table)
+    init = functools.partial(layout.init_slots, opt)
+    shapes = jax.eval_shape(init, jax.ShapeDtypeStruct(layout.physical_shape, jnp.float32))
+    if not jax.tree.leaves(shapes):  # no slots (SGD): nothing to make
+        return lambda stored: shapes
     out = jax.tree.map(lambda s: NamedSharding(mesh, layout.spec(s.shape)), shapes)
-    return jax.jit(opt.init_slots, out_shardings=out)
+    # auto axes: a table stored several rows to a row is viewed as its rows (a reshape)
+    return jax.jit(jax.sharding.auto_axes(init, out_sharding=out), out_shardings=out)

@@ -18,6 +18,13 @@ layout is the only code that knows its strategy; ``Embedding``, checkpoints and 
   that used it, takes the sums to the rows' owners, adds up duplicates across devices and
   replicas, and runs the optimizer once per touched row.
 
+On a TPU mesh a device stores its ``[rows, width]`` part of an array ``pack = 128 / width`` rows
+to a row, as ``[rows / pack, 128]`` (widths below 128 that divide it; ``sharding.rows_per_row``):
+XLA lays out narrower arrays column-major on TPU, and a step that reads rows would copy them
+into row-major order and back every time. Rows are read and written in place as ``width``-float
+windows (``_kernels.gather_rows``'s ``pack``); ``shard_shape`` and ``num_rows`` count rows,
+``physical_shape`` is the array as stored.
+
 Mesh axes split into the array's *shard axes* (``T`` devices, the product of their sizes) and
 its *replica axes* (``R`` copies). Every device of a replica group holds one shard; the ``R``
 replica groups hold the same values and apply the same updates (their gradient contributions are
@@ -74,6 +81,9 @@ class TablePlacement:
         group: the name of its physical array (the table's own name unless stacked).
         shard: the shard holding a table-wise table (None otherwise).
         offset: the table's first row on that shard (table-wise; 0 otherwise).
+        pack: rows its array stores side by side in each of its rows (``rows_per_shard`` is a
+            multiple of it): 128 / width on TPU for widths below 128 that divide it, else 1
+            (``sharding.rows_per_row``).
     """
 
     name: str
@@ -87,6 +97,7 @@ class TablePlacement:
     group: str
     shard: int | None = None
     offset: int = 0
+    pack: int = 1
 
     def bytes_per_device(self, slots: int = 0) -> int:
         """float32 bytes one device holds for the table's array and ``slots`` slot arrays."""
@@ -133,13 +144,34 @@ class Layout:
 
     @property
     def shard_shape(self) -> tuple[int, int]:
-        """``(rows, columns)`` of the array on one device."""
+        """``(rows, columns)`` of the array's rows on one device (as rows, however stored)."""
         return self.tables[0].rows_per_shard, self.tables[0].cols_per_shard
 
     @property
+    def pack(self) -> int:
+        """Rows stored side by side in each row of the array (``TablePlacement.pack``): a
+        device's ``[rows, columns]`` are stored as ``[rows / pack, pack * columns]``."""
+        return self.tables[0].pack
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of the array in its row order: the length of a row-wise slot."""
+        return self.tables[0].physical_rows
+
+    @property
     def physical_shape(self) -> tuple[int, int]:
-        """Shape of the global physical array."""
+        """Shape of the global physical array, as stored."""
         raise NotImplementedError
+
+    def _pack(self, rows: jax.Array) -> jax.Array:
+        """The stored array from its ``[num_rows, columns]`` rows (``[num_rows]``: as is)."""
+        return rows if self.pack == 1 or rows.ndim == 1 else rows.reshape(self.physical_shape)
+
+    def _unpack(self, stored: jax.Array) -> jax.Array:
+        """``_pack``'s inverse."""
+        if self.pack == 1 or stored.ndim == 1:
+            return stored
+        return stored.reshape(self.num_rows, -1)
 
     def spec(self, shape: tuple[int, ...]) -> P:
         """``PartitionSpec`` of an array leaf of this layout: the table and its table-shaped slots
@@ -148,7 +180,7 @@ class Layout:
         replicated."""
         dims: list[Any] = [None] * len(shape)
         split = self._split_dim if tuple(shape) == self.physical_shape else None
-        if tuple(shape) == self.physical_shape[:1] and self._split_dim == 0:
+        if tuple(shape) == (self.num_rows,) and self._split_dim == 0:
             split = 0
         if split is None or not self.shard_axes:
             # Unsplit: P() for 1-D leaves, which is how jit's outputs come back (P(None) would
@@ -157,11 +189,18 @@ class Layout:
         dims[split] = self.shard_axes[0] if len(self.shard_axes) == 1 else self.shard_axes
         return P(*dims)
 
+    def init_slots(self, optimizer: Optimizer, stored: jax.Array) -> Slots:
+        """``optimizer``'s fresh slots for the array ``stored``: made for its rows (a row-wise
+        slot has one entry per row), table-shaped ones stored as the array is."""
+        rows = self._unpack(stored)
+        slots = optimizer.init_slots(rows)
+        return jax.tree.map(lambda x: self._pack(x) if x.shape == rows.shape else x, slots)
+
     def row_aligned(self, shape: tuple[int, ...]) -> bool:
         """Whether an array leaf has one entry per physical row: the table's shape, or
         ``[physical rows]`` (a row-wise optimizer slot). Those leaves follow the layout's row
         order (``to_physical`` / ``to_logical``); other leaves are shared."""
-        return tuple(shape) in (self.physical_shape, self.physical_shape[:1])
+        return tuple(shape) in (self.physical_shape, (self.num_rows,))
 
     _split_dim: ClassVar[int] = 0  # the dimension split over the shard axes
 
@@ -215,8 +254,10 @@ class Layout:
         """``(rows, ids)``: the rows a device asked for are ``rows[ids]`` (``ids`` None: ``rows``
         themselves, fetched from their owners). With one shard nothing travels and the lookup
         reads the local shard in place through the requested local rows."""
-        if self.num_shards == 1:
+        if self.num_shards == 1 and self.pack == 1:
             return shard, requests.reshape(-1)
+        if self.num_shards == 1:  # rows stored side by side: read as windows, once each
+            return _kernels.gather_rows(shard, requests.reshape(-1), self.pack), None
         return self._fetch(shard, requests), None
 
     def _fetch(self, shard: jax.Array, requests: jax.Array) -> jax.Array:
@@ -276,7 +317,7 @@ class _Owned(Layout):
 
     @property
     def physical_shape(self) -> tuple[int, int]:
-        return self.num_shards * self.shard_shape[0], self.dim
+        return self.num_shards * self.shard_shape[0] // self.pack, self.dim * self.pack
 
     def capacity_needed(self, keys: np.ndarray) -> int:
         owner, _ = self._locate(keys)
@@ -297,8 +338,8 @@ class _Owned(Layout):
 
     def _fetch(self, shard: jax.Array, requests: jax.Array) -> jax.Array:
         asked = self._all_to_all(requests)  # [T (requester), K] local rows
-        rows = _kernels.gather_rows(shard, asked)  # padding reads a zero row
-        return self._all_to_all(rows).reshape(-1, shard.shape[1])  # [T (owner) * K, D]
+        rows = _kernels.gather_rows(shard, asked, self.pack)  # padding reads a zero row
+        return self._all_to_all(rows).reshape(-1, self.dim)  # [T (owner) * K, D]
 
     def _to_owners(self, requests: jax.Array, grads: jax.Array) -> tuple[jax.Array, jax.Array]:
         ids = self._all_to_all(requests).reshape(-1)
@@ -318,20 +359,23 @@ class RowLayout(_Owned):
     def to_physical(self, logical: Mapping[str, Any]) -> jax.Array:
         table = jnp.asarray(logical[self.name])
         n, s = self.num_shards, self.shard_shape[0]
-        if n == 1:
-            return table
         rest = table.shape[1:]  # (D,) for tables, () for row-wise slots
-        padded = jnp.pad(table, ((0, n * s - table.shape[0]),) + ((0, 0),) * len(rest))
-        return padded.reshape(s, n, *rest).swapaxes(0, 1).reshape(n * s, *rest)
+        if table.shape[0] != n * s:
+            table = jnp.pad(table, ((0, n * s - table.shape[0]),) + ((0, 0),) * len(rest))
+        if n > 1:
+            table = table.reshape(s, n, *rest).swapaxes(0, 1).reshape(n * s, *rest)
+        return self._pack(table)
 
     def to_logical(self, physical: jax.Array, name: str) -> jax.Array:
         n, s = self.num_shards, self.shard_shape[0]
-        if n == 1:
+        vocab = self.tables[0].vocabulary_size
+        if n == 1 and self.pack == 1 and s == vocab:
             return physical
-        physical = _replicated(physical)
-        rest = physical.shape[1:]
-        logical = physical.reshape(n, s, *rest).swapaxes(0, 1).reshape(n * s, *rest)
-        return logical[: self.tables[0].vocabulary_size]
+        rows = self._unpack(_replicated(physical))
+        rest = rows.shape[1:]
+        if n > 1:
+            rows = rows.reshape(n, s, *rest).swapaxes(0, 1).reshape(n * s, *rest)
+        return rows[:vocab]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -360,15 +404,16 @@ class TableLayout(_Owned):
 
     def to_physical(self, logical: Mapping[str, Any]) -> jax.Array:
         first = jnp.asarray(logical[self.tables[0].name])
-        physical = jnp.zeros((self.physical_shape[0], *first.shape[1:]), first.dtype)
+        rows = jnp.zeros((self.num_rows, *first.shape[1:]), first.dtype)
         for t in self.tables:
             start = self._start(t.name)
-            physical = physical.at[start : start + t.vocabulary_size].set(logical[t.name])
-        return physical
+            rows = rows.at[start : start + t.vocabulary_size].set(logical[t.name])
+        return self._pack(rows)
 
     def to_logical(self, physical: jax.Array, name: str) -> jax.Array:
         start = self._start(name)
-        return _replicated(physical)[start : start + self.table(name).vocabulary_size]
+        rows = self._unpack(_replicated(physical))
+        return rows[start : start + self.table(name).vocabulary_size]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,9 +429,23 @@ class ColumnLayout(Layout):
 
     @property
     def physical_shape(self) -> tuple[int, int]:
-        return self.shard_shape[0], self.num_shards * self.shard_shape[1]
+        rows, block = self.shard_shape
+        return rows // self.pack, self.num_shards * block * self.pack
 
     _split_dim: ClassVar[int] = 1
+
+    def _pack(self, rows: jax.Array) -> jax.Array:
+        # [V, T * B] -> [V / p, T * p * B]: each shard's [V, B] block stored as [V / p, p * B]
+        if self.pack == 1 or rows.ndim == 1:
+            return rows
+        (v, b), t, p = self.shard_shape, self.num_shards, self.pack
+        return rows.reshape(v // p, p, t, b).swapaxes(1, 2).reshape(self.physical_shape)
+
+    def _unpack(self, stored: jax.Array) -> jax.Array:
+        if self.pack == 1 or stored.ndim == 1:
+            return stored
+        (v, b), t, p = self.shard_shape, self.num_shards, self.pack
+        return stored.reshape(v // p, t, p, b).swapaxes(1, 2).reshape(v, t * b)
 
     def capacity_needed(self, keys: np.ndarray) -> int:
         return int(keys.shape[0])
@@ -401,14 +460,19 @@ class ColumnLayout(Layout):
 
     def to_physical(self, logical: Mapping[str, Any]) -> jax.Array:
         table = jnp.asarray(logical[self.name])
+        rows, block = self.shard_shape
+        pad = ((0, rows - table.shape[0]),)
         if table.ndim == 1:  # a row-wise slot: every row's value on every shard
-            return table
-        return jnp.pad(table, ((0, 0), (0, self.physical_shape[1] - self.dim)))
+            return jnp.pad(table, pad) if rows != table.shape[0] else table
+        return self._pack(jnp.pad(table, (*pad, (0, self.num_shards * block - self.dim))))
 
     def to_logical(self, physical: jax.Array, name: str) -> jax.Array:
-        if self.physical_shape[1] == self.dim or physical.ndim == 1:
+        vocab = self.tables[0].vocabulary_size
+        if physical.ndim == 1:
+            return physical[:vocab]
+        if self.physical_shape == (vocab, self.dim):
             return physical
-        return _replicated(physical)[:, : self.dim]
+        return self._unpack(_replicated(physical))[:vocab, : self.dim]
 
     def apply_gradients(
         self,
@@ -431,9 +495,10 @@ class ColumnLayout(Layout):
         return jax.lax.all_gather(requests.reshape(-1), self.shard_axes, tiled=True)
 
     def _fetch(self, shard: jax.Array, requests: jax.Array) -> jax.Array:
-        capacity, block = requests.shape[-1], shard.shape[1]
+        capacity, block = requests.shape[-1], self.shard_shape[1]
         asked = self._gather_ids(requests).reshape(self.num_shards, capacity)
-        blocks = self._all_to_all(_kernels.gather_rows(shard, asked))  # [T (block), K, B]
+        rows = _kernels.gather_rows(shard, asked, self.pack)
+        blocks = self._all_to_all(rows)  # [T (block), K, B]
         rows = blocks.transpose(1, 0, 2).reshape(capacity, self.num_shards * block)
         return rows[:, : self.dim]
 

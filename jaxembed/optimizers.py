@@ -1258,8 +1258,8 @@ def apply_rows(
         >>> slots["accumulators"][:, 0].tolist()
         [1.0, 1.0, 2.0, 1.0]
     """
-    if not optimizer.lazy:
-        dense = jnp.zeros_like(table).at[ids].add(grads, mode="drop")
+    if not optimizer.lazy:  # every row (non-lazy Adam: elementwise, on the array as stored)
+        dense = _kernels.add_rows(jnp.zeros_like(table), ids, grads)
         return optimizer.apply(table, slots, dense, step)
     return _kernels.apply_rows(optimizer, table, slots, ids, grads, step)
 
@@ -1297,7 +1297,8 @@ def apply_slot_gradients(
         return _kernels.apply_slots(
             optimizer, table, slots, ids, cot, head, head_w, blocks, block_w, step
         )
-    grads = jnp.zeros((ids.shape[0], table.shape[1]), table.dtype)
+    dim = parts[0][0].shape[-1] if parts else table.shape[1]  # the rows' width (see apply_rows)
+    grads = jnp.zeros((ids.shape[0], dim), table.dtype)
     for cot, head, head_w, blocks, block_w in parts:
         grads = grads + _kernels.slot_grads(cot, head, head_w, blocks, block_w, ids.shape[0])
     return apply_rows(optimizer, table, slots, ids, grads, step)

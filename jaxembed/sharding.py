@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -42,6 +43,45 @@ from jaxembed.layouts import (
 )
 
 REPLICATE_MAX_BYTES = 256 * 1024
+LANES = 128  # floats in a row of a TPU tile (8 x 128)
+PACK_ROWS_ENV = "JAXEMBED_PACK_ROWS"
+
+
+def rows_per_row(mesh: jax.sharding.Mesh, width: int) -> int:
+    """How many table rows of ``width`` floats a device stores side by side in each row of its
+    array (``TablePlacement.pack``).
+
+    A TPU tiles 2-D arrays by 8 x 128 floats and by default lays out a ``[rows, width]`` array
+    whose width is not a multiple of 128 column-major (so as not to pad each row to 128): a
+    row is then scattered over ``width / 8`` tiles, and a train step, which reads and writes
+    rows, makes XLA copy the whole table (and its slots) into row-major order and back on every
+    step. Stored as ``[rows * width / 128, 128]`` the same array is row-major with no padding,
+    and rows are read and written in place as ``width``-float windows. So on a TPU mesh, for
+    widths below 128 that divide it, this is ``128 // width``; elsewhere (CPU, GPU: row-major
+    already) and for other widths, 1. The environment variable ``JAXEMBED_PACK_ROWS`` overrides
+    where: ``tpu`` (the default), ``always`` (any mesh: the same results, the packed path on
+    CPU) or ``never``.
+
+    Example:
+        >>> import jax
+        >>> mesh = jax.sharding.Mesh(jax.devices()[:1], ("x",))
+        >>> rows_per_row(mesh, 64)  # 1 on CPU, 2 on TPU
+        1
+    """
+    where = os.environ.get(PACK_ROWS_ENV, "tpu")
+    if where not in ("tpu", "always", "never"):
+        raise ValueError(
+            f"{PACK_ROWS_ENV}={where!r}: use 'tpu' (the default: pack narrow tables on TPU "
+            "meshes), 'always' or 'never'."
+        )
+    on_tpu = mesh.devices.flat[0].platform == "tpu"
+    if where == "never" or (where == "tpu" and not on_tpu) or width >= LANES or LANES % width:
+        return 1
+    return LANES // width
+
+
+def _round_up(rows: int, pack: int) -> int:
+    return ceil_div(rows, pack) * pack
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +156,8 @@ class ShardingPlan:
         ]
         for t in self.tables:
             where = f" (shard {t.shard})" if t.shard is not None else ""
+            if t.pack > 1:
+                where += f" ({t.pack} rows per stored row)"
             lines.append(
                 f"  {t.name:<12}{t.strategy:<12}{f'{t.vocabulary_size}x{t.dim}':<14}"
                 f"{f'{t.rows_per_shard}x{t.cols_per_shard}':<14}"
@@ -199,19 +241,29 @@ def plan_sharding(
             key = (dim, _hashable(optimizers.get(name)))
             stacks.setdefault(key, []).append((name, vocab, dim))
             continue
+        pack = rows_per_row(mesh, dim)
         if strategy == "replicated":
-            placement = TablePlacement(name, strategy, vocab, dim, 1, vocab, dim, vocab, name)
+            rows = _round_up(vocab, pack)
+            placement = TablePlacement(
+                name, strategy, vocab, dim, 1, rows, dim, rows, name, pack=pack
+            )
             layouts[name] = ReplicatedLayout(name, (placement,), *everywhere)
         elif strategy == "row":
-            rows = ceil_div(vocab, n)
-            placement = TablePlacement(name, strategy, vocab, dim, n, rows, dim, n * rows, name)
+            rows = _round_up(ceil_div(vocab, n), pack)
+            placement = TablePlacement(
+                name, strategy, vocab, dim, n, rows, dim, n * rows, name, pack=pack
+            )
             layouts[name] = RowLayout(name, (placement,), *spread)
         else:
             cols = ceil_div(dim, n)
-            placement = TablePlacement(name, strategy, vocab, dim, n, vocab, cols, vocab, name)
+            pack = rows_per_row(mesh, cols)
+            rows = _round_up(vocab, pack)
+            placement = TablePlacement(
+                name, strategy, vocab, dim, n, rows, cols, rows, name, pack=pack
+            )
             layouts[name] = ColumnLayout(name, (placement,), *spread)
     for members in stacks.values():
-        layout = _stack_tables(members, spread)
+        layout = _stack_tables(members, spread, rows_per_row(mesh, members[0][2]))
         layouts.update({t.name: layout for t in layout.tables})
     order = list(tables.values())
     placements = {t.name: t for layout in layouts.values() for t in layout.tables}
@@ -250,7 +302,7 @@ def _hashable(optimizer: Any) -> Any:
         return id(optimizer)
 
 
-def _stack_tables(members: list[tuple[str, int, int]], spread: tuple) -> TableLayout:
+def _stack_tables(members: list[tuple[str, int, int]], spread: tuple, pack: int) -> TableLayout:
     """Table-wise placement: largest table first onto the least loaded shard."""
     n = spread[2]
     load = [0] * n
@@ -260,9 +312,11 @@ def _stack_tables(members: list[tuple[str, int, int]], spread: tuple) -> TableLa
         where[name] = (shard, load[shard])
         load[shard] += vocab
     group = "_".join(sorted(name for name, *_ in members))
-    rows = max(max(load), 1)
+    rows = _round_up(max(max(load), 1), pack)
     placements = tuple(
-        TablePlacement(name, "table", vocab, dim, n, rows, dim, n * rows, group, *where[name])
+        TablePlacement(
+            name, "table", vocab, dim, n, rows, dim, n * rows, group, *where[name], pack=pack
+        )
         for name, vocab, dim in members
     )
     return TableLayout(group, placements, *spread)
