@@ -160,7 +160,7 @@ def _add_at(cot: jax.Array, ids: jax.Array, num_rows: int) -> jax.Array:
 def _set_at(table: jax.Array, ids: jax.Array, rows: jax.Array) -> jax.Array:
     """``table[ids[i]] = rows[i]`` for distinct ids; ids outside the table are dropped. A table
     wider than ``rows`` stores several rows in each of its rows (``_take``'s ``pack``)."""
-    pack = table.shape[1] // rows.shape[-1] if table.ndim == 2 else 1
+    pack = _pack_of(table, rows)
     if pack > 1:
         return _scatter_windows(table, ids, rows, pack, add=False)
     valid = (ids >= 0) & (ids < table.shape[0])
@@ -542,7 +542,7 @@ def gather_rows(table: jax.Array, ids: Any, pack: int = 1) -> jax.Array:
     ids = _as_index(ids)
     if not enabled():
         return _take(table, ids, pack)
-    return gather_p.bind(table, ids, pack=pack) if pack > 1 else gather_p.bind(table, ids)
+    return gather_p.bind(table, ids, pack=pack)
 
 
 def scatter_rows(table: jax.Array, ids: Any, rows: jax.Array) -> jax.Array:

@@ -241,7 +241,8 @@ def plan_sharding(
             key = (dim, _hashable(optimizers.get(name)))
             stacks.setdefault(key, []).append((name, vocab, dim))
             continue
-        pack = rows_per_row(mesh, dim)
+        width = ceil_div(dim, n) if strategy == "column" else dim  # on one device
+        pack = rows_per_row(mesh, width)
         if strategy == "replicated":
             rows = _round_up(vocab, pack)
             placement = TablePlacement(
@@ -255,11 +256,9 @@ def plan_sharding(
             )
             layouts[name] = RowLayout(name, (placement,), *spread)
         else:
-            cols = ceil_div(dim, n)
-            pack = rows_per_row(mesh, cols)
             rows = _round_up(vocab, pack)
             placement = TablePlacement(
-                name, strategy, vocab, dim, n, rows, cols, rows, name, pack=pack
+                name, strategy, vocab, dim, n, rows, width, rows, name, pack=pack
             )
             layouts[name] = ColumnLayout(name, (placement,), *spread)
     for members in stacks.values():
