@@ -30,12 +30,14 @@ off and reports, per device (the compiled SPMD program is one device's):
 ``--devices N`` runs on ``N`` simulated CPU devices (``--xla_force_host_platform_device_count``,
 set before JAX starts) with the tables row-sharded over a 1-D mesh (``Embedding(mesh=...)``).
 
-``--tpu TOPOLOGY`` (e.g. ``v5e:2x2``; ``--devices`` chips of it) compiles the same step for
-TPU chips without a TPU, through libtpu's compiler (install the ``libtpu`` that jax's ``tpu``
-extra pins, in an environment of its own), and reports instead what no CPU count shows: the
-layouts the TPU compiler gives the state (``state_layouts_major_to_minor``; ``[0, 1]`` is
-row-major), the copies of whole tables and slots in the step (``hlo_bytes.whole_array_copies``)
-and XLA's TPU ``bytes accessed``. Nothing runs on a TPU, so there is no time.
+``--tpu TOPOLOGY`` (e.g. ``v5e:2x2``; ``--devices`` chips of it, as a 1-D mesh or as a
+``--mesh 2x4`` ``("data", "model")`` one; tables laid out as jaxembed chooses or as
+``--strategy`` says) compiles the same step for TPU chips without a TPU, through libtpu's
+compiler (install the ``libtpu`` that jax's ``tpu`` extra pins, in an environment of its own),
+and reports instead what no CPU count shows: the layouts the TPU compiler gives the state
+(``state_layouts_major_to_minor``; ``[0, 1]`` is row-major), the copies of whole tables and
+slots in the step (``hlo_bytes.whole_array_copies``) and XLA's TPU ``bytes accessed``. Nothing
+runs on a TPU, so there is no time.
 
 Run: ``python benchmarks/bench_accelerator.py`` (one device) and
 ``python benchmarks/bench_accelerator.py --devices 8``; quick: ``-V 100000 -B 1024 --repeats 3``.
@@ -86,7 +88,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="compile the step for the first --devices chips of a TPU topology (e.g. v5e:2x2) "
         "without a TPU (needs libtpu) and report its layouts and whole-table copies",
     )
-    return p.parse_args(argv)
+    p.add_argument(
+        "--mesh",
+        default=None,
+        metavar="DATAxMODEL",
+        help="with --tpu: a 2-D ('data', 'model') mesh of the --devices chips, e.g. 2x4",
+    )
+    p.add_argument(
+        "--strategy",
+        choices=("row", "table", "column", "replicated"),
+        default=None,
+        help="with --tpu: every table's layout (default: jaxembed's choice, row for W's tables)",
+    )
+    args = p.parse_args(argv)
+    if (args.mesh or args.strategy) and not args.tpu:
+        p.error("--mesh and --strategy go with --tpu (the CPU minimum counts row-sharded tables)")
+    return args
 
 
 ARGS = parse_args() if __name__ == "__main__" else None
@@ -131,17 +148,30 @@ def make_embedding(args: argparse.Namespace, mesh: Any) -> je.Embedding:
         for f in range(args.features)
     ]
     features = {f"f{f}": je.FeatureConfig(t) for f, t in enumerate(tables)}
-    return je.Embedding(features, opt, mesh=mesh)
+    sharding = {t.name: args.strategy for t in tables} if args.strategy else None
+    return je.Embedding(features, opt, mesh=mesh, sharding=sharding)
 
 
-def row_bytes(leaf: Any, rows: int) -> int:
-    """Bytes per table row of a state leaf holding ``rows`` rows: table-shaped leaves (however
-    stored: a TPU mesh stores narrow tables several rows to a row) and ``[rows]`` leaves; 0
-    for anything shared by all rows (a scalar)."""
+def mesh_of(args: argparse.Namespace, devices: list) -> Any:
+    """``devices`` as a 1-D ``("x",)`` mesh, or as ``--mesh``'s ``("data", "model")`` one."""
+    from jax.sharding import Mesh
+
+    if not args.mesh:
+        return Mesh(np.array(devices), ("x",))
+    shape = tuple(int(n) for n in args.mesh.lower().split("x"))
+    if len(shape) != 2 or shape[0] * shape[1] != len(devices):
+        raise SystemExit(f"--mesh {args.mesh}: give DATAxMODEL with a product of {len(devices)}")
+    return Mesh(np.array(devices).reshape(shape), ("data", "model"))
+
+
+def row_bytes(leaf: Any, rows: int, width: int) -> int:
+    """Bytes per table row of a state leaf holding ``rows`` rows of ``width`` values: table-shaped
+    leaves (however stored: a TPU mesh stores them 128 floats wide, padding not counted) and
+    ``[rows]`` leaves; 0 for anything shared by all rows (a scalar)."""
     size = int(np.prod(np.shape(leaf), dtype=np.int64))
     if size < rows or size % rows:
         return 0
-    return size // rows * np.dtype(leaf.dtype).itemsize
+    return min(size // rows, width) * np.dtype(leaf.dtype).itemsize
 
 
 def minimum_bytes(args, emb, state, inputs: bw.Inputs) -> dict[str, Any]:
@@ -154,7 +184,7 @@ def minimum_bytes(args, emb, state, inputs: bw.Inputs) -> dict[str, Any]:
         name = f"t{f[1:]}"
         layout = emb.plan.layout(name)
         bytes_per_row = sum(
-            row_bytes(x, layout.num_rows)
+            row_bytes(x, layout.num_rows, layout.dim)
             for x in [state.tables[name], *jax.tree.leaves(state.slots[name])]
         )
         ends = np.cumsum(lengths)
@@ -248,15 +278,15 @@ def tpu_report(args: argparse.Namespace, inputs: bw.Inputs) -> dict[str, Any]:
     the CPU devices and handed to the compiler as shapes with the same shardings."""
     from importlib import metadata
 
-    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
     chips = tpu_chips(args.tpu, args.devices)
-    tpu_mesh = Mesh(np.array(chips), ("x",))
-    cpu_mesh = Mesh(np.array(jax.devices("cpu")[: args.devices]), ("x",))
+    tpu_mesh = mesh_of(args, chips)
+    cpu_mesh = mesh_of(args, jax.devices("cpu")[: args.devices])
     emb = make_embedding(args, tpu_mesh)
-    # The batch's plan must be the TPU's: narrow tables stored several rows to a row there.
-    packs = any(layout.pack > 1 for layout in emb.plan.layouts)
+    # The batch's plan must be the TPU's: tables stored 128 floats wide there.
+    packs = not all(layout.as_rows for layout in emb.plan.layouts)
     os.environ[PACK_ROWS_ENV] = "always" if packs else "never"
     host = make_embedding(args, cpu_mesh)
     batch = host.preprocess(bw.je_inputs(inputs))
@@ -268,8 +298,9 @@ def tpu_report(args: argparse.Namespace, inputs: bw.Inputs) -> dict[str, Any]:
 
     batch = jax.tree.map(on_tpu, batch)
     state = emb.abstract_state()
+    split = NamedSharding(tpu_mesh, P(tpu_mesh.axis_names))  # the batch over every chip
     g = {
-        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(tpu_mesh, P("x")))
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=split)
         for k, v in bw.fixed_grads(args.features, args.batch, args.dim).items()
     }
     t0 = time.perf_counter()
@@ -291,8 +322,9 @@ def tpu_report(args: argparse.Namespace, inputs: bw.Inputs) -> dict[str, Any]:
     copies = hlo_bytes.whole_array_copies(text, [shape for shape, _ in table_like.values()])
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    mins = minimum_bytes(args, emb, state, inputs)
     copy_bytes = sum(c["bytes"] for c in copies)
+    row_layout = all(layout.strategy == "row" for layout in emb.plan.layouts) and not args.mesh
+    minimum = minimum_bytes(args, emb, state, inputs)["minimum_bytes"] if row_layout else None
     return {
         "benchmark": "accelerator_path_tpu_compile",
         "tpu": {"topology": args.tpu, "device_kind": chips[0].device_kind, "chips": args.devices},
@@ -304,13 +336,16 @@ def tpu_report(args: argparse.Namespace, inputs: bw.Inputs) -> dict[str, Any]:
         "config": {k: v for k, v in vars(args).items() if k != "hlo_out"},
         "compile_seconds": round(compile_s, 2),
         "state_layouts_major_to_minor": {k: list(o) for k, (_, o) in table_like.items()},
+        "plan": str(emb.plan).splitlines(),
         "state_row_major": all(o == (0, 1) for _, o in table_like.values()),
         "whole_table_copies": len(copies),
         "whole_table_copy_bytes": copy_bytes,
         "copies": copies,
         "xla_bytes_accessed": int(float(cost["bytes accessed"])),
-        "minimum_bytes": mins["minimum_bytes"],
-        "ratio_whole_table_copy_bytes_over_minimum": round(copy_bytes / mins["minimum_bytes"], 3),
+        "minimum_bytes": minimum,  # counted for row-sharded tables on a 1-D mesh only
+        "ratio_whole_table_copy_bytes_over_minimum": (
+            round(copy_bytes / minimum, 3) if minimum else None
+        ),
         "goals": {"no_whole_table_copies": not copies},
     }
 

@@ -112,20 +112,21 @@ def _as_index(ids: Any) -> jax.Array:
     return ids if ids.dtype in (jnp.int32, jnp.int64) else ids.astype(jnp.int32)
 
 
-def _take(table: jax.Array, ids: jax.Array, pack: int = 1) -> jax.Array:
+def _take(table: jax.Array, ids: jax.Array, width: int | None = None) -> jax.Array:
     """``table[ids]``, a zero row for ids outside ``[0, len(table))``.
 
-    ``pack``: ``table`` stores ``pack`` rows side by side in each of its rows (``[R, pack * D]``
-    holds rows ``0 .. pack * R``; see ``_windows``), read in place as ``D``-float windows.
+    ``width``: the rows' width, where ``table`` stores them ``pack = table.shape[1] // width``
+    to a row (``[R, stored]`` holds rows ``0 .. pack * R``, the rest of each stored row padding;
+    see ``_windows``), read in place as ``width``-float windows. None: the table's own rows.
     """
-    if pack > 1:
-        dim = table.shape[1] // pack
-        starts = _windows(ids, table.shape[0], pack, dim)
+    if width is not None and width != table.shape[1]:
+        pack = table.shape[1] // width
+        starts = _windows(ids, table.shape[0], pack, width)
         numbers = jax.lax.GatherDimensionNumbers(
             offset_dims=(ids.ndim,), collapsed_slice_dims=(0,), start_index_map=(0, 1)
         )
         return jax.lax.gather(
-            table, starts, numbers, (1, dim), mode="fill", fill_value=0, indices_are_sorted=False
+            table, starts, numbers, (1, width), mode="fill", fill_value=0, indices_are_sorted=False
         )
     rows = table.shape[0]
     if rows == 0:
@@ -137,12 +138,13 @@ def _take(table: jax.Array, ids: jax.Array, pack: int = 1) -> jax.Array:
 def _windows(ids: jax.Array, stored_rows: int, pack: int, dim: int) -> jax.Array:
     """``[*ids.shape, 2]`` (stored row, first column) of each row of a table that stores
     ``pack`` rows of ``dim`` floats in each of its ``stored_rows`` rows: row ``i`` is columns
-    ``(i mod pack) * dim`` to ``+ dim`` of stored row ``i div pack``. Ids outside the table
-    point past its last stored row (a gather fills them with zeros, a scatter drops them).
+    ``(i mod pack) * dim`` to ``+ dim`` of stored row ``i div pack`` (columns after the last
+    row's are padding). Ids outside the table point past its last stored row (a gather fills
+    them with zeros, a scatter drops them).
 
-    This is how a TPU mesh stores tables narrower than 128 floats (``sharding.rows_per_row``):
-    XLA lays out a ``[rows, 64]`` array on TPU column-major, and a step that reads rows would
-    copy the whole table into row-major order and back each time.
+    This is how a TPU mesh stores tables (``sharding.row_storage``): XLA lays out a
+    ``[rows, 64]`` array on TPU column-major, and a step that reads rows would copy the whole
+    table into row-major order and back each time.
     """
     n = stored_rows * pack
     ids = jnp.asarray(ids)
@@ -159,20 +161,19 @@ def _add_at(cot: jax.Array, ids: jax.Array, num_rows: int) -> jax.Array:
 
 def _set_at(table: jax.Array, ids: jax.Array, rows: jax.Array) -> jax.Array:
     """``table[ids[i]] = rows[i]`` for distinct ids; ids outside the table are dropped. A table
-    wider than ``rows`` stores several rows in each of its rows (``_take``'s ``pack``)."""
-    pack = _pack_of(table, rows)
-    if pack > 1:
-        return _scatter_windows(table, ids, rows, pack, add=False)
+    wider than ``rows`` stores them as windows of its rows (``_take``'s ``width``)."""
+    if _windowed(table, rows):
+        return _scatter_windows(table, ids, rows, add=False)
     valid = (ids >= 0) & (ids < table.shape[0])
     idx = jnp.where(valid, ids, table.shape[0])
     return table.at[idx].set(rows.astype(table.dtype), mode="drop", unique_indices=True)
 
 
-def _scatter_windows(table: jax.Array, ids: jax.Array, rows: jax.Array, pack: int, add: bool):
+def _scatter_windows(table: jax.Array, ids: jax.Array, rows: jax.Array, add: bool):
     """Rows ``ids`` (``[U]``) of a packed ``table`` set to (or ``add``: added to) ``rows``
     (``[U, D]``) in place, as ``D``-float windows; ids outside the table are dropped."""
     dim = rows.shape[-1]
-    starts = _windows(ids, table.shape[0], pack, dim)
+    starts = _windows(ids, table.shape[0], _pack_of(table, rows), dim)
     numbers = jax.lax.ScatterDimensionNumbers(
         update_window_dims=(1,), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0, 1)
     )
@@ -330,8 +331,8 @@ def _ffi(name: str, out: jax.ShapeDtypeStruct, *args: jax.Array, **kw: Any) -> j
     return jax.ffi.ffi_call(f"jaxembed_{name}", out, **kw)(*args)
 
 
-def _gather_kernel(table: jax.Array, ids: jax.Array, pack: int = 1) -> jax.Array:
-    table = _unpacked(table, pack)  # row-major on CPU: the same memory, a free reshape
+def _gather_kernel(table: jax.Array, ids: jax.Array, width: int | None = None) -> jax.Array:
+    table = _unpacked(table, width)  # row-major on CPU: the same memory, a free reshape
     out = jax.ShapeDtypeStruct((*ids.shape, *table.shape[1:]), table.dtype)
     return _ffi("gather_rows", out, table, ids)
 
@@ -416,9 +417,14 @@ def _shaped(shape: tuple, dtype: Any) -> jax.core.ShapedArray:
     return jax.core.ShapedArray(tuple(shape), dtype)
 
 
-def _gather_abstract(table, ids, pack=1):
-    row = table.shape[1:] if pack == 1 else (table.shape[1] // pack,)
+def _gather_abstract(table, ids, width=None):
+    row = table.shape[1:] if width is None else (width,)
     return _shaped((*ids.shape, *row), table.dtype)
+
+
+def _whole_rows(table, ids, width=None) -> bool:
+    """The gather kernel reads rows of a table storing a whole number of them per row."""
+    return width is None or table.shape[1] % width == 0
 
 
 def _add_at_abstract(cot, ids, num_rows):
@@ -465,7 +471,7 @@ def _first_f32_any_rank(aval, *rest, **params) -> bool:
     return aval.dtype == jnp.float32
 
 
-gather_p = _primitive("gather_rows", _gather_abstract, _take, _gather_kernel)
+gather_p = _primitive("gather_rows", _gather_abstract, _take, _gather_kernel, _whole_rows)
 add_at_p = _primitive("add_at", _add_at_abstract, _add_at, _add_at_kernel, _first_f32_any_rank)
 set_at_p = _primitive("set_at", _set_at_abstract, _set_at, _set_at_kernel)
 slot_sums_p = _primitive(
@@ -496,12 +502,16 @@ def _linear(prim: Primitive, transpose: Callable[..., jax.Array]) -> None:
     ad.primitive_transposes[prim] = transpose_rule
 
 
-_linear(
-    gather_p,
-    lambda ct, table, ids, pack=1: add_at_p.bind(ct, ids, num_rows=table.shape[0] * pack).reshape(
-        table.shape
-    ),
-)
+def _gather_transpose(ct: jax.Array, table: Any, ids: jax.Array, width: int | None = None):
+    """The gradient of ``gather_rows`` w.r.t. its table: each cotangent row added onto its
+    id's row (in place as windows where the table stores rows with padding)."""
+    if not _whole_rows(table, ids, width):
+        return add_rows(jnp.zeros(table.shape, ct.dtype), ids, ct)
+    rows = table.shape[0] * (1 if width is None else table.shape[1] // width)
+    return add_at_p.bind(ct, ids, num_rows=rows).reshape(table.shape)
+
+
+_linear(gather_p, _gather_transpose)
 _linear(add_at_p, lambda ct, cot, ids, num_rows: gather_p.bind(ct, ids))
 _linear(
     slot_sums_p,
@@ -527,22 +537,25 @@ _linear(
 # Public functions.
 
 
-def gather_rows(table: jax.Array, ids: Any, pack: int = 1) -> jax.Array:
+def gather_rows(table: jax.Array, ids: Any, width: int | None = None) -> jax.Array:
     """``table[ids]`` along axis 0, with a zero row for every id outside ``[0, len(table))``.
 
     Differentiable in ``table`` (the gradient adds each cotangent row onto its id's row).
-    ``pack``: ``table`` stores ``pack`` rows in each of its rows (``[R, pack * D]``, row ``i``
-    at ``[i // pack, (i % pack) * D:][:D]``); the result has ``D`` columns.
+    ``width``: the rows' width where ``table`` stores ``pack = table.shape[1] // width`` of them
+    in each of its rows (row ``i`` at ``[i // pack, (i % pack) * width:][:width]``, the rest of
+    a stored row padding); the result has ``width`` columns.
 
     Example:
         >>> import jax.numpy as jnp
         >>> gather_rows(jnp.arange(6.0).reshape(3, 2), jnp.array([2, 3, 0])).tolist()
         [[4.0, 5.0], [0.0, 0.0], [0.0, 1.0]]
+        >>> gather_rows(jnp.arange(8.0).reshape(2, 4), jnp.array([1]), width=1).tolist()
+        [[1.0]]
     """
     ids = _as_index(ids)
     if not enabled():
-        return _take(table, ids, pack)
-    return gather_p.bind(table, ids, pack=pack)
+        return _take(table, ids, width)
+    return gather_p.bind(table, ids, width=width)
 
 
 def scatter_rows(table: jax.Array, ids: Any, rows: jax.Array) -> jax.Array:
@@ -560,16 +573,15 @@ def scatter_rows(table: jax.Array, ids: Any, rows: jax.Array) -> jax.Array:
 
 def add_rows(table: jax.Array, ids: jax.Array, rows: jax.Array) -> jax.Array:
     """``table`` with ``rows[i]`` added to row ``ids[i]`` (ids outside the table dropped); a
-    table wider than ``rows`` stores several rows in each of its rows (``gather_rows``).
+    table wider than ``rows`` stores them as windows of its rows (``gather_rows``'s ``width``).
 
     Example:
         >>> import jax.numpy as jnp
         >>> add_rows(jnp.zeros((2, 4)), jnp.array([3, 0]), jnp.ones((2, 2))).tolist()
         [[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]]
     """
-    pack = _pack_of(table, rows)
-    if pack > 1:
-        return _scatter_windows(table, ids, rows, pack, add=True)
+    if _windowed(table, rows):
+        return _scatter_windows(table, ids, rows, add=True)
     return table.at[ids].add(rows.astype(table.dtype), mode="drop")
 
 
@@ -745,18 +757,18 @@ def _apply_once(optimizer: Any, table, slots, ids, grads, step, scalars=None):
     """
     if scalars is None:
         scalars = optimizer.step_scalars(step)
-    pack = _pack_of(table, grads)
-    is_row = functools.partial(_same_shape, table, pack)
+    width = grads.shape[-1]
+    is_row = functools.partial(_same_shape, table, _pack_of(table, grads))
 
     def rows_of(tree):
         return jax.tree.map(
-            lambda x: _take(x, ids, pack if x.ndim == 2 else 1) if is_row(x) else x, tree
+            lambda x: _take(x, ids, width if x.ndim == 2 else None) if is_row(x) else x, tree
         )
 
     def write(tree, new_rows):
         return jax.tree.map(lambda x, r: _set_at(x, ids, r) if is_row(x) else r, tree, new_rows)
 
-    w = _take(table, ids, pack)
+    w = _take(table, ids, width)
     if not optimizer.splits_update:
         new_w, new_rows = optimizer.apply(w, rows_of(slots), grads, step)
         return _set_at(table, ids, new_w), write(slots, new_rows)
@@ -833,10 +845,17 @@ def _pack_of(table: jax.Array, rows: jax.Array) -> int:
     return table.shape[1] // rows.shape[-1] if table.ndim == 2 and rows.shape[-1] else 1
 
 
-def _unpacked(x: jax.Array, pack: int) -> jax.Array:
-    """A ``[R, pack * D]`` table as ``[pack * R, D]``: the same row-major memory (a bitcast on
+def _windowed(table: jax.Array, rows: jax.Array) -> bool:
+    """Whether ``table`` stores ``rows``' rows as windows of its rows (it is wider)."""
+    return table.ndim == 2 and rows.shape[-1] != table.shape[1]
+
+
+def _unpacked(x: jax.Array, width: int | None) -> jax.Array:
+    """A ``[R, p * width]`` table as ``[p * R, width]``: the same row-major memory (a bitcast on
     CPU and GPU, where the kernels run)."""
-    return x if pack == 1 else x.reshape(x.shape[0] * pack, x.shape[1] // pack)
+    if width is None or width == x.shape[1]:
+        return x
+    return x.reshape(x.shape[0] * (x.shape[1] // width), width)
 
 
 def _split(optimizer: Any, operands: tuple) -> tuple[jax.Array, dict, tuple]:
@@ -907,12 +926,19 @@ def _apply_abstract(*avals, optimizer, **params):
 
 
 def _all_f32(*avals, optimizer, **params) -> bool:
-    """float32 ``[V, D]`` table and slots (row-wise slots: float32 ``[V]``)."""
-    table, *slots = avals[: 1 + len(optimizer.slot_names)]
+    """float32 ``[V, D]`` table and slots (row-wise slots: float32 ``[V]``), the table storing
+    a whole number of the gradients' rows in each of its rows (no padding)."""
+    k = len(optimizer.slot_names)
+    table, *slots = avals[: 1 + k]
+    width = avals[k + 3].shape[-1]  # after the step and the ids: the gradients or cotangents
     row_slots = getattr(optimizer, "row_slots", ())
-    return _f32(table) and all(
-        a.dtype == jnp.float32 and a.ndim == (1 if name in row_slots else 2)
-        for name, a in zip(optimizer.slot_names, slots, strict=True)
+    return (
+        _f32(table)
+        and table.shape[1] % max(width, 1) == 0
+        and all(
+            a.dtype == jnp.float32 and a.ndim == (1 if name in row_slots else 2)
+            for name, a in zip(optimizer.slot_names, slots, strict=True)
+        )
     )
 
 

@@ -18,12 +18,13 @@ layout is the only code that knows its strategy; ``Embedding``, checkpoints and 
   that used it, takes the sums to the rows' owners, adds up duplicates across devices and
   replicas, and runs the optimizer once per touched row.
 
-On a TPU mesh a device stores its ``[rows, width]`` part of an array ``pack = 128 / width`` rows
-to a row, as ``[rows / pack, 128]`` (widths below 128 that divide it; ``sharding.rows_per_row``):
-XLA lays out narrower arrays column-major on TPU, and a step that reads rows would copy them
-into row-major order and back every time. Rows are read and written in place as ``width``-float
-windows (``_kernels.gather_rows``'s ``pack``); ``shard_shape`` and ``num_rows`` count rows,
-``physical_shape`` is the array as stored.
+On a TPU mesh a device stores its ``[rows, width]`` part of an array ``pack = 128 // width``
+rows to a row, as ``[rows / pack, 128]``, the rest of each stored row zero padding (wider rows:
+one to a row, padded to a multiple of 128; ``sharding.row_storage``): XLA lays out other widths
+column-major on TPU, and a step that reads rows would copy them into row-major order and back
+every time, or read each row across its tiles. Rows are read and written in place as
+``width``-float windows (``_kernels.gather_rows``'s ``width``); ``shard_shape`` and
+``num_rows`` count rows, ``physical_shape`` is the array as stored.
 
 Mesh axes split into the array's *shard axes* (``T`` devices, the product of their sizes) and
 its *replica axes* (``R`` copies). Every device of a replica group holds one shard; the ``R``
@@ -82,8 +83,10 @@ class TablePlacement:
         shard: the shard holding a table-wise table (None otherwise).
         offset: the table's first row on that shard (table-wise; 0 otherwise).
         pack: rows its array stores side by side in each of its rows (``rows_per_shard`` is a
-            multiple of it): 128 / width on TPU for widths below 128 that divide it, else 1
-            (``sharding.rows_per_row``).
+            multiple of it): ``128 // width`` on TPU for widths below 128, else 1
+            (``sharding.row_storage``).
+        stored_cols: floats in each stored row of a device's part of the array, ``pack`` rows
+            and zero padding (0, the default, means ``pack * cols_per_shard``: no padding).
     """
 
     name: str
@@ -98,10 +101,22 @@ class TablePlacement:
     shard: int | None = None
     offset: int = 0
     pack: int = 1
+    stored_cols: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.stored_cols:
+            object.__setattr__(self, "stored_cols", self.pack * self.cols_per_shard)
+        if self.stored_cols < self.pack * self.cols_per_shard or self.rows_per_shard % self.pack:
+            raise ValueError(
+                f"Table {self.name!r}: {self.pack} rows of {self.cols_per_shard} floats do not "
+                f"fit a stored row of {self.stored_cols}, or {self.rows_per_shard} rows are not "
+                f"a multiple of {self.pack}; place tables with sharding.plan_sharding."
+            )
 
     def bytes_per_device(self, slots: int = 0) -> int:
-        """float32 bytes one device holds for the table's array and ``slots`` slot arrays."""
-        return (1 + slots) * self.rows_per_shard * self.cols_per_shard * 4
+        """float32 bytes one device holds for the table's array and ``slots`` slot arrays, as
+        stored."""
+        return (1 + slots) * self.rows_per_shard // self.pack * self.stored_cols * 4
 
 
 def _replicated(x: jax.Array) -> jax.Array:
@@ -150,8 +165,19 @@ class Layout:
     @property
     def pack(self) -> int:
         """Rows stored side by side in each row of the array (``TablePlacement.pack``): a
-        device's ``[rows, columns]`` are stored as ``[rows / pack, pack * columns]``."""
+        device's ``[rows, columns]`` are stored as ``[rows / pack, stored_cols]``."""
         return self.tables[0].pack
+
+    @property
+    def stored_cols(self) -> int:
+        """Floats in each stored row of a device's part (``TablePlacement.stored_cols``)."""
+        return self.tables[0].stored_cols
+
+    @property
+    def as_rows(self) -> bool:
+        """Whether a device stores its ``[rows, columns]`` as they are (no packing, no
+        padding: everywhere but TPU meshes, and there for widths that are multiples of 128)."""
+        return self.stored_cols == self.shard_shape[1]
 
     @property
     def num_rows(self) -> int:
@@ -163,15 +189,29 @@ class Layout:
         """Shape of the global physical array, as stored."""
         raise NotImplementedError
 
+    _blocks: ClassVar[bool] = False  # whether each device holds a column block of every row
+
     def _pack(self, rows: jax.Array) -> jax.Array:
-        """The stored array from its ``[num_rows, columns]`` rows (``[num_rows]``: as is)."""
-        return rows if self.pack == 1 or rows.ndim == 1 else rows.reshape(self.physical_shape)
+        """The stored array from its ``[num_rows, columns]`` rows (``[num_rows]``: as is): each
+        device's ``[r, c]`` rows as ``[r / pack, stored_cols]``, zero padded."""
+        if self.as_rows or rows.ndim == 1:
+            return rows
+        (v, c), p = rows.shape, self.pack
+        t = self.num_shards if self._blocks else 1  # column blocks side by side
+        b = c // t
+        out = rows.reshape(v // p, p, t, b).swapaxes(1, 2).reshape(v // p, t, p * b)
+        out = jnp.pad(out, ((0, 0), (0, 0), (0, self.stored_cols - p * b)))
+        return out.reshape(self.physical_shape)
 
     def _unpack(self, stored: jax.Array) -> jax.Array:
         """``_pack``'s inverse."""
-        if self.pack == 1 or stored.ndim == 1:
+        if self.as_rows or stored.ndim == 1:
             return stored
-        return stored.reshape(self.num_rows, -1)
+        p, b = self.pack, self.shard_shape[1]
+        t = self.num_shards if self._blocks else 1
+        v = stored.shape[0] * p
+        rows = stored.reshape(v // p, t, self.stored_cols)[:, :, : p * b]
+        return rows.reshape(v // p, t, p, b).swapaxes(1, 2).reshape(v, t * b)
 
     def spec(self, shape: tuple[int, ...]) -> P:
         """``PartitionSpec`` of an array leaf of this layout: the table and its table-shaped slots
@@ -254,10 +294,10 @@ class Layout:
         """``(rows, ids)``: the rows a device asked for are ``rows[ids]`` (``ids`` None: ``rows``
         themselves, fetched from their owners). With one shard nothing travels and the lookup
         reads the local shard in place through the requested local rows."""
-        if self.num_shards == 1 and self.pack == 1:
+        if self.num_shards == 1 and self.as_rows:
             return shard, requests.reshape(-1)
         if self.num_shards == 1:  # rows stored side by side: read as windows, once each
-            return _kernels.gather_rows(shard, requests.reshape(-1), self.pack), None
+            return _kernels.gather_rows(shard, requests.reshape(-1), self.dim), None
         return self._fetch(shard, requests), None
 
     def _fetch(self, shard: jax.Array, requests: jax.Array) -> jax.Array:
@@ -317,7 +357,7 @@ class _Owned(Layout):
 
     @property
     def physical_shape(self) -> tuple[int, int]:
-        return self.num_shards * self.shard_shape[0] // self.pack, self.dim * self.pack
+        return self.num_shards * self.shard_shape[0] // self.pack, self.stored_cols
 
     def capacity_needed(self, keys: np.ndarray) -> int:
         owner, _ = self._locate(keys)
@@ -338,7 +378,7 @@ class _Owned(Layout):
 
     def _fetch(self, shard: jax.Array, requests: jax.Array) -> jax.Array:
         asked = self._all_to_all(requests)  # [T (requester), K] local rows
-        rows = _kernels.gather_rows(shard, asked, self.pack)  # padding reads a zero row
+        rows = _kernels.gather_rows(shard, asked, self.dim)  # padding reads a zero row
         return self._all_to_all(rows).reshape(-1, self.dim)  # [T (owner) * K, D]
 
     def _to_owners(self, requests: jax.Array, grads: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -369,7 +409,7 @@ class RowLayout(_Owned):
     def to_logical(self, physical: jax.Array, name: str) -> jax.Array:
         n, s = self.num_shards, self.shard_shape[0]
         vocab = self.tables[0].vocabulary_size
-        if n == 1 and self.pack == 1 and s == vocab:
+        if n == 1 and self.as_rows and s == vocab:
             return physical
         rows = self._unpack(_replicated(physical))
         rest = rows.shape[1:]
@@ -429,23 +469,10 @@ class ColumnLayout(Layout):
 
     @property
     def physical_shape(self) -> tuple[int, int]:
-        rows, block = self.shard_shape
-        return rows // self.pack, self.num_shards * block * self.pack
+        return self.shard_shape[0] // self.pack, self.num_shards * self.stored_cols
 
     _split_dim: ClassVar[int] = 1
-
-    def _pack(self, rows: jax.Array) -> jax.Array:
-        # [V, T * B] -> [V / p, T * p * B]: each shard's [V, B] block stored as [V / p, p * B]
-        if self.pack == 1 or rows.ndim == 1:
-            return rows
-        (v, b), t, p = self.shard_shape, self.num_shards, self.pack
-        return rows.reshape(v // p, p, t, b).swapaxes(1, 2).reshape(self.physical_shape)
-
-    def _unpack(self, stored: jax.Array) -> jax.Array:
-        if self.pack == 1 or stored.ndim == 1:
-            return stored
-        (v, b), t, p = self.shard_shape, self.num_shards, self.pack
-        return stored.reshape(v // p, t, p, b).swapaxes(1, 2).reshape(v, t * b)
+    _blocks: ClassVar[bool] = True
 
     def capacity_needed(self, keys: np.ndarray) -> int:
         return int(keys.shape[0])
@@ -497,7 +524,7 @@ class ColumnLayout(Layout):
     def _fetch(self, shard: jax.Array, requests: jax.Array) -> jax.Array:
         capacity, block = requests.shape[-1], self.shard_shape[1]
         asked = self._gather_ids(requests).reshape(self.num_shards, capacity)
-        rows = _kernels.gather_rows(shard, asked, self.pack)
+        rows = _kernels.gather_rows(shard, asked, block)
         blocks = self._all_to_all(rows)  # [T (block), K, B]
         rows = blocks.transpose(1, 0, 2).reshape(capacity, self.num_shards * block)
         return rows[:, : self.dim]

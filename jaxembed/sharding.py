@@ -32,11 +32,9 @@ from jax.sharding import PartitionSpec as P
 
 from jaxembed.configs import TableConfig
 from jaxembed.layouts import (
+    LAYOUTS,
     STRATEGIES,
-    ColumnLayout,
     Layout,
-    ReplicatedLayout,
-    RowLayout,
     TableLayout,
     TablePlacement,
     ceil_div,
@@ -47,37 +45,42 @@ LANES = 128  # floats in a row of a TPU tile (8 x 128)
 PACK_ROWS_ENV = "JAXEMBED_PACK_ROWS"
 
 
-def rows_per_row(mesh: jax.sharding.Mesh, width: int) -> int:
-    """How many table rows of ``width`` floats a device stores side by side in each row of its
-    array (``TablePlacement.pack``).
+def row_storage(mesh: jax.sharding.Mesh, width: int) -> tuple[int, int]:
+    """``(pack, stored width)``: how a device stores the rows of ``width`` floats of its part of
+    an array (``TablePlacement.pack`` and ``TablePlacement.stored_cols``): ``pack`` rows side by
+    side in each stored row of ``stored width`` floats, the rest of it zero padding.
 
     A TPU tiles 2-D arrays by 8 x 128 floats and by default lays out a ``[rows, width]`` array
-    whose width is not a multiple of 128 column-major (so as not to pad each row to 128): a
-    row is then scattered over ``width / 8`` tiles, and a train step, which reads and writes
-    rows, makes XLA copy the whole table (and its slots) into row-major order and back on every
-    step. Stored as ``[rows * width / 128, 128]`` the same array is row-major with no padding,
-    and rows are read and written in place as ``width``-float windows. So on a TPU mesh, for
-    widths below 128 that divide it, this is ``128 // width``; elsewhere (CPU, GPU: row-major
-    already) and for other widths, 1. The environment variable ``JAXEMBED_PACK_ROWS`` overrides
-    where: ``tpu`` (the default), ``always`` (any mesh: the same results, the packed path on
-    CPU) or ``never``.
+    whose width is not a multiple of 128 column-major (so as not to pad each row to 128): a row
+    is then scattered over ``width / 8`` tiles, and a train step, which reads and writes rows,
+    makes XLA copy the whole table (and its slots) into row-major order and back, or read every
+    row across its tiles. Stored 128 floats wide (a multiple of 128 for wider rows) the array is
+    row-major, and rows are read and written in place as ``width``-float windows. So on a TPU
+    mesh this is ``(128 // width, 128)`` for widths below 128 (no padding where the width
+    divides 128: ``(2, 128)`` for 64, ``(2, 128)`` for 48 with 32 floats of padding) and
+    ``(1, width rounded up to a multiple of 128)`` for wider rows; elsewhere (CPU, GPU: row-major
+    already) ``(1, width)``. The environment variable ``JAXEMBED_PACK_ROWS`` overrides where:
+    ``tpu`` (the default), ``always`` (any mesh: the same results, the TPU's storage on CPU) or
+    ``never``.
 
     Example:
         >>> import jax
         >>> mesh = jax.sharding.Mesh(jax.devices()[:1], ("x",))
-        >>> rows_per_row(mesh, 64)  # 1 on CPU, 2 on TPU
-        1
+        >>> row_storage(mesh, 48)  # (1, 48) on CPU, (2, 128) on TPU
+        (1, 48)
     """
     where = os.environ.get(PACK_ROWS_ENV, "tpu")
     if where not in ("tpu", "always", "never"):
         raise ValueError(
-            f"{PACK_ROWS_ENV}={where!r}: use 'tpu' (the default: pack narrow tables on TPU "
-            "meshes), 'always' or 'never'."
+            f"{PACK_ROWS_ENV}={where!r}: use 'tpu' (the default: store tables 128 floats wide "
+            "on TPU meshes), 'always' or 'never'."
         )
     on_tpu = mesh.devices.flat[0].platform == "tpu"
-    if where == "never" or (where == "tpu" and not on_tpu) or width >= LANES or LANES % width:
-        return 1
-    return LANES // width
+    if where == "never" or (where == "tpu" and not on_tpu) or width % LANES == 0:
+        return 1, width
+    if width > LANES:
+        return 1, ceil_div(width, LANES) * LANES
+    return LANES // width, LANES
 
 
 def _round_up(rows: int, pack: int) -> int:
@@ -156,8 +159,11 @@ class ShardingPlan:
         ]
         for t in self.tables:
             where = f" (shard {t.shard})" if t.shard is not None else ""
-            if t.pack > 1:
-                where += f" ({t.pack} rows per stored row)"
+            if t.stored_cols != t.cols_per_shard:
+                if t.pack > 1:
+                    where += f" ({t.pack} rows to a stored row of {t.stored_cols} floats)"
+                else:
+                    where += f" (rows stored padded to {t.stored_cols} floats)"
             lines.append(
                 f"  {t.name:<12}{t.strategy:<12}{f'{t.vocabulary_size}x{t.dim}':<14}"
                 f"{f'{t.rows_per_shard}x{t.cols_per_shard}':<14}"
@@ -242,27 +248,20 @@ def plan_sharding(
             stacks.setdefault(key, []).append((name, vocab, dim))
             continue
         width = ceil_div(dim, n) if strategy == "column" else dim  # on one device
-        pack = rows_per_row(mesh, width)
-        if strategy == "replicated":
-            rows = _round_up(vocab, pack)
-            placement = TablePlacement(
-                name, strategy, vocab, dim, 1, rows, dim, rows, name, pack=pack
-            )
-            layouts[name] = ReplicatedLayout(name, (placement,), *everywhere)
-        elif strategy == "row":
+        pack, stored = row_storage(mesh, width)
+        if strategy == "row":
             rows = _round_up(ceil_div(vocab, n), pack)
-            placement = TablePlacement(
-                name, strategy, vocab, dim, n, rows, dim, n * rows, name, pack=pack
-            )
-            layouts[name] = RowLayout(name, (placement,), *spread)
+            shape = (n, rows, dim, n * rows)  # shards, rows and columns per shard, total rows
         else:
             rows = _round_up(vocab, pack)
-            placement = TablePlacement(
-                name, strategy, vocab, dim, n, rows, width, rows, name, pack=pack
-            )
-            layouts[name] = ColumnLayout(name, (placement,), *spread)
+            shape = (1, rows, dim, rows) if strategy == "replicated" else (n, rows, width, rows)
+        placement = TablePlacement(
+            name, strategy, vocab, dim, *shape, name, pack=pack, stored_cols=stored
+        )
+        spread_over = everywhere if strategy == "replicated" else spread
+        layouts[name] = LAYOUTS[strategy](name, (placement,), *spread_over)
     for members in stacks.values():
-        layout = _stack_tables(members, spread, rows_per_row(mesh, members[0][2]))
+        layout = _stack_tables(members, spread, row_storage(mesh, members[0][2]))
         layouts.update({t.name: layout for t in layout.tables})
     order = list(tables.values())
     placements = {t.name: t for layout in layouts.values() for t in layout.tables}
@@ -301,7 +300,9 @@ def _hashable(optimizer: Any) -> Any:
         return id(optimizer)
 
 
-def _stack_tables(members: list[tuple[str, int, int]], spread: tuple, pack: int) -> TableLayout:
+def _stack_tables(
+    members: list[tuple[str, int, int]], spread: tuple, storage: tuple[int, int]
+) -> TableLayout:
     """Table-wise placement: largest table first onto the least loaded shard."""
     n = spread[2]
     load = [0] * n
@@ -311,10 +312,22 @@ def _stack_tables(members: list[tuple[str, int, int]], spread: tuple, pack: int)
         where[name] = (shard, load[shard])
         load[shard] += vocab
     group = "_".join(sorted(name for name, *_ in members))
+    pack, stored = storage
     rows = _round_up(max(max(load), 1), pack)
     placements = tuple(
         TablePlacement(
-            name, "table", vocab, dim, n, rows, dim, n * rows, group, *where[name], pack=pack
+            name,
+            "table",
+            vocab,
+            dim,
+            n,
+            rows,
+            dim,
+            n * rows,
+            group,
+            *where[name],
+            pack=pack,
+            stored_cols=stored,
         )
         for name, vocab, dim in members
     )

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -171,3 +172,26 @@ def test_whole_array_copies_reads_tpu_style_moves():
         ("reshape", "1,0", 2 * 1000 * 64 * 4),
         ("copy-start", "0,1", 2 * 1000 * 64 * 4),
     ]
+
+
+def test_the_accelerator_benchmark_counts_rows_not_their_padding_and_takes_a_2d_mesh():
+    """``bench_accelerator``: the minimum charges a table row its ``dim`` floats however it is
+    stored (a TPU's ``[rows / 2, 128]`` for width 48 has 16 floats of padding a row), a
+    ``[rows]`` slot one value a row and a scalar nothing; ``--mesh`` and ``--strategy`` (with
+    ``--tpu`` only) build the ``("data", "model")`` mesh and the layouts asked for."""
+    import bench_accelerator as ba
+
+    rows = 1000
+    assert ba.row_bytes(np.zeros((rows // 2, 128), np.float32), rows, 48) == 48 * 4
+    assert ba.row_bytes(np.zeros((rows, 64), np.float32), rows, 64) == 64 * 4
+    assert ba.row_bytes(np.zeros((rows,), np.float32), rows, 48) == 4
+    assert ba.row_bytes(np.zeros((), np.int32), rows, 48) == 0
+    with pytest.raises(SystemExit):
+        ba.parse_args(["--mesh", "2x4"])  # --mesh without --tpu: argparse's error
+    args = ba.parse_args(["--tpu", "v5e:2x4", "--devices", "8", "--mesh", "2x4"])
+    args.strategy, args.vocab = "column", 1000
+    mesh = ba.mesh_of(args, jax.devices()[:8])
+    assert dict(mesh.shape) == {"data": 2, "model": 4}
+    assert ba.make_embedding(args, mesh).plan["t0"].strategy == "column"
+    with pytest.raises(SystemExit, match="--mesh 3x3"):
+        ba.mesh_of(ba.parse_args(["--tpu", "v5e:2x4", "--mesh", "3x3"]), jax.devices()[:8])

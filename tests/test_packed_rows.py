@@ -19,7 +19,7 @@ import test_in_place_update as in_place
 
 import jaxembed as je
 from jaxembed import _kernels
-from jaxembed.sharding import PACK_ROWS_ENV, rows_per_row
+from jaxembed.sharding import PACK_ROWS_ENV, row_storage
 
 STRATEGIES = ("row", "table", "column", "replicated")
 VOCAB_A, VOCAB_B, DIM, BATCH = 101, 37, 16, 16
@@ -40,25 +40,37 @@ def packed(monkeypatch):
     return build
 
 
-def test_rows_per_row_packs_widths_that_divide_128_on_tpu_only(monkeypatch):
+def test_row_storage_is_128_floats_wide_on_tpu_only(monkeypatch):
     mesh = _mesh(1)
     monkeypatch.delenv(PACK_ROWS_ENV, raising=False)
-    assert [rows_per_row(mesh, w) for w in (1, 16, 64, 128)] == [1, 1, 1, 1]  # CPU: as is
+    widths = (1, 2, 8, 16, 32, 40, 48, 64, 100, 128, 200, 256)
+    assert [row_storage(mesh, w) for w in widths] == [(1, w) for w in widths]  # CPU: as is
     monkeypatch.setenv(PACK_ROWS_ENV, "always")
-    got = {w: rows_per_row(mesh, w) for w in (1, 2, 8, 16, 32, 64, 48, 100, 128, 200, 256)}
-    assert got == {1: 128, 2: 64, 8: 16, 16: 8, 32: 4, 64: 2} | dict.fromkeys(
-        (48, 100, 128, 200, 256), 1
-    )
+    got = {w: row_storage(mesh, w) for w in widths}
+    assert got == {
+        1: (128, 128),
+        2: (64, 128),
+        8: (16, 128),
+        16: (8, 128),
+        32: (4, 128),
+        40: (3, 128),  # 8 floats of padding
+        48: (2, 128),  # 32
+        64: (2, 128),
+        100: (1, 128),  # 28
+        128: (1, 128),
+        200: (1, 256),  # 56
+        256: (1, 256),
+    }
     monkeypatch.setenv(PACK_ROWS_ENV, "never")
-    assert rows_per_row(mesh, 64) == 1
+    assert row_storage(mesh, 48) == (1, 48)
     monkeypatch.setenv(PACK_ROWS_ENV, "yes")
     with pytest.raises(ValueError, match="JAXEMBED_PACK_ROWS='yes'.*'tpu'.*'always'.*'never'"):
-        rows_per_row(mesh, 64)
+        row_storage(mesh, 64)
 
 
-def _features() -> dict:
-    a = je.TableConfig(VOCAB_A, DIM, combiner="mean", name="a")
-    b = je.TableConfig(VOCAB_B, DIM, combiner="sum", name="b")
+def _features(dim: int = DIM) -> dict:
+    a = je.TableConfig(VOCAB_A, dim, combiner="mean", name="a")
+    b = je.TableConfig(VOCAB_B, dim, combiner="sum", name="b")
     return {"f": je.FeatureConfig(a), "g": je.FeatureConfig(b), "h": je.FeatureConfig(a)}
 
 
@@ -91,62 +103,101 @@ def _train(emb: je.Embedding, kernels: bool, steps: int = 3):
                 lengths = rng.integers(0, 6, BATCH)
                 ids = rng.integers(0, vocab, lengths.sum())
                 inputs[feature] = je.Ragged.from_row_lengths(ids, lengths)
-            g = {k: rng.normal(size=(BATCH, DIM)).astype(np.float32) for k in inputs}
+            dim = emb.plan["a"].dim
+            g = {k: rng.normal(size=(BATCH, dim)).astype(np.float32) for k in inputs}
             state, out = step(state, emb.preprocess(inputs), g)
             acts.append(jax.tree.map(np.asarray, out))
         tables, slots = emb.logical_arrays(state)
     return acts, jax.tree.map(np.asarray, tables), jax.tree.map(np.asarray, slots)
 
 
-# Every optimizer on row-sharded tables; an elementwise and a row-wise one (whose [rows] slot
-# the column layout keeps whole on every device) on the others; the one optimizer that updates
-# every row (non-lazy Adam) on one device; the CPU kernels and the pure-JAX path.
-CASES = (
-    [(8, "row", opt, kernels) for opt in sorted(OPTIMIZERS) for kernels in (True, False)]
-    + [
-        (8, strategy, opt, kernels)
-        for strategy in STRATEGIES[1:]
-        for opt in ("adagrad", "rowwise_adagrad")
-        for kernels in (True, False)
-    ]
-    + [
-        (1, strategy, opt, kernels)
-        for strategy in ("row", "column")
-        for opt in ("rowwise_adagrad", "adam_not_lazy")
-        for kernels in (True, False)
-    ]
-)
+# Width 16 (packed with no padding): every optimizer on row-sharded tables; an elementwise and a
+# row-wise one (whose [rows] slot the column layout keeps whole on every device) on the others;
+# the one optimizer that updates every row (non-lazy Adam) on one device. Widths that leave
+# padding: 48 (2 rows to a row of 128), 100 (1, padded to 128), 200 (padded to 256), and their
+# column blocks on 8 devices (6, 13 and 25 floats: 21, 9 and 5 rows to a row), on the pure-JAX
+# path (what a TPU runs; the CPU kernels leave padded tables to it: the next test). Width 16
+# with the CPU kernels and with the pure-JAX path.
+CASES = [
+    (16, d, strategy, opt, kernels)
+    for d, strategy, opt in (
+        [(8, "row", opt) for opt in sorted(OPTIMIZERS)]
+        + [(8, s, o) for s in STRATEGIES[1:] for o in ("adagrad", "rowwise_adagrad")]
+        + [(1, s, o) for s in ("row", "column") for o in ("rowwise_adagrad", "adam_not_lazy")]
+    )
+    for kernels in (True, False)
+] + [
+    (dim, d, strategy, opt, kernels)
+    for dim, d, strategy, opt in (
+        [(48, 8, s, o) for s in STRATEGIES for o in ("adagrad", "rowwise_adagrad")]
+        + [(48, 1, "row", o) for o in ("partial_rowwise_adam", "adam_not_lazy", "ftrl")]
+        + [(dim, d, "row", "rowwise_adagrad") for dim in (100, 200) for d in (1, 8)]
+        + [(dim, 8, "column", "adagrad") for dim in (100, 200)]
+    )
+    for kernels in (False,)
+]
 
 
 @pytest.mark.parametrize(
-    ("devices", "strategy", "optimizer", "kernels"),
+    ("dim", "devices", "strategy", "optimizer", "kernels"),
     CASES,
-    ids=[f"{d}-{s}-{o}-{'kernels' if k else 'pure_jax'}" for d, s, o, k in CASES],
+    ids=[f"{w}-{d}-{s}-{o}-{'kernels' if k else 'pure_jax'}" for w, d, s, o, k in CASES],
 )
-def test_packed_storage_trains_bit_for_bit_as_rows(packed, devices, strategy, optimizer, kernels):
-    def run(pack: bool):
+def test_stored_rows_train_bit_for_bit_as_rows(packed, dim, devices, strategy, optimizer, kernels):
+    def run(pack: bool, kernels: bool):
         opt = OPTIMIZERS[optimizer]()
         sharding = dict.fromkeys("ab", strategy)
-        emb = packed(pack, _features(), opt, _mesh(devices), sharding)
+        emb = packed(pack, _features(dim), opt, _mesh(devices), sharding)
         return emb, _train(emb, kernels)
 
-    plain_emb, plain = run(False)
-    packed_emb, got = run(True)
-    layout = packed_emb.plan.layout("a")
+    stored_emb, got = run(True, kernels)
+    layout = stored_emb.plan.layout("a")
     width = layout.shard_shape[1]
-    assert layout.pack == 128 // width > 1 and plain_emb.plan.layout("a").pack == 1
-    columns = layout.num_shards * width if strategy == "column" else width  # of the array
-    assert layout.physical_shape == (layout.num_rows // layout.pack, columns * layout.pack)
+    assert (layout.pack, layout.stored_cols) == row_storage(stored_emb.mesh, width)
+    assert layout.stored_cols % 128 == 0 and not layout.as_rows
+    blocks = layout.num_shards if strategy == "column" else 1  # of the array
+    assert layout.physical_shape == (layout.num_rows // layout.pack, blocks * layout.stored_cols)
+    plain_emb, plain = run(False, kernels)
+    assert plain_emb.plan.layout("a").as_rows
     for want, have in zip(jax.tree.leaves(plain), jax.tree.leaves(got), strict=True):
         np.testing.assert_array_equal(have, want)
 
 
+@pytest.mark.parametrize("devices", [1, 8])
+def test_the_cpu_kernels_leave_padded_tables_to_the_pure_update(packed, devices):
+    """The CPU kernels read and update tables storing whole rows only: with padding (width 48
+    in rows of 128) the compiled step calls no gather or update kernel, and trains as plain
+    storage with the kernels does, up to float32 rounding (the kernels and XLA's fused code
+    round differently)."""
+    opt = je.optimizers.RowWiseAdagrad(0.1)
+    sharding = dict.fromkeys("ab", "row")
+    with _kernels.use_kernels(True):
+        stored = packed(True, _features(48), opt, _mesh(devices), sharding)
+        plain = packed(False, _features(48), opt, _mesh(devices), sharding)
+        ids = np.arange(BATCH)
+        batch = stored.preprocess({f: je.Ragged.from_row_lengths(ids, [1] * BATCH) for f in "fgh"})
+        grads = {f: np.ones((BATCH, 48), np.float32) for f in "fgh"}
+        hlo = (
+            jax.jit(stored.apply_gradients)
+            .lower(stored.abstract_state(), batch, grads)
+            .compile()
+            .as_text()
+        )
+    assert stored.plan.layout("a").stored_cols == 128
+    for target in ("jaxembed_gather_rows", "jaxembed_apply_rows", "jaxembed_apply_slots"):
+        assert f'custom_call_target="{target}"' not in hlo
+    want, have = _train(plain, kernels=True), _train(stored, kernels=True)
+    for w, h in zip(jax.tree.leaves(want), jax.tree.leaves(have), strict=True):
+        np.testing.assert_allclose(h, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dim", [DIM, 48])
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("devices", [1, 8])
-def test_each_row_is_stored_where_the_windows_say(packed, devices, strategy):
+def test_each_row_is_stored_where_the_windows_say(packed, devices, strategy, dim):
     """``to_physical`` puts local row ``i`` of a device at stored row ``i // p``, columns
     ``(i % p) * width`` onward, and ``to_logical`` takes it back."""
-    emb = packed(True, _features(), je.optimizers.SGD(0.1), _mesh(devices), {"a": strategy})
+    emb = packed(True, _features(dim), je.optimizers.SGD(0.1), _mesh(devices), {"a": strategy})
     layout = emb.plan.layout("a")
     rng = np.random.default_rng(1)
     logical = {t.name: rng.normal(size=(t.vocabulary_size, t.dim)) for t in layout.tables}
@@ -159,22 +210,24 @@ def test_each_row_is_stored_where_the_windows_say(packed, devices, strategy):
         local = np.stack(
             [block[i // p, (i % p) * width : (i % p + 1) * width] for i in range(rows)]
         )
-        windows = np.asarray(_kernels._take(jnp.asarray(block), jnp.arange(rows), p))
+        windows = np.asarray(_kernels._take(jnp.asarray(block), jnp.arange(rows), width))
         np.testing.assert_array_equal(windows, local)
+        assert not block[:, p * width :].any()  # zeros after each stored row's p rows
         if strategy == "column":  # every row's columns [shard * width, ...) of the table
-            want = np.pad(np.asarray(logical["a"]), ((0, rows - VOCAB_A), (0, t * width - DIM)))
+            want = np.pad(np.asarray(logical["a"]), ((0, rows - VOCAB_A), (0, t * width - dim)))
             np.testing.assert_array_equal(local, want[:, shard * width : (shard + 1) * width])
     for t_ in layout.tables:
         back = jax.jit(lambda s, n=t_.name: layout.to_logical(s, n))(jnp.asarray(stored))
         np.testing.assert_array_equal(np.asarray(back), np.asarray(logical[t_.name]))
 
 
+@pytest.mark.parametrize("dim", [DIM, 48])
 @pytest.mark.parametrize("pack_first", [True, False], ids=["packed_to_rows", "rows_to_packed"])
-def test_a_checkpoint_restores_across_packed_and_plain_storage(packed, tmp_path, pack_first):
+def test_a_checkpoint_restores_across_packed_and_plain_storage(packed, tmp_path, pack_first, dim):
     """Checkpoints hold logical rows: a state trained packed (a TPU's) restores onto plain
     storage (a CPU's) bit for bit, and back."""
     opt = je.optimizers.RowWiseAdagrad(0.1)  # a [rows] slot beside the table
-    source = packed(pack_first, _features(), opt, _mesh(8), {"a": "row", "b": "column"})
+    source = packed(pack_first, _features(dim), opt, _mesh(8), {"a": "row", "b": "column"})
     state = source.init(jax.random.key(3))
     batch_rng = np.random.default_rng(4)
     lengths = batch_rng.integers(1, 4, BATCH)
@@ -182,10 +235,10 @@ def test_a_checkpoint_restores_across_packed_and_plain_storage(packed, tmp_path,
         f: je.Ragged.from_row_lengths(batch_rng.integers(0, v, lengths.sum()), lengths)
         for f, v in (("f", VOCAB_A), ("g", VOCAB_B), ("h", VOCAB_A))
     }
-    grads = {f: np.ones((BATCH, DIM), np.float32) for f in inputs}
+    grads = {f: np.ones((BATCH, dim), np.float32) for f in inputs}
     state = source.apply_gradients(state, source.preprocess(inputs), grads)
     je.checkpoint.save(tmp_path / "ckpt", source, state, step=1)
-    target = packed(not pack_first, _features(), opt, _mesh(2), {"a": "table", "b": "row"})
+    target = packed(not pack_first, _features(dim), opt, _mesh(2), {"a": "table", "b": "row"})
     restored = je.checkpoint.restore(tmp_path / "ckpt", target)
     for want, got in zip(
         jax.tree.leaves(source.logical_arrays(state)),
@@ -202,3 +255,37 @@ def test_packed_tables_are_updated_in_place(monkeypatch, strategy, kernels):
     no packed table, and returns the activations and tables it should."""
     monkeypatch.setenv(PACK_ROWS_ENV, "always")
     in_place._check_step("linear", strategy, kernels)
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "pure_jax"])
+@pytest.mark.parametrize("width", [64, 48, 100])
+def test_gather_rows_reads_windows_and_its_gradient_adds_into_them(kernels, width):
+    """``gather_rows(table, ids, width)`` on a table storing ``128 // width`` rows to a row of
+    128 floats (48: with 32 floats of padding; 100: one row and 28): the rows numpy finds at
+    their windows, zeros for ids outside the table, and a gradient that adds each cotangent row
+    into its id's window (twice for a repeated id) and leaves the padding at zero."""
+    pack, stored_rows = 128 // width, 5
+    rng = np.random.default_rng(7)
+    table = rng.normal(size=(stored_rows, 128)).astype(np.float32)
+    ids = np.array([0, 3, pack * stored_rows - 1, 3, pack * stored_rows, -1], np.int32)
+    cot = rng.normal(size=(ids.shape[0], width)).astype(np.float32)
+
+    def window(i: int) -> tuple[int, slice]:
+        return i // pack, slice((i % pack) * width, (i % pack + 1) * width)
+
+    inside = (ids >= 0) & (ids < pack * stored_rows)
+    want_rows = np.stack(
+        [table[window(i)] if ok else np.zeros(width) for i, ok in zip(ids, inside, strict=True)]
+    )
+    want_grad = np.zeros_like(table)
+    for i, ok, c in zip(ids, inside, cot, strict=True):
+        if ok:
+            want_grad[window(i)] += c
+    with _kernels.use_kernels(kernels):
+        rows = jax.jit(lambda t: _kernels.gather_rows(t, ids, width))(table)
+        grad = jax.jit(jax.grad(lambda t: jnp.sum(_kernels.gather_rows(t, ids, width) * cot)))(
+            table
+        )
+    np.testing.assert_array_equal(np.asarray(rows), want_rows)
+    np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-6, atol=1e-6)
+    assert not np.asarray(grad)[:, pack * width :].any()
