@@ -1,12 +1,15 @@
-"""Tables stored several rows to a row (``sharding.rows_per_row``), as TPU meshes store them.
+"""Tables stored 128 floats wide (``sharding.row_storage``), as TPU meshes store them.
 
 A TPU lays out a ``[rows, 64]`` array column-major, so a step that reads rows would copy every
-table into row-major order and back; stored ``[rows / 2, 128]`` it is row-major. These tests
-force the packed storage on CPU (``JAXEMBED_PACK_ROWS=always``) and check it against the plain
-one: the same lookups and updates bit for bit on every layout and optimizer, kernels on and off,
-one device and eight; the stored arrays hold each row where ``_kernels._windows`` says; the
-checkpoint (logical rows) is the same either way and restores across the two; and the compiled
-step still updates every table in place.
+table into row-major order and back; stored ``[rows / 2, 128]`` it is row-major. Widths that do
+not divide 128 are stored with zero padding (48: two rows and 32 floats to a stored row of 128;
+200: one row in 256). These tests force that storage on CPU (``JAXEMBED_PACK_ROWS=always``) and
+check it against the plain one: the same lookups and updates bit for bit on every layout and
+optimizer, one device and eight (kernels on and off without padding; the pure-JAX path, which
+the CPU kernels leave padded tables to, with it); the stored arrays hold each row where
+``_kernels._windows`` says and zeros in the padding; the checkpoint (logical rows) is the same
+either way and restores across the two; ``gather_rows`` and its gradient read and write the
+windows; and the compiled step still updates every table in place.
 """
 
 from __future__ import annotations
