@@ -117,6 +117,7 @@ if ARGS is not None and ARGS.devices > 1:  # before JAX starts
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import json  # noqa: E402
+import math  # noqa: E402
 import platform  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
@@ -158,10 +159,14 @@ def mesh_of(args: argparse.Namespace, devices: list) -> Any:
 
     if not args.mesh:
         return Mesh(np.array(devices), ("x",))
-    shape = tuple(int(n) for n in args.mesh.lower().split("x"))
-    if len(shape) != 2 or shape[0] * shape[1] != len(devices):
+    sizes = args.mesh.lower().split("x")
+    if (
+        len(sizes) != 2
+        or not all(n.isdigit() for n in sizes)
+        or math.prod(map(int, sizes)) != len(devices)
+    ):
         raise SystemExit(f"--mesh {args.mesh}: give DATAxMODEL with a product of {len(devices)}")
-    return Mesh(np.array(devices).reshape(shape), ("data", "model"))
+    return Mesh(np.array(devices).reshape([int(n) for n in sizes]), ("data", "model"))
 
 
 def row_bytes(leaf: Any, rows: int, width: int) -> int:
