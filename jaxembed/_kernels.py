@@ -423,7 +423,8 @@ def _gather_abstract(table, ids, width=None):
 
 
 def _whole_rows(table, ids, width=None) -> bool:
-    """The gather kernel reads rows of a table storing a whole number of them per row."""
+    """Whether ``table`` stores a whole number of rows of ``width`` in each of its rows (no
+    padding): what the kernels read and update."""
     return width is None or table.shape[1] % width == 0
 
 
@@ -934,7 +935,7 @@ def _all_f32(*avals, optimizer, **params) -> bool:
     row_slots = getattr(optimizer, "row_slots", ())
     return (
         _f32(table)
-        and table.shape[1] % max(width, 1) == 0
+        and _whole_rows(table, None, width)
         and all(
             a.dtype == jnp.float32 and a.ndim == (1 if name in row_slots else 2)
             for name, a in zip(optimizer.slot_names, slots, strict=True)
