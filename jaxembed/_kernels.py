@@ -295,9 +295,12 @@ def _slot_grads_jax(cot, head, head_w, blocks, block_w, num_rows: int) -> jax.Ar
     """The transpose of ``_slot_sums_jax``: ``grads[slot] += (w *) cot[row]``.
 
     One ``[R, D]`` scatter-add of the cotangent per slot column, in a loop (column by column,
-    so a row's contributions are added slot-major): the cotangent is never broadcast to an
-    ``[R, slots, D]`` array, which XLA would write and read back whole (about 10x slower on
-    CPU, and as many bytes moved as slots x batch x dim).
+    head then blocks, so a row's contributions are added slot-major): the cotangent is never
+    broadcast to an ``[R, slots, D]`` array, which XLA would write and read back whole (about
+    10x slower on CPU, and as many bytes moved as slots x batch x dim). Each trip reads its
+    column from ``head`` or ``blocks`` as they are: no ``[slots, R]`` copy of them is made
+    (two of them at batch 16,384, 5 MB that took the step's scratch memory over glibc's
+    ``mmap`` threshold).
     """
     rows, dim = cot.shape
 
@@ -305,22 +308,35 @@ def _slot_grads_jax(cot, head, head_w, blocks, block_w, num_rows: int) -> jax.Ar
         x = jnp.asarray(x, dtype)
         return x.reshape(rows, math.prod(x.shape[1:]))
 
-    slots = jnp.concatenate([flat(head, jnp.int32), flat(blocks, jnp.int32)], axis=1)
-    if slots.shape[1] == 0:
-        return jnp.zeros((num_rows, dim), cot.dtype)
-    valid = (slots >= 0) & (slots < num_rows)
-    columns = jnp.where(valid, slots, num_rows).T  # [slots, R]: one contiguous row per trip
-    out = _reads.zeros_after([columns], (num_rows, dim), cot.dtype)  # one buffer per table
-    weights = None
-    if head_w is not None:
-        tail = jnp.zeros(jnp.shape(blocks)) if block_w is None else block_w
-        weights = jnp.concatenate([flat(head_w, cot.dtype), flat(tail, cot.dtype)], axis=1).T
+    head, blocks = flat(head, jnp.int32), flat(blocks, jnp.int32)
+    out = _reads.zeros_after([head, blocks], (num_rows, dim), cot.dtype)  # one buffer per table
+    if head_w is not None:  # weighted (tail slots without weights add nothing, as in the kernel)
+        head_w = flat(head_w, cot.dtype)
+        block_w = (
+            jnp.zeros(blocks.shape, cot.dtype) if block_w is None else flat(block_w, cot.dtype)
+        )
+    else:
+        block_w = None
+    out = _add_columns(out, cot, head, head_w)
+    return _add_columns(out, cot, blocks, block_w)
+
+
+def _add_columns(out: jax.Array, cot: jax.Array, slots: jax.Array, weights: Any) -> jax.Array:
+    """``out[slots[r, s]] += (weights[r, s] *) cot[r]``, column ``s`` by column, in a loop;
+    slots outside ``out`` are skipped."""
+    num_rows = out.shape[0]
 
     def body(s, out):
-        update = cot if weights is None else cot * weights[s][:, None]
-        return out.at[columns[s]].add(update, mode="drop")
+        column = jax.lax.dynamic_index_in_dim(slots, s, axis=1, keepdims=False)
+        column = jnp.where((column >= 0) & (column < num_rows), column, num_rows)
+        update = cot
+        if weights is not None:
+            update = cot * jax.lax.dynamic_index_in_dim(weights, s, axis=1, keepdims=False)[:, None]
+        return out.at[column].add(update, mode="drop")
 
-    return jax.lax.fori_loop(0, columns.shape[0], body, out)
+    if slots.shape[1] == 0:
+        return out
+    return jax.lax.fori_loop(0, slots.shape[1], body, out)
 
 
 # ---------------------------------------------------------------------------------------------

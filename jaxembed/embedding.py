@@ -873,16 +873,18 @@ def _drop_nonfinite(
         return masked, requests
 
     def unused(req: jax.Array) -> jax.Array:
+        # Per requested row, the most any slot holding it says: 2 if a finite gradient row
+        # uses it, 1 if only non-finite ones do (drop it), 0 if none. One scatter per slot
+        # array as it is (no concatenated or masked copy of the slots in scratch memory).
         rows = req.size
-        good = bad = jnp.zeros(rows + 1, bool)
+        seen = jnp.zeros(rows + 1, jnp.int8)
         for finite, head, blocks in pieces:
             n = finite.shape[0]
-            flat = [x.reshape(n, math.prod(x.shape[1:])) for x in (head, blocks)]
-            slots = jnp.concatenate(flat, axis=1)
-            keep = finite[:, None]
-            good = good.at[jnp.where(keep, slots, rows)].set(True, mode="drop")
-            bad = bad.at[jnp.where(keep, rows, slots)].set(True, mode="drop")
-        drop = (bad & ~good)[:rows].reshape(req.shape)
+            says = jnp.where(finite, 2, 1).astype(jnp.int8)[:, None]
+            for slots in (head, blocks):
+                flat = slots.reshape(n, math.prod(slots.shape[1:]))
+                seen = seen.at[flat].max(jnp.broadcast_to(says, flat.shape), mode="drop")
+        drop = (seen[:rows] == 1).reshape(req.shape)
         return jnp.where(drop, jnp.asarray(pad, req.dtype), req)
 
     any_bad = jnp.any(jnp.stack([~f.all() for f, _, _ in pieces]))

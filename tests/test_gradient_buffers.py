@@ -68,3 +68,14 @@ def test_scratch_memory_holds_one_table_of_gradient_rows():
     assert buffer >= 4 * BATCH * DIM * 4  # the gradient rows outweigh a table's activations
     growth = many.memory_analysis().temp_size_in_bytes - few.memory_analysis().temp_size_in_bytes
     assert growth < more * buffer / 2, (growth, buffer)
+
+
+def test_gradient_sum_reads_the_slots_in_place():
+    """The loop that sums the gradient rows reads each slot column where it lies in the plan's
+    ``[R, slots]`` arrays: no transposed ``[slots, R]`` copy of them in scratch memory (two
+    such copies took W's step at batch 16,384 over glibc's 32 MiB ``mmap`` threshold)."""
+    compiled, _ = _compiled_step(1, 1)
+    text = compiled.as_text()
+    assert re.search(rf"s32\[(1,)?{BATCH},{IDS}\]", text)  # the plan's slots, as given
+    transposed = re.compile(rf"= s32\[{IDS},{BATCH}\]")
+    assert not [line for line in text.splitlines() if transposed.search(line)]

@@ -58,6 +58,33 @@ def test_slot_grads_are_the_transpose_of_slot_sums(weighted, head, tail):
     )
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("head,tail", [(9, 0), (40, 0), (9, 3), (0, 2)])
+def test_slot_grads_add_column_by_column(weighted, head, tail):
+    """Random values, bit for bit against float32 numpy adding in the documented order: slot
+    column by column (head, then blocks in order), rows in order within a column, each product
+    ``w * cot`` rounded before its add. The loop reads each column where it lies in ``head`` or
+    ``blocks``."""
+    rng = np.random.default_rng(head * 10 + tail + 7)
+    num_rows, out, dim = 30, 25, 6
+    head_ids, hw, blocks, bw = _slots(rng, num_rows, out, head, tail, weighted)
+    if weighted:
+        hw = rng.normal(size=hw.shape).astype(np.float32)
+        bw = rng.normal(size=bw.shape).astype(np.float32)
+    cot = rng.normal(size=(out, dim)).astype(np.float32)
+    slots = np.concatenate([head_ids, blocks.reshape(out, -1)], axis=1)
+    weights = None if not weighted else np.concatenate([hw, bw.reshape(out, -1)], axis=1)
+    want = np.zeros((num_rows, dim), np.float32)
+    for s in range(slots.shape[1]):
+        for r in range(out):
+            if 0 <= slots[r, s] < num_rows:
+                update = cot[r] if weights is None else np.float32(weights[r, s]) * cot[r]
+                want[slots[r, s]] += update
+    got = jax.jit(k._slot_grads_jax, static_argnums=5)(cot, head_ids, hw, blocks, bw, num_rows)
+    np.testing.assert_array_equal(np.asarray(got), want)
+    assert np.any(want != 0)
+
+
 def test_slot_grads_of_no_slots_are_zero():
     cot = jnp.ones((4, 3), jnp.float32)
     head, blocks = np.zeros((4, 0), np.int32), np.zeros((4, 0, 8), np.int32)
