@@ -477,12 +477,13 @@ def phase_vocab(args, work: Workload, out: dict) -> None:
     out["peak_rss_gb_after_vocab"] = peak_rss_gb()
 
 
-def ratios(s: dict[str, float], args) -> dict[str, float]:
+def ratios(seconds: dict[str, float], args) -> dict[str, float]:
+    s = dict(seconds)
+    if "train" in s and "preprocess" in s:  # the host's batch, then the step, no overlap
+        s["train_and_preprocess"] = s["train"] + s["preprocess"]
+
     def ratio(num: str, den: str) -> float | None:
         return round(s[num] / s[den], 3) if num in s and den in s else None
-
-    if "train" in s and "preprocess" in s:  # the host's batch, then the step, no overlap
-        s = {**s, "train_and_preprocess": s["train"] + s["preprocess"]}
 
     out = {
         "lookup_vs_tf_lookup": ratio("tf_lookup", "lookup"),
