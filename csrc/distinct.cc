@@ -15,13 +15,24 @@ extern "C" {
 
 #define JAXEMBED_EXPORT __attribute__((visibility("default")))
 
+// The index of each key counts bits with popcount: one instruction where the
+// CPU has it (chosen at load time), a bit-twiddling sequence otherwise.
+#if defined(__x86_64__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define JAXEMBED_POPCOUNT_CLONES __attribute__((target_clones("popcnt", "default")))
+#endif
+#endif
+#ifndef JAXEMBED_POPCOUNT_CLONES
+#define JAXEMBED_POPCOUNT_CLONES
+#endif
+
 // Writes the sorted distinct keys of keys[0..n) to distinct (room for n) and
 // the index of each key among them to inverse; returns their number. Returns
 // -1, writing nothing, when a key is negative or the range is over max_words
 // 64-bit words (the caller sorts instead).
-JAXEMBED_EXPORT int64_t jaxembed_distinct(const int64_t* keys, int64_t n,
-                                          int64_t max_words, int64_t* distinct,
-                                          int64_t* inverse) {
+JAXEMBED_EXPORT JAXEMBED_POPCOUNT_CLONES int64_t
+jaxembed_distinct(const int64_t* keys, int64_t n, int64_t max_words,
+                  int64_t* distinct, int64_t* inverse) {
   if (n <= 0) return 0;
   int64_t lo = keys[0], hi = keys[0];
   for (int64_t i = 1; i < n; ++i) {

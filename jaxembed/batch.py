@@ -8,14 +8,22 @@ values become the device's request array (``Layout.requests``), and each feature
 re-pointed at the rows those requests will bring back. Sizes that vary from batch to batch
 (request capacity, slots per example) are padded to bucketed sizes agreed by every process, so a
 jitted step compiles once per bucket and every process traces the same shapes.
+
+The features (planning), the physical arrays (routing, requests) and the features again
+(re-pointing) are spread over the host's cores, in a thread pool: numpy's array operations and
+the compiled distinct-keys helper release the GIL. The batch and any error are the ones a single
+thread gives (the first bad feature in ``tf.nest`` order).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+import os
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -26,6 +34,7 @@ from jaxembed import _nest
 from jaxembed._distinct import distinct as distinct_keys
 from jaxembed.configs import FeatureConfig, TableConfig
 from jaxembed.inputs import Ragged, Sparse
+from jaxembed.layouts import Layout
 from jaxembed.lookup import (
     LookupPlan,
     bucket,
@@ -197,6 +206,82 @@ def _local_feature(path: str, inp: Any, feature: FeatureConfig, devices: int) ->
     return dataclasses.replace(feature, output_shape=(shape[0] // devices, *shape[1:]))
 
 
+def _plan_devices(
+    path: str,
+    inp: Any,
+    weight: Any,
+    feature: FeatureConfig,
+    n: int,
+    size: int,
+    devices: int,
+    mesh_size: int,
+) -> list[LookupPlan]:
+    """One feature's ``n`` examples padded to ``size``, split evenly over this process's
+    ``devices`` and planned: one plan per device."""
+    dense = not isinstance(inp, (Sparse, Ragged))  # padded after planning
+    if size != n and feature.output_shape is not None and not isinstance(inp, Sparse):
+        raise ValueError(
+            f"Feature {path!r} has output_shape {feature.output_shape}, which fixes its "
+            f"batch of {n} examples; it cannot be padded to batch_size={size}. Pass "
+            "batch_size=None, or drop output_shape."
+        )
+    inp, weight = _pad_examples(inp, size), _pad_examples(weight, size)
+    bounds = split_evenly(size, devices, f"{path!r} batch")
+    part = _local_feature(path, inp, feature, mesh_size)
+    plans = []
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        local_inp = slice_examples(inp, *((min(lo, n), min(hi, n)) if dense else (lo, hi)))
+        plan = plan_training_feature(path, local_inp, slice_examples(weight, lo, hi), part)
+        padded = dense and size != n  # (a dense output_shape forbids padding, above)
+        plans.append(_pad_gather(plan, hi - lo) if padded else plan)
+    return plans
+
+
+class _Routed(NamedTuple):
+    """One device's ids of the features of one physical array, routed through its layout."""
+
+    keys: dict[str, np.ndarray]  # path -> the array's keys of the feature's ids
+    distinct: np.ndarray  # the sorted distinct keys
+    inverse: np.ndarray  # each key's index in ``distinct`` (features in ``keys`` order)
+    needed: int  # ``Layout.capacity_needed`` of ``distinct``
+
+    def requests(self, layout: Layout, capacity: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The device's request array and, per feature, each id's row among the fetched
+        rows."""
+        req, where = layout.requests(self.distinct, capacity)
+        index, lo = {}, 0
+        for p, k in self.keys.items():
+            hi = lo + k.shape[0]
+            index[p] = where[self.inverse[lo:hi]]
+            lo = hi
+        return req, index
+
+
+def _route(layout: Layout, plans: Mapping[str, LookupPlan], table_of: Mapping[str, str]) -> _Routed:
+    keys = {
+        p: layout.keys(table_of[p], np.asarray(plan.ids, np.int64)) for p, plan in plans.items()
+    }
+    flat = np.concatenate(list(keys.values())) if keys else np.zeros(0, np.int64)
+    distinct, inverse = distinct_keys(flat)
+    return _Routed(keys, distinct, inverse, layout.capacity_needed(distinct))
+
+
+@functools.cache
+def _pool(pid: int) -> ThreadPoolExecutor:
+    """The preprocess threads of process ``pid`` (a forked child gets its own: threads do not
+    survive a fork)."""
+    return ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="jaxembed-preprocess")
+
+
+def _parallel(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+    """``[fn(x) for x in items]``, spread over the host's cores (numpy's array operations and
+    the compiled distinct-keys helper release the GIL); the first exception in ``items`` order
+    is raised."""
+    if len(items) < 2 or (os.cpu_count() or 1) == 1:
+        return [fn(x) for x in items]
+    return list(_pool(os.getpid()).map(fn, items))
+
+
 def preprocess(
     inputs: Any,
     weights: Any,
@@ -229,39 +314,28 @@ def preprocess(
     ]
     if batch_size is not None:  # padded shapes must agree across processes
         sizes = _global_max(sizes)
-    per_device: list[dict[str, LookupPlan]] = [{} for _ in local]
-    for (path, inp, weight, feature), n, size in zip(leaves, given, sizes, strict=True):
-        dense = not isinstance(inp, (Sparse, Ragged))  # padded after planning
-        if size != n and feature.output_shape is not None and not isinstance(inp, Sparse):
-            raise ValueError(
-                f"Feature {path!r} has output_shape {feature.output_shape}, which fixes its "
-                f"batch of {n} examples; it cannot be padded to batch_size={size}. Pass "
-                "batch_size=None, or drop output_shape."
-            )
-        inp, weight = _pad_examples(inp, size), _pad_examples(weight, size)
-        bounds = split_evenly(size, len(local), f"{path!r} batch")
-        part = _local_feature(path, inp, feature, mesh.size)
-        for d, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-            local_inp = slice_examples(inp, *((min(lo, n), min(hi, n)) if dense else (lo, hi)))
-            local_weight = slice_examples(weight, lo, hi)
-            local_plan = plan_training_feature(path, local_inp, local_weight, part)
-            padded = dense and size != n  # (a dense output_shape forbids padding, above)
-            per_device[d][path] = _pad_gather(local_plan, hi - lo) if padded else local_plan
+
+    def plan_leaf(item: tuple[Any, int, int]) -> list[LookupPlan]:
+        (path, inp, weight, feature), n, size = item
+        return _plan_devices(path, inp, weight, feature, n, size, len(local), mesh.size)
+
+    planned = _parallel(plan_leaf, list(zip(leaves, given, sizes, strict=True)))
+    per_device = [
+        {path: plans[d] for (path, *_), plans in zip(leaves, planned, strict=True)}
+        for d in range(len(local))
+    ]
 
     table_of = {path: table_names[feature.table] for path, _, _, feature in leaves}
-    routed: dict[
-        str, list
-    ] = {}  # array name -> per device: (paths, keys per path, distinct, inverse)
-    needed = []
-    for layout in plan.layouts:
+
+    def route(layout: Layout) -> list[_Routed]:
         paths = [p for p in table_of if plan.layout(table_of[p]) is layout]
-        routed[layout.name] = []
-        for plans in per_device:
-            keys = [layout.keys(table_of[p], np.asarray(plans[p].ids, np.int64)) for p in paths]
-            flat = np.concatenate(keys) if keys else np.zeros(0, np.int64)
-            distinct, inverse = distinct_keys(flat)
-            routed[layout.name].append((paths, keys, distinct, inverse))
-            needed.append(layout.capacity_needed(distinct))
+        return [_route(layout, {p: plans[p] for p in paths}, table_of) for plans in per_device]
+
+    routed = {  # array name -> per device
+        layout.name: per_array
+        for layout, per_array in zip(plan.layouts, _parallel(route, plan.layouts), strict=True)
+    }
+    needed = [r.needed for layout in plan.layouts for r in routed[layout.name]]
     # Slots per example and overflow blocks, per feature: the largest over devices (and
     # processes), bucketed.
     leaf_paths = [path for path, *_ in leaves]
@@ -282,33 +356,33 @@ def preprocess(
         for p, m in zip(leaf_paths, maxima[len(needed) + 2 :: 3], strict=True)
     }
 
-    requests: dict[str, Any] = {}
-    index: list[dict[str, np.ndarray]] = [{} for _ in local]
-    fetched: dict[str, int] = {}
-    it = iter(maxima[: len(needed)])
-    for layout in plan.layouts:
-        capacity = row_bucket(max(next(it) for _ in local), MIN_CAPACITY)
-        fetched[layout.name] = layout.fetched_rows(capacity)
-        reqs = []
-        for d, (paths, keys, distinct, inverse) in enumerate(routed[layout.name]):
-            req, where = layout.requests(distinct, capacity)
-            reqs.append(req)
-            splits = np.cumsum([0] + [k.shape[0] for k in keys])
-            for p, lo, hi in zip(paths, splits[:-1], splits[1:], strict=True):
-                index[d][p] = where[inverse[lo:hi]]
-        requests[layout.name] = np.stack(reqs)
+    per_layout = np.reshape(maxima[: len(needed)], (len(plan.layouts), len(local)))
+    capacities = {
+        layout.name: row_bucket(int(most), MIN_CAPACITY)
+        for layout, most in zip(plan.layouts, per_layout.max(axis=1, initial=0), strict=True)
+    }
 
+    def request(layout: Layout) -> tuple[np.ndarray, list[dict[str, np.ndarray]]]:
+        placed = [r.requests(layout, capacities[layout.name]) for r in routed[layout.name]]
+        return np.stack([req for req, _ in placed]), [index for _, index in placed]
+
+    requested = dict(zip(capacities, _parallel(request, plan.layouts), strict=True))
     skeleton = _nest.pack_like(inputs, leaf_paths)
     ordered_paths, treedef = jax.tree_util.tree_flatten(skeleton)
-    stacked = []
-    for p in ordered_paths:
-        rows = fetched[plan.layout(table_of[p]).name]
+
+    def remap(p: str) -> LookupPlan:
+        layout = plan.layout(table_of[p])
+        rows = layout.fetched_rows(capacities[layout.name])
+        index = requested[layout.name][1]
         remapped = [
             remap_plan(per_device[d][p], index[d][p], rows, heads[p], tails[p], overflows[p])
             for d in range(len(local))
         ]
-        stacked.append(jax.tree.map(lambda *xs: np.stack(xs), *remapped))
-    batch = Batch(dict(requests), tuple(stacked), tuple(ordered_paths), treedef, owner)
+        return jax.tree.map(lambda *xs: np.stack(xs), *remapped)
+
+    stacked = _parallel(remap, ordered_paths)
+    requests = {name: reqs for name, (reqs, _) in requested.items()}
+    batch = Batch(requests, tuple(stacked), tuple(ordered_paths), treedef, owner)
     sharding = NamedSharding(mesh, P(plan.batch_axes))
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 

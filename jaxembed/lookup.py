@@ -260,13 +260,11 @@ class _Slots(NamedTuple):
 
 
 def _slots(rows: np.ndarray, num_rows: int, block_order: bool) -> _Slots:
-    """Places entries (already grouped by row, in summation order) into head and block slots,
+    """Places entries (sorted by row, each row's in summation order) into head and block slots,
     at most ``row_slot_cap`` per row (a block-order head, at most 9, always fits); the entries
     past that go, in order, to overflow blocks."""
     n = rows.shape[0]
     counts = np.bincount(rows, minlength=num_rows)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    k = np.arange(n) - starts[rows]  # position of each entry within its row
     cap = row_slot_cap(counts)
     if block_order:
         head = counts % _BLOCK
@@ -282,9 +280,11 @@ def _slots(rows: np.ndarray, num_rows: int, block_order: bool) -> _Slots:
     positions = np.full((num_rows, width), n, np.int32)
     blocks = np.full((num_rows, tail, _BLOCK), n, np.int32)
     past = np.zeros(0, np.int64)
-    if not tail and not overflows:  # every entry in its row's head
-        positions[rows, k] = np.arange(n)
+    if not tail and not overflows:  # every entry in its row's head: in row-major order
+        positions[np.arange(width) < counts[:, None]] = np.arange(n, dtype=np.int32)
     else:
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        k = np.arange(n) - starts[rows]  # position of each entry within its row
         in_head = k < head[rows]
         positions[rows[in_head], k[in_head]] = np.nonzero(in_head)[0]
         after = np.nonzero(~in_head)[0]  # the entries past their row's head, in order
@@ -455,7 +455,6 @@ def _plan_ragged(path: str, feature: FeatureConfig, rg: Ragged, w: Ragged | None
     batch = rg.nrows
     lengths = rg.row_lengths()
     rows = np.repeat(np.arange(batch), lengths)
-    cols = np.arange(rows.shape[0]) - np.repeat(rg.row_splits[:-1], lengths)
     ids = _check_ids(path, feature, rg.values, _NEGATIVE_RAISES)
     weights = None
     if w is not None:
@@ -482,7 +481,7 @@ def _plan_ragged(path: str, feature: FeatureConfig, rg: Ragged, w: Ragged | None
             )
         if batch > 0 and size > batch and size % batch == 0:
             # TF's ragged sequence mode: weights and the combiner are not used.
-            return _sequence_plan(ids, rows, cols, batch, size // batch, out_shape)
+            return _sequence_plan(ids, rows, _ragged_cols(rg), batch, size // batch, out_shape)
         raise ValueError(
             f"Output shape set in the FeatureConfig should be the factor of the input data batch "
             f"size. But instead got output shape {out_shape}, input data batch size {batch}, for "
@@ -491,10 +490,16 @@ def _plan_ragged(path: str, feature: FeatureConfig, rg: Ragged, w: Ragged | None
         )
     if feature.max_sequence_length > 0:
         length = feature.max_sequence_length
-        return _sequence_plan(ids, rows, cols, batch, length, (batch, length))
+        return _sequence_plan(ids, rows, _ragged_cols(rg), batch, length, (batch, length))
     return _combine_plan(
         ids, weights, rows, batch, feature.table.combiner, (batch,), segment_kernel=False
     )
+
+
+def _ragged_cols(rg: Ragged) -> np.ndarray:
+    """Each value's position within its row."""
+    lengths = rg.row_lengths()
+    return np.arange(int(lengths.sum())) - np.repeat(rg.row_splits[:-1], lengths)
 
 
 def is_dense_input(x: Any) -> bool:
@@ -676,9 +681,9 @@ def pad_axis(x: np.ndarray | None, axis: int, size: int, fill: float) -> np.ndar
     """``x`` padded with ``fill`` to ``size`` along ``axis`` (None stays None)."""
     if x is None or x.shape[axis] == size:
         return x
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, size - x.shape[axis])
-    return np.pad(x, pad, constant_values=fill)
+    out = np.full((*x.shape[:axis], size, *x.shape[axis + 1 :]), fill, x.dtype)
+    out[(slice(None),) * axis + (slice(0, x.shape[axis]),)] = x
+    return out
 
 
 def remap_plan(
@@ -688,12 +693,13 @@ def remap_plan(
     array of ``capacity`` rows (``capacity`` = no entry); pads the head to ``head`` slots, the
     tail to ``tail`` blocks and the overflow to ``overflow`` blocks (0: the overflow fields
     become None)."""
-    lookup = np.concatenate([index, [capacity]]).astype(np.int32)
-    changes: dict[str, Any] = {"ids": None, "positions": lookup[plan.positions]}
+    lookup = np.empty(index.shape[0] + 1, np.int32)
+    lookup[:-1], lookup[-1] = index, capacity
+    changes: dict[str, Any] = {"ids": None, "positions": np.take(lookup, plan.positions)}
     if plan.mode == "combine":
         changes["positions"] = pad_axis(changes["positions"], 1, head, capacity)
         changes["weights"] = pad_axis(plan.weights, 1, head, 0.0)
-        changes["blocks"] = pad_axis(lookup[plan.blocks], 1, tail, capacity)
+        changes["blocks"] = pad_axis(np.take(lookup, plan.blocks), 1, tail, capacity)
         changes["block_weights"] = pad_axis(plan.block_weights, 1, tail, 0.0)
         changes.update(_remap_overflow(plan, lookup, capacity, overflow))
     return dataclasses.replace(plan, **changes)

@@ -6,9 +6,16 @@
   activations equal ``je.embedding_lookup`` on the real examples (the padding is zeros).
 * Tables over 2**31 rows work when split over devices (the host routes int64 ids), and are
   refused with the limit stated when one device would hold too many rows.
+* The host's threads build the batch one thread builds, raise the first bad feature in order,
+  and a forked child gets threads of its own.
 """
 
 from __future__ import annotations
+
+import os
+import signal
+import threading
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +23,7 @@ import numpy as np
 import pytest
 
 import jaxembed as je
+from jaxembed import batch as batch_module
 from jaxembed.sharding import MAX_ROWS_PER_DEVICE
 
 
@@ -172,3 +180,59 @@ def test_int64_ids_past_int32_are_not_aliased():
         je.embedding_lookup(
             {"f": np.array([2**32 + 1], np.int64)}, None, {table: np.zeros((10, 2))}, emb.features
         )
+
+
+def _one_thread(fn, items):
+    return [fn(x) for x in items]
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_threads_build_the_batch_one_thread_builds(devices, monkeypatch):
+    """``preprocess`` spreads features and arrays over the host's threads; the batch is the
+    one a single thread builds, bit for bit (a row-wise table beside a replicated one)."""
+    big = je.TableConfig(4096, 4, name="big")
+    features = {**_features(), "big": je.FeatureConfig(big), "big2": je.FeatureConfig(big)}
+    sharding = {"big": "row"} if devices > 1 else None
+    emb = je.Embedding(features, je.optimizers.SGD(0.1), mesh=_mesh(devices), sharding=sharding)
+    rng = np.random.default_rng(3)
+    inputs = _inputs(rng, 64)
+    for name in ("big", "big2"):
+        lengths = rng.integers(0, 9, 64)
+        inputs[name] = je.Ragged.from_row_lengths(
+            rng.integers(0, 4096, int(lengths.sum())), lengths
+        )
+    threaded = emb.preprocess(inputs)
+    if (os.cpu_count() or 1) > 1:
+        assert any(t.name.startswith("jaxembed-preprocess") for t in threading.enumerate())
+    monkeypatch.setattr(batch_module, "_parallel", _one_thread)
+    single = emb.preprocess(inputs)
+    assert jax.tree.structure(threaded) == jax.tree.structure(single)
+    for got, want in zip(jax.tree.leaves(threaded), jax.tree.leaves(single), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_threads_raise_the_first_bad_feature_in_order():
+    """With several bad features, the error names the first in ``tf.nest`` order, as one
+    thread would."""
+    table = je.TableConfig(10, 2, name="t")
+    features = {name: je.FeatureConfig(table) for name in ("a", "b", "c")}
+    emb = je.Embedding(features, je.optimizers.SGD(0.1))
+    inputs = {"a": np.array([1, 2]), "b": np.array([3, 10]), "c": np.array([-1, 4])}
+    for _ in range(5):
+        with pytest.raises(ValueError, match="Id 10 of feature 'b' is out of range"):
+            emb.preprocess(inputs)
+
+
+def test_a_forked_child_gets_its_own_threads():
+    """Threads do not survive ``fork``: a child that preprocesses after its parent did gets a
+    pool of its own instead of waiting forever on the parent's (gone) threads."""
+    assert batch_module._parallel(lambda x: x * 2, [1, 2, 3]) == [2, 4, 6]  # parent's pool
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # JAX warns that a fork of a threaded process may hang
+        pid = os.fork()
+    if pid == 0:  # the child: numpy only, no JAX
+        signal.alarm(60)  # a hang kills the child, and the parent sees it
+        ok = batch_module._parallel(lambda x: x + 1, list(range(8))) == list(range(1, 9))
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
