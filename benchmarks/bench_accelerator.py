@@ -234,6 +234,13 @@ def describe(detail: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def preprocess(emb, inputs, kernels: bool):
+    """The batch for the step with the kernels on or off: the pure step's plans carry their
+    slots transposed (``lookup.transpose_plan``), as a TPU or GPU host builds them."""
+    with _kernels.use_kernels(kernels):
+        return emb.preprocess(bw.je_inputs(inputs))
+
+
 def compile_step(emb, state, batch, g, kernels: bool):
     step = bw.train_step_fn(emb)
     with _kernels.use_kernels(kernels):
@@ -294,7 +301,7 @@ def tpu_report(args: argparse.Namespace, inputs: bw.Inputs) -> dict[str, Any]:
     packs = not all(layout.as_rows for layout in emb.plan.layouts)
     os.environ[PACK_ROWS_ENV] = "always" if packs else "never"
     host = make_embedding(args, cpu_mesh)
-    batch = host.preprocess(bw.je_inputs(inputs))
+    batch = preprocess(host, inputs, kernels=False)  # transposed, as the TPU host builds it
 
     def on_tpu(x: Any) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(
@@ -369,7 +376,7 @@ def main() -> None:
     mesh = jax.make_mesh((args.devices,), ("x",)) if args.devices > 1 else None
     emb = make_embedding(args, mesh)
     state = emb.init(jax.random.key(0))
-    batch = emb.preprocess(bw.je_inputs(inputs))
+    batch = preprocess(emb, inputs, kernels=False)
     g = {k: jnp.asarray(v) for k, v in bw.fixed_grads(args.features, args.batch, args.dim).items()}
     if mesh is not None:
         sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
@@ -434,18 +441,22 @@ def main() -> None:
     }
 
     if not args.no_time:
-        fused = compile_step(emb, state, batch, g, kernels=True)
+        fused_batch = preprocess(emb, inputs, kernels=True)
+        fused = compile_step(emb, state, fused_batch, g, kernels=True)
         a, b = copy_state(state), copy_state(state)
         del state
         a, _ = pure(a, batch, g)
-        b, _ = fused(b, batch, g)
+        b, _ = fused(b, fused_batch, g)
         diff = max(
             float(np.max(np.abs(np.asarray(x) - np.asarray(y)), initial=0.0))
             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
         )
         out["pure_vs_fused_max_abs_diff"] = diff
         out["pure_vs_fused_bit_identical"] = diff == 0.0
-        cases = {"pure_jax": bw.Stepper(pure, a, batch, g), "fused": bw.Stepper(fused, b, batch, g)}
+        cases = {
+            "pure_jax": bw.Stepper(pure, a, batch, g),
+            "fused": bw.Stepper(fused, b, fused_batch, g),
+        }
         times = bw.interleaved(cases, args.repeats, args.warmup)
         med = {k: float(np.median(v)) for k, v in times.items()}
         out["seconds"] = {k: round(v, 6) for k, v in med.items()}

@@ -5,7 +5,10 @@
 // before it (a prefix count per 64-bit word, then one popcount).
 //
 // Used by jaxembed/_distinct.py for the host preprocess of every batch, where
-// np.unique's sort was most of the time. Plain C entry point (ctypes).
+// np.unique's sort was most of the time. Plain C entry points (ctypes).
+//
+// Also here: a plan's slots grouped by the row they hold (jaxembed_transpose,
+// lookup.transpose_slots' counting sort).
 
 #include <cstddef>
 #include <cstdint>
@@ -62,6 +65,57 @@ jaxembed_distinct(const int64_t* keys, int64_t n, int64_t max_words,
     inverse[i] = before[k >> 6] + __builtin_popcountll(below);
   }
   return count;
+}
+
+// The uses of rows[0..num_rows) held by slots[rows x width] (an entry outside
+// [0, num_rows) holds none), grouped by row in slot order: first[p] = the slot
+// row of row p's first use (rows if none), and its further uses 8 to a block in
+// rest[blocks x 8] (padding: rows), rest_rows[b] = the row of block b (padding:
+// num_rows), rows in order. weights (nullable) [rows x width] go along into
+// first_w and rest_w (padding 0). Returns the blocks used; over blocks, writes
+// nothing past the counts and returns that number (the caller raises).
+JAXEMBED_EXPORT int64_t jaxembed_transpose(const int32_t* slots, int64_t rows, int64_t width,
+                                           const float* weights, int64_t num_rows,
+                                           int64_t blocks, int32_t* first, float* first_w,
+                                           int32_t* rest, float* rest_w, int32_t* rest_rows) {
+  const int64_t n = rows * width;
+  const uint64_t limit = static_cast<uint64_t>(num_rows);
+  std::vector<int64_t> next(static_cast<size_t>(num_rows), 0);  // counts, then rest slots
+  for (int64_t i = 0; i < n; ++i) {
+    const uint64_t p = static_cast<uint32_t>(slots[i]);
+    if (p < limit) ++next[p];
+  }
+  int64_t used = 0;
+  for (int64_t p = 0; p < num_rows; ++p) {
+    const int64_t further = (next[p] + 6) / 8;  // blocks of the uses after the first
+    next[p] = next[p] ? used * 8 : -1;  // -1: no use seen yet
+    for (int64_t b = 0; b < further && used + b < blocks; ++b) rest_rows[used + b] = p;
+    used += further;
+  }
+  if (used > blocks) return used;
+  for (int64_t b = used; b < blocks; ++b) rest_rows[b] = num_rows;
+  for (int64_t p = 0; p < num_rows; ++p) first[p] = static_cast<int32_t>(rows);
+  for (int64_t k = 0; k < blocks * 8; ++k) rest[k] = static_cast<int32_t>(rows);
+  if (weights != nullptr) {
+    for (int64_t p = 0; p < num_rows; ++p) first_w[p] = 0.0f;
+    for (int64_t k = 0; k < blocks * 8; ++k) rest_w[k] = 0.0f;
+  }
+  std::vector<bool> seen(static_cast<size_t>(num_rows), false);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint64_t p = static_cast<uint32_t>(slots[i]);
+    if (p >= limit) continue;
+    const int32_t r = static_cast<int32_t>(i / width);
+    if (!seen[p]) {
+      seen[p] = true;
+      first[p] = r;
+      if (weights != nullptr) first_w[p] = weights[i];
+    } else {
+      const int64_t k = next[p]++;
+      rest[k] = r;
+      if (weights != nullptr) rest_w[k] = weights[i];
+    }
+  }
+  return used;
 }
 
 }  // extern "C"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import math
 import os
@@ -337,6 +338,95 @@ def _add_columns(out: jax.Array, cot: jax.Array, slots: jax.Array, weights: Any)
     if slots.shape[1] == 0:
         return out
     return jax.lax.fori_loop(0, slots.shape[1], body, out)
+
+
+_USE_BLOCKS = 2048  # blocks of further uses summed per trip of use_sums' loop
+
+
+@dataclasses.dataclass(frozen=True)
+class Uses:
+    """The slots of a slot-cotangent part grouped by the row they hold (the part transposed,
+    built on the host by ``lookup.transpose_slots``): a gradient row is then a sum of cotangent
+    rows gathered for it, with no scatter-add per slot.
+
+    Shapes: ``N`` = gradient rows, ``M`` = blocks of further uses; a cotangent row number equal
+    to the part's row count (or beyond) means "no use" and reads zeros.
+
+    Attributes:
+        first: ``[N]`` the cotangent row of each gradient row's first use.
+        first_weights: ``[N]`` its weight, or None (all 1).
+        rest: ``[M, 8]`` the cotangent rows of the further uses, 8 to a block, each block
+            holding uses of one gradient row.
+        rest_weights: ``[M, 8]`` their weights, or None.
+        rest_rows: ``[M]`` the gradient row of each block, sorted (``N``: padding).
+    """
+
+    first: Any
+    first_weights: Any
+    rest: Any
+    rest_weights: Any
+    rest_rows: Any
+
+
+jax.tree_util.register_dataclass(
+    Uses,
+    data_fields=["first", "first_weights", "rest", "rest_weights", "rest_rows"],
+    meta_fields=[],
+)
+
+
+def use_sums(cot: jax.Array, uses: Uses) -> jax.Array:
+    """``[N, D]`` gradient rows: row ``p`` the sum of ``(w *) cot[r]`` over its uses (the first,
+    then each block of 8 summed and added). The same sums as ``slot_grads`` on the part's slots,
+    in another order (equal to float32 rounding).
+
+    Each use reads its cotangent row once, and each block is added once: on workload W about
+    a third of the bytes of ``slot_grads``' scatter-add per slot column (which reads every
+    column's whole cotangent and reads and writes a gradient row per slot, empty ones
+    included).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> cot = jnp.array([[1.0], [10.0], [100.0]])
+        >>> rest = jnp.array([[1, 2, 3, 3, 3, 3, 3, 3]])  # row 0's further uses (3: none)
+        >>> uses = Uses(jnp.array([0, 3, 2]), None, rest, None, jnp.array([0]))
+        >>> use_sums(cot, uses)[:, 0].tolist()
+        [111.0, 0.0, 100.0]
+    """
+    first, rest = _as_index(uses.first), _as_index(uses.rest)
+    grads = _take(cot, first)
+    if uses.first_weights is not None:
+        grads = grads * jnp.asarray(uses.first_weights, cot.dtype)[:, None]
+    if rest.shape[0] == 0:
+        return grads
+    rows = _as_index(uses.rest_rows)
+    weights = None if uses.rest_weights is None else jnp.asarray(uses.rest_weights, cot.dtype)
+    # Chunks of blocks in a loop, so the block sums stay small (scratch memory), each chunk's
+    # summed column by column: XLA fuses the 8 gathers and their sum into one pass, with no
+    # [M, 8, D] array of gathered rows.
+    m = rest.shape[0]
+    chunk = min(_USE_BLOCKS, m & -m)  # a power of two dividing M
+
+    def body(c, grads):
+        def take(x):
+            return jax.lax.dynamic_slice_in_dim(x, c * chunk, chunk)
+
+        block, sums = take(rest), None
+        for j in range(block.shape[1]):
+            part = _take(cot, block[:, j])
+            if weights is not None:
+                part = part * take(weights)[:, j, None]
+            sums = part if sums is None else sums + part
+        return grads.at[take(rows)].add(sums, mode="drop", indices_are_sorted=True)
+
+    return jax.lax.fori_loop(0, m // chunk, body, grads)
+
+
+def gradients_in_kernel(platform: str) -> bool:
+    """Whether a step traced now sums the slot gradients of a table in the CPU kernels on
+    ``platform`` devices; otherwise the pure-JAX path sums them (``use_sums`` where the batch
+    holds its plans' ``Uses``)."""
+    return platform == "cpu" and enabled()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -658,9 +748,18 @@ def slot_sums(
     return lookup_p.bind(rows, _as_index(ids), *slots, weighted=weighted)
 
 
-def slot_grads(cot: jax.Array, head: Any, head_w: Any, blocks: Any, block_w: Any, num_rows: int):
+def slot_grads(
+    cot: jax.Array,
+    head: Any,
+    head_w: Any,
+    blocks: Any,
+    block_w: Any,
+    num_rows: int,
+    uses: Uses | None = None,
+):
     """The transpose of ``slot_sums``: ``[num_rows, D]`` with row ``p`` the sum of ``(w *)
-    cot[r]`` over the slots holding ``p``.
+    cot[r]`` over the slots holding ``p``. ``uses``: the same slots grouped by row (``Uses``,
+    ``num_rows`` of them), summed by ``use_sums`` instead.
 
     Example:
         >>> import jax.numpy as jnp
@@ -670,6 +769,8 @@ def slot_grads(cot: jax.Array, head: Any, head_w: Any, blocks: Any, block_w: Any
                [ 0.],
                [ 1.]], dtype=float32)
     """
+    if uses is not None:
+        return use_sums(cot, uses)
     if not enabled():
         return _slot_grads_jax(cot, head, head_w, blocks, block_w, num_rows)
     if cot.shape[0] == 0:  # an empty batch: no kernel call on zero-size operands

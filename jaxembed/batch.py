@@ -30,7 +30,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxembed import _nest
+from jaxembed import _kernels, _nest
 from jaxembed._distinct import distinct as distinct_keys
 from jaxembed.configs import FeatureConfig, TableConfig
 from jaxembed.inputs import Ragged, Sparse
@@ -43,8 +43,10 @@ from jaxembed.lookup import (
     pad_axis,
     plan_training_feature,
     remap_plan,
+    rest_blocks,
     row_bucket,
     slot_bucket,
+    transpose_plan,
 )
 from jaxembed.sharding import ShardingPlan, split_evenly
 
@@ -99,6 +101,9 @@ MIN_CAPACITY = 64
 """Distinct rows a device requests per shard are padded to ``lookup.row_bucket`` (powers of two
 up to 512, quarter steps past it), at least this: small batches share one program, at the cost
 of a few padding rows."""
+MIN_REST_BLOCKS = 64
+"""Where gradients are summed in pure JAX, a plan's blocks of further uses of a row
+(``lookup.transpose_plan``) are padded the same way, to at least this many blocks of 8."""
 
 
 _EVERY_FEATURE = (
@@ -244,6 +249,7 @@ class _Routed(NamedTuple):
     distinct: np.ndarray  # the sorted distinct keys
     inverse: np.ndarray  # each key's index in ``distinct`` (features in ``keys`` order)
     needed: int  # ``Layout.capacity_needed`` of ``distinct``
+    rest: dict[str, int]  # path -> ``lookup.rest_blocks`` of its keys' counts (if transposed)
 
     def requests(self, layout: Layout, capacity: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """The device's request array and, per feature, each id's row among the fetched
@@ -257,13 +263,20 @@ class _Routed(NamedTuple):
         return req, index
 
 
-def _route(layout: Layout, plans: Mapping[str, LookupPlan], table_of: Mapping[str, str]) -> _Routed:
+def _route(
+    layout: Layout, plans: Mapping[str, LookupPlan], table_of: Mapping[str, str], transpose: bool
+) -> _Routed:
     keys = {
         p: layout.keys(table_of[p], np.asarray(plan.ids, np.int64)) for p, plan in plans.items()
     }
     flat = np.concatenate(list(keys.values())) if keys else np.zeros(0, np.int64)
     distinct, inverse = distinct_keys(flat)
-    return _Routed(keys, distinct, inverse, layout.capacity_needed(distinct))
+    rest, lo = {}, 0
+    for p, k in keys.items():  # the blocks of further uses a feature's slots may need
+        hi = lo + k.shape[0]
+        rest[p] = rest_blocks(np.bincount(inverse[lo:hi])) if transpose else 0
+        lo = hi
+    return _Routed(keys, distinct, inverse, layout.capacity_needed(distinct), rest)
 
 
 @functools.cache
@@ -327,17 +340,23 @@ def preprocess(
 
     table_of = {path: table_names[feature.table] for path, _, _, feature in leaves}
 
+    # Where the step sums gradients in pure JAX, each plan carries its slots transposed.
+    transpose = not _kernels.gradients_in_kernel(local[0].platform)
+
     def route(layout: Layout) -> list[_Routed]:
         paths = [p for p in table_of if plan.layout(table_of[p]) is layout]
-        return [_route(layout, {p: plans[p] for p in paths}, table_of) for plans in per_device]
+        return [
+            _route(layout, {p: plans[p] for p in paths}, table_of, transpose)
+            for plans in per_device
+        ]
 
     routed = {  # array name -> per device
         layout.name: per_array
         for layout, per_array in zip(plan.layouts, _parallel(route, plan.layouts), strict=True)
     }
     needed = [r.needed for layout in plan.layouts for r in routed[layout.name]]
-    # Slots per example and overflow blocks, per feature: the largest over devices (and
-    # processes), bucketed.
+    # Slots per example, overflow blocks and blocks of further uses, per feature: the largest
+    # over devices (and processes), bucketed.
     leaf_paths = [path for path, *_ in leaves]
     slots = []
     for p in leaf_paths:
@@ -345,15 +364,18 @@ def preprocess(
         slots.append(max((c.positions.shape[1] for c in combined), default=0))
         slots.append(max((c.blocks.shape[1] for c in combined), default=0))
         slots.append(max((c.overflow.shape[0] for c in combined), default=0))
+        slots.append(max((r.rest.get(p, 0) for per in routed.values() for r in per), default=0))
     maxima = _global_max([*needed, *slots])
-    heads = {p: slot_bucket(h) for p, h in zip(leaf_paths, maxima[len(needed) :: 3], strict=True)}
-    tails = {
-        p: bucket(t) if t else 0
-        for p, t in zip(leaf_paths, maxima[len(needed) + 1 :: 3], strict=True)
-    }
-    overflows = {
-        p: bucket(m) if m else 0
-        for p, m in zip(leaf_paths, maxima[len(needed) + 2 :: 3], strict=True)
+    per_feature = np.reshape(maxima[len(needed) :], (len(leaf_paths), 4))
+    heads = {p: slot_bucket(h) for p, h in zip(leaf_paths, per_feature[:, 0], strict=True)}
+    tails, overflows = (
+        {p: bucket(int(n)) if n else 0 for p, n in zip(leaf_paths, column, strict=True)}
+        for column in per_feature[:, 1:3].T
+    )
+    # Blocks of further uses: quarter steps, as the capacities they follow (one size on W).
+    rests = {
+        p: row_bucket(int(n), MIN_REST_BLOCKS)
+        for p, n in zip(leaf_paths, per_feature[:, 3], strict=True)
     }
 
     per_layout = np.reshape(maxima[: len(needed)], (len(plan.layouts), len(local)))
@@ -378,6 +400,8 @@ def preprocess(
             remap_plan(per_device[d][p], index[d][p], rows, heads[p], tails[p], overflows[p])
             for d in range(len(local))
         ]
+        if transpose:
+            remapped = [transpose_plan(r, rows, rests[p]) for r in remapped]
         return jax.tree.map(lambda *xs: np.stack(xs), *remapped)
 
     stacked = _parallel(remap, ordered_paths)

@@ -18,6 +18,7 @@ the kernels of ``_kernels.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import math
@@ -827,9 +828,16 @@ class Embedding:
 
 
 def _after(features: list[tuple[Any, ...]], zero: jax.Array) -> list[tuple[Any, ...]]:
-    """Each feature's slot-cotangent parts with ``zero`` added to their slot indices: XLA sums
-    them only once ``zero`` is computed."""
-    return [tuple((p[0], p[1] + zero, *p[2:]) for p in parts) for parts in features]
+    """Each feature's slot-cotangent parts with ``zero`` added to their slot indices (and to
+    their ``Uses``' cotangent rows): XLA sums them only once ``zero`` is computed."""
+
+    def later(part: tuple[Any, ...]) -> tuple[Any, ...]:
+        cot, head, head_w, blocks, block_w, uses = part
+        if uses is not None:
+            uses = dataclasses.replace(uses, first=uses.first + zero, rest=uses.rest + zero)
+        return cot, head + zero, head_w, blocks, block_w, uses
+
+    return [tuple(later(p) for p in parts) for parts in features]
 
 
 def _slot_summary(slots: Any) -> str:
@@ -855,7 +863,7 @@ def _drop_nonfinite(
     """One array's slot cotangents with non-finite gradient rows zeroed, and its requests with
     every row that only such gradient rows use set to ``pad`` (so the optimizer skips it).
 
-    ``features``: one tuple of ``(cot, head, head_w, blocks, block_w)`` parts per feature
+    ``features``: one tuple of ``(cot, head, head_w, blocks, block_w, uses)`` parts per feature
     (``lookup.slot_cotangents``), whose slots index the device's requested rows
     (``requests.reshape(-1)``; that count = no entry). A non-finite activation row makes
     every part row derived from it non-finite, so the check runs on the part rows. Zeroing is
@@ -864,9 +872,10 @@ def _drop_nonfinite(
     masked, pieces = [], []
     for parts in features:
         out = []
-        for cot, head, head_w, blocks, block_w in parts:
+        for cot, head, head_w, blocks, block_w, uses in parts:
             finite = ~_bad_rows(cot)
-            out.append((jnp.where(finite[:, None], cot, 0), head, head_w, blocks, block_w))
+            zeroed = jnp.where(finite[:, None], cot, 0)
+            out.append((zeroed, head, head_w, blocks, block_w, uses))
             pieces.append((finite, head, blocks))
         masked.append(tuple(out))
     if not pieces:

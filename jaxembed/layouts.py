@@ -329,8 +329,10 @@ class Layout:
             return apply_slot_gradients(optimizer, shard, slots, requests.reshape(-1), flat, step)
         fetched = self.fetched_rows(requests.shape[-1])
         grads = jnp.zeros((fetched, self.dim), shard.dtype)
-        for cot, head, head_w, blocks, block_w in flat:
-            grads = grads + _kernels.slot_grads(cot, head, head_w, blocks, block_w, fetched)
+        for cot, head, head_w, blocks, block_w, uses in flat:  # (no part: zero gradients)
+            grads = grads + _kernels.slot_grads(
+                cot, head, head_w, blocks, block_w, fetched, uses=uses
+            )
         ids, grads = self._to_owners(requests, grads)
         if self.num_replicas > 1:
             ids = jax.lax.all_gather(ids, self.replica_axes, tiled=True)

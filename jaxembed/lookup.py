@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxembed import _kernels, _nest
+from jaxembed import _distinct, _kernels, _nest
 from jaxembed.configs import FeatureConfig, QuantizationConfig, TableConfig
 from jaxembed.inputs import Ragged, Sparse, is_traced
 from jaxembed.vocabulary import map_input
@@ -76,6 +76,9 @@ class LookupPlan:
             None when there are none (a planned host plan always has it, possibly ``[0, w]``).
         overflow_weights: combine ``[M, w]`` or None (all 1).
         overflow_rows: combine ``[M]`` output row of each overflow block, sorted (``R``: none).
+        uses: the slots (head and blocks, or positions) grouped by the row they hold
+            (``_kernels.Uses``, ``transpose_plan``), for the pure-JAX gradient; or None.
+        overflow_uses: the same of the overflow blocks, or None.
     """
 
     mode: str
@@ -90,6 +93,8 @@ class LookupPlan:
     overflow: Any = None
     overflow_weights: Any = None
     overflow_rows: Any = None
+    uses: Any = None
+    overflow_uses: Any = None
 
     @property
     def has_overflow(self) -> bool:
@@ -110,6 +115,8 @@ jax.tree_util.register_dataclass(
         "overflow",
         "overflow_weights",
         "overflow_rows",
+        "uses",
+        "overflow_uses",
     ],
     meta_fields=["mode", "shape"],
 )
@@ -720,6 +727,101 @@ def _remap_overflow(plan: LookupPlan, lookup: np.ndarray, capacity: int, size: i
     }
 
 
+def rest_blocks(counts: np.ndarray) -> int:
+    """The blocks of 8 that ``Uses`` needs for rows used ``counts`` times (each row's uses
+    after its first).
+
+    Example:
+        >>> rest_blocks(np.array([0, 1, 2, 9, 10]))
+        4
+    """
+    return int(((np.asarray(counts, np.int64) + 6) // _BLOCK).sum())
+
+
+def transpose_slots(
+    slots: np.ndarray, weights: np.ndarray | None, num_rows: int, blocks: int
+) -> _kernels.Uses:
+    """The ``Uses`` of a part's slots: ``slots`` ``[R, ...]`` holds, for each of its ``R``
+    cotangent rows, the gradient rows it adds to (``num_rows`` or beyond, or below 0: none),
+    ``weights`` their weights (or None); ``blocks`` of 8 further uses, at least
+    ``rest_blocks`` of the row counts.
+
+    Example:
+        >>> uses = transpose_slots(np.array([[0, 2], [0, 3]]), None, num_rows=3, blocks=1)
+        >>> uses.first.tolist(), uses.rest.tolist(), uses.rest_rows.tolist()
+        ([0, 2, 0], [[1, 2, 2, 2, 2, 2, 2, 2]], [0])
+    """
+    native = _distinct.transpose(slots, weights, num_rows, blocks)
+    if native is not None:
+        used, *arrays = native
+        if used > blocks:
+            raise ValueError(f"Uses need {used} blocks, more than the {blocks} planned.")
+        return _kernels.Uses(*arrays)
+    rows = slots.shape[0]
+    flat = slots.reshape(-1)
+    width = flat.size // rows if rows else 1
+    at = np.flatnonzero((flat >= 0) & (flat < num_rows))
+    held = flat[at]
+    # A stable radix sort when the rows fit 16 bits: each row's uses in slot order.
+    order = np.argsort(held.astype(np.uint16) if num_rows <= 1 << 16 else held, kind="stable")
+    at, held = at[order], held[order]
+    cot_rows = (at // width).astype(np.int32)
+    counts = np.bincount(held, minlength=num_rows)
+    rank = np.arange(held.size) - (np.cumsum(counts) - counts)[held]  # 0: the row's first use
+    lead = np.flatnonzero(rank == 0)
+    first = np.full(num_rows, rows, np.int32)
+    first[held[lead]] = cot_rows[lead]
+    per_row = (counts + 6) // _BLOCK  # blocks of each gradient row's further uses
+    used = int(per_row.sum())
+    if used > blocks:
+        raise ValueError(f"Uses need {used} blocks, more than the {blocks} planned.")
+    later = np.flatnonzero(rank)
+    # Use k > 0 of row p goes to slot k - 1 of p's blocks, which start at block_start[p].
+    at_slot = ((np.cumsum(per_row) - per_row) * _BLOCK)[held[later]] + rank[later] - 1
+    rest = np.full(blocks * _BLOCK, rows, np.int32)
+    rest[at_slot] = cot_rows[later]
+    rest_rows = np.full(blocks, num_rows, np.int32)
+    rest_rows[:used] = np.repeat(np.arange(num_rows, dtype=np.int32), per_row)
+    first_w = rest_w = None
+    if weights is not None:
+        w = weights.reshape(-1)[at].astype(np.float32)
+        first_w = np.zeros(num_rows, np.float32)
+        first_w[held[lead]] = w[lead]
+        rest_w = np.zeros(blocks * _BLOCK, np.float32)
+        rest_w[at_slot] = w[later]
+    return _kernels.Uses(
+        first,
+        first_w,
+        rest.reshape(blocks, _BLOCK),
+        None if rest_w is None else rest_w.reshape(blocks, _BLOCK),
+        rest_rows,
+    )
+
+
+def transpose_plan(plan: LookupPlan, num_rows: int, blocks: int) -> LookupPlan:
+    """``plan`` (remapped: its slots index ``num_rows`` gathered rows) with the ``Uses`` of
+    its slot-cotangent parts (``slot_cotangents``): ``blocks`` blocks of further uses for the
+    head and tail slots, and for the overflow at most its slots' count."""
+    if plan.mode != "combine":
+        slots = np.asarray(plan.positions).reshape(-1, 1)
+        return dataclasses.replace(plan, uses=transpose_slots(slots, None, num_rows, blocks))
+    tail = (plan.blocks.shape[0], math.prod(plan.blocks.shape[1:]))  # [R, T * 8]
+    slots = np.concatenate([plan.positions, plan.blocks.reshape(tail)], axis=1)
+    weights = None
+    if plan.weights is not None:
+        tail_w = plan.block_weights
+        if tail_w is None:  # tail slots without weights add nothing (as in slot_grads)
+            tail_w = np.zeros(tail, np.float32)
+        weights = np.concatenate([plan.weights, tail_w.reshape(tail)], axis=1)
+    uses = transpose_slots(slots, weights, num_rows, blocks)
+    over = None
+    if plan.has_overflow:
+        over_slots = np.asarray(plan.overflow)
+        over_blocks = min(blocks, over_slots.size)
+        over = transpose_slots(over_slots, plan.overflow_weights, num_rows, over_blocks)
+    return dataclasses.replace(plan, uses=uses, overflow_uses=over)
+
+
 # ---------------------------------------------------------------------------------------------
 # Device side: gather and sum in TF's order.
 
@@ -769,26 +871,28 @@ def combine_rows(rows: jax.Array, plan: LookupPlan, ids: Any = None) -> jax.Arra
 
 def slot_cotangents(plan: LookupPlan, cot: jax.Array) -> tuple[tuple[Any, ...], ...]:
     """``dL/d(activation)`` of ``plan`` as one or two parts ``(cot, head, head_w, blocks,
-    block_w)``: the row gradient of gathered row ``p`` is the sum, over the parts, of ``(w *)
-    cot[r]`` over the slots holding ``p`` (``_kernels.slot_grads``). Sequence and dense positions
+    block_w, uses)``: the row gradient of gathered row ``p`` is the sum, over the parts, of
+    ``(w *) cot[r]`` over the slots holding ``p`` (``_kernels.slot_grads``; ``uses``: the
+    plan's ``Uses`` of the part, or None). Sequence and dense positions
     are slots of their own; a plan's overflow blocks are a second part, each block a head of its
     own with its row's cotangent."""
     dim = cot.shape[-1]
     if plan.mode != "combine":
         head = jnp.asarray(plan.positions).reshape(-1, 1)
         blocks = jnp.zeros((head.shape[0], 0, _BLOCK), jnp.int32)
-        return ((cot.reshape(-1, dim), head, None, blocks, None),)
+        return ((cot.reshape(-1, dim), head, None, blocks, None, plan.uses),)
     rows = math.prod(plan.shape)
     # _finish is linear in the sums: its VJP does not depend on their values.
     _, vjp = jax.vjp(lambda acc: _finish(acc, plan), jnp.zeros((rows, dim), cot.dtype))
     (cot_sums,) = vjp(cot)
-    main = (cot_sums, plan.positions, plan.weights, plan.blocks, plan.block_weights)
+    main = (cot_sums, plan.positions, plan.weights, plan.blocks, plan.block_weights, plan.uses)
     if not plan.has_overflow:
         return (main,)
     over_rows = jnp.asarray(plan.overflow_rows)
     over_cot = jnp.take(cot_sums, over_rows, axis=0, mode="fill", fill_value=0)
     no_blocks = jnp.zeros((over_rows.shape[0], 0, _BLOCK), jnp.int32)
-    return main, (over_cot, plan.overflow, plan.overflow_weights, no_blocks, None)
+    over = (over_cot, plan.overflow, plan.overflow_weights, no_blocks, None, plan.overflow_uses)
+    return main, over
 
 
 def gather_rows(table: jax.Array, ids: Any) -> jax.Array:

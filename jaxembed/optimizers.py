@@ -33,6 +33,7 @@ None for an open side), ``slot_variable_creation_fn`` (``(table, slot_names, ini
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 import numbers
@@ -1275,9 +1276,10 @@ def apply_slot_gradients(
     """``apply_rows`` with each row's gradient summed from slot cotangents.
 
     ``parts``: one ``(cot, head, head_w, blocks, block_w)`` per feature of the table (see
-    ``lookup.slot_cotangents``): row ``i``'s gradient is the sum of ``(w *) cot[r]`` over the
-    slots holding ``i``. With one part, the CPU kernel sums each row's gradient right before
-    updating the row, with no ``[U, D]`` gradient array.
+    ``lookup.slot_cotangents``), optionally with the slots' ``Uses`` last: row ``i``'s
+    gradient is the sum of ``(w *) cot[r]`` over the slots holding ``i``. With one part (no
+    ``Uses``), the CPU kernel sums each row's gradient right before updating the row, with no
+    ``[U, D]`` gradient array.
 
     Example:
         >>> import jax.numpy as jnp, jaxembed as je
@@ -1292,16 +1294,20 @@ def apply_slot_gradients(
         >>> table[:, 0].tolist()  # row 2 gets both examples' gradients
         [-1.0, 0.0, -3.0]
     """
-    if len(parts) == 1 and optimizer.lazy:
-        cot, head, head_w, blocks, block_w = parts[0]
+    uses = [part[5] if len(part) > 5 else None for part in parts]
+    if len(parts) == 1 and optimizer.lazy and uses[0] is None:
+        cot, head, head_w, blocks, block_w = parts[0][:5]
         return _kernels.apply_slots(
             optimizer, table, slots, ids, cot, head, head_w, blocks, block_w, step
         )
-    dim = parts[0][0].shape[-1] if parts else table.shape[1]  # the rows' width (see apply_rows)
-    grads = jnp.zeros((ids.shape[0], dim), table.dtype)
-    for cot, head, head_w, blocks, block_w in parts:
-        grads = grads + _kernels.slot_grads(cot, head, head_w, blocks, block_w, ids.shape[0])
-    return apply_rows(optimizer, table, slots, ids, grads, step)
+    if not parts:  # (rows as wide as the table's, see apply_rows)
+        grads = jnp.zeros((ids.shape[0], table.shape[1]), table.dtype)
+        return apply_rows(optimizer, table, slots, ids, grads, step)
+    sums = []
+    for part, u in zip(parts, uses, strict=True):
+        cot, head, head_w, blocks, block_w = part[:5]
+        sums.append(_kernels.slot_grads(cot, head, head_w, blocks, block_w, ids.shape[0], u))
+    return apply_rows(optimizer, table, slots, ids, functools.reduce(jnp.add, sums), step)
 
 
 __all__ = [
