@@ -88,7 +88,7 @@ JAXEMBED_EXPORT int64_t jaxembed_transpose(const int32_t* slots, int64_t rows, i
   int64_t used = 0;
   for (int64_t p = 0; p < num_rows; ++p) {
     const int64_t further = (next[p] + 6) / 8;  // blocks of the uses after the first
-    next[p] = next[p] ? used * 8 : -1;  // -1: no use seen yet
+    next[p] = used * 8;
     for (int64_t b = 0; b < further && used + b < blocks; ++b) rest_rows[used + b] = p;
     used += further;
   }
@@ -100,19 +100,22 @@ JAXEMBED_EXPORT int64_t jaxembed_transpose(const int32_t* slots, int64_t rows, i
     for (int64_t p = 0; p < num_rows; ++p) first_w[p] = 0.0f;
     for (int64_t k = 0; k < blocks * 8; ++k) rest_w[k] = 0.0f;
   }
-  std::vector<bool> seen(static_cast<size_t>(num_rows), false);
-  for (int64_t i = 0; i < n; ++i) {
-    const uint64_t p = static_cast<uint32_t>(slots[i]);
-    if (p >= limit) continue;
-    const int32_t r = static_cast<int32_t>(i / width);
-    if (!seen[p]) {
-      seen[p] = true;
-      first[p] = r;
-      if (weights != nullptr) first_w[p] = weights[i];
-    } else {
-      const int64_t k = next[p]++;
-      rest[k] = r;
-      if (weights != nullptr) rest_w[k] = weights[i];
+  // Rows in order, each row's slots in order: a row p's first use finds first[p] unset.
+  const int32_t unset = static_cast<int32_t>(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int32_t* row = slots + r * width;
+    const float* row_w = weights != nullptr ? weights + r * width : nullptr;
+    for (int64_t k = 0; k < width; ++k) {
+      const uint64_t p = static_cast<uint32_t>(row[k]);
+      if (p >= limit) continue;
+      if (first[p] == unset) {
+        first[p] = static_cast<int32_t>(r);
+        if (row_w != nullptr) first_w[p] = row_w[k];
+      } else {
+        const int64_t at = next[p]++;
+        rest[at] = static_cast<int32_t>(r);
+        if (row_w != nullptr) rest_w[at] = row_w[k];
+      }
     }
   }
   return used;
