@@ -21,7 +21,7 @@ import dataclasses
 import functools
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
@@ -255,12 +255,16 @@ class _Routed(NamedTuple):
         """The device's request array and, per feature, each id's row among the fetched
         rows."""
         req, where = layout.requests(self.distinct, capacity)
-        index, lo = {}, 0
-        for p, k in self.keys.items():
-            hi = lo + k.shape[0]
-            index[p] = where[self.inverse[lo:hi]]
-            lo = hi
-        return req, index
+        return req, {p: where[inv] for p, inv in _per_feature(self.keys, self.inverse)}
+
+
+def _per_feature(keys: Mapping[str, np.ndarray], inverse: np.ndarray) -> Iterator:
+    """``(path, its keys' indices among the distinct keys)`` for each feature of ``keys``,
+    whose keys are concatenated in ``inverse``."""
+    lo = 0
+    for p, k in keys.items():
+        yield p, inverse[lo : lo + k.shape[0]]
+        lo += k.shape[0]
 
 
 def _route(
@@ -271,11 +275,10 @@ def _route(
     }
     flat = np.concatenate(list(keys.values())) if keys else np.zeros(0, np.int64)
     distinct, inverse = distinct_keys(flat)
-    rest, lo = {}, 0
-    for p, k in keys.items():  # the blocks of further uses a feature's slots may need
-        hi = lo + k.shape[0]
-        rest[p] = rest_blocks(np.bincount(inverse[lo:hi])) if transpose else 0
-        lo = hi
+    rest = {  # the blocks of further uses a feature's slots may need
+        p: rest_blocks(np.bincount(inv)) if transpose else 0
+        for p, inv in _per_feature(keys, inverse)
+    }
     return _Routed(keys, distinct, inverse, layout.capacity_needed(distinct), rest)
 
 

@@ -752,11 +752,15 @@ def transpose_slots(
         ([0, 2, 0], [[1, 2, 2, 2, 2, 2, 2, 2]], [0])
     """
     native = _distinct.transpose(slots, weights, num_rows, blocks)
-    if native is not None:
-        used, *arrays = native
-        if used > blocks:
-            raise ValueError(f"Uses need {used} blocks, more than the {blocks} planned.")
-        return _kernels.Uses(*arrays)
+    used, *arrays = native if native is not None else _transpose(slots, weights, num_rows, blocks)
+    if used > blocks:
+        raise ValueError(f"Uses need {used} blocks, more than the {blocks} planned.")
+    return _kernels.Uses(*arrays)
+
+
+def _transpose(slots: np.ndarray, weights: np.ndarray | None, num_rows: int, blocks: int):
+    """``transpose_slots`` in numpy (without the compiled helper): ``(blocks used, first,
+    first_w, rest, rest_w, rest_rows)``, the arrays unfilled when more blocks are used."""
     rows = slots.shape[0]
     flat = slots.reshape(-1)
     width = flat.size // rows if rows else 1
@@ -767,14 +771,14 @@ def transpose_slots(
     at, held = at[order], held[order]
     cot_rows = (at // width).astype(np.int32)
     counts = np.bincount(held, minlength=num_rows)
+    per_row = (counts + 6) // _BLOCK  # blocks of each gradient row's further uses
+    used = int(per_row.sum())
+    if used > blocks:
+        return used, None, None, None, None, None
     rank = np.arange(held.size) - (np.cumsum(counts) - counts)[held]  # 0: the row's first use
     lead = np.flatnonzero(rank == 0)
     first = np.full(num_rows, rows, np.int32)
     first[held[lead]] = cot_rows[lead]
-    per_row = (counts + 6) // _BLOCK  # blocks of each gradient row's further uses
-    used = int(per_row.sum())
-    if used > blocks:
-        raise ValueError(f"Uses need {used} blocks, more than the {blocks} planned.")
     later = np.flatnonzero(rank)
     # Use k > 0 of row p goes to slot k - 1 of p's blocks, which start at block_start[p].
     at_slot = ((np.cumsum(per_row) - per_row) * _BLOCK)[held[later]] + rank[later] - 1
@@ -787,15 +791,9 @@ def transpose_slots(
         w = weights.reshape(-1)[at].astype(np.float32)
         first_w = np.zeros(num_rows, np.float32)
         first_w[held[lead]] = w[lead]
-        rest_w = np.zeros(blocks * _BLOCK, np.float32)
-        rest_w[at_slot] = w[later]
-    return _kernels.Uses(
-        first,
-        first_w,
-        rest.reshape(blocks, _BLOCK),
-        None if rest_w is None else rest_w.reshape(blocks, _BLOCK),
-        rest_rows,
-    )
+        rest_w = np.zeros((blocks, _BLOCK), np.float32)
+        rest_w.reshape(-1)[at_slot] = w[later]
+    return used, first, first_w, rest.reshape(blocks, _BLOCK), rest_w, rest_rows
 
 
 def transpose_plan(plan: LookupPlan, num_rows: int, blocks: int) -> LookupPlan:
