@@ -22,9 +22,10 @@ computation with the bytes it reads and writes, with these rules:
   rows;
 * ``copy`` (of a whole table, say): read and written in full, so a table copy shows up;
 * ``conditional``: the costliest branch; ``while``: its body and condition times the known trip
-  count (when XLA does not know it, a loop whose bound is computed at run time, the caller's
+  count (XLA's ``known_trip_count``, else ``counter < constant`` read from its condition, as TPU
+  programs carry it; when neither, a loop whose bound is computed at run time, the caller's
   ``unknown_trips``, default 1; ``while_trip_counts_unknown`` counts those loops); ``call``: the
-  callee.
+  callee; a fusion nested in a fusion (TPU's): what its own parameters and outputs say.
 
 ``naive_bytes`` is the same walk charging every operand and output in full (close to XLA's own
 figure), so the two can be compared instruction by instruction.
@@ -128,6 +129,7 @@ class Instr:
     attrs: str
     root: bool = False
     param_index: int = -1
+    literal: str = ""  # a constant's value as written
 
     @property
     def bytes(self) -> int:
@@ -187,7 +189,8 @@ def _parse_instr(line: str) -> Instr | None:
             if names:
                 operands.append(_bare(names[-1]))
     index = int(operand_str) if opcode == "parameter" and operand_str.strip().isdigit() else -1
-    return Instr(name, type_str, opcode, operands, attrs, bool(root), index)
+    literal = operand_str.strip() if opcode == "constant" else ""
+    return Instr(name, type_str, opcode, operands, attrs, bool(root), index, literal)
 
 
 def _split_top(s: str) -> list[str]:
@@ -330,6 +333,13 @@ def demanded_bytes(comps: dict[str, Computation], comp: Computation) -> dict[str
                 need(o, comp.instrs[o].bytes)
         elif ins.opcode == "tuple":
             continue  # the root tuple's operands were demanded above
+        elif ins.opcode == "fusion" and _callee(comps, ins) is not None:
+            inner = _callee(comps, ins)
+            assert inner is not None
+            sub = demanded_bytes(comps, inner)  # a fusion nested in this one (TPU's kCustom)
+            for o, p in zip(ins.operands, inner.params, strict=False):
+                if o in comp.instrs and p:
+                    need(o, frac * sub.get(p, 0.0))
         else:
             for o in ops:
                 need(o, frac * comp.instrs[o].bytes)
@@ -345,7 +355,46 @@ def _output_written(comps, comp: Computation, name: str) -> int:
         return sum(_output_written(comps, comp, o) for o in ins.operands if o in comp.instrs)
     if ins.opcode in ROW_WRITES:
         return _scatter_rows(comps, comp, ins)[1]
+    inner = _callee(comps, ins) if ins.opcode == "fusion" else None
+    if inner is not None:  # a nested fusion: its own root says what it writes
+        return _output_written(comps, inner, inner.root)
     return comp.instrs[name].bytes
+
+
+def _callee(comps: dict[str, Computation], ins: Instr) -> Computation | None:
+    """The computation a fusion calls, if the module has it."""
+    return comps.get((ins.attr_computations("calls") or [""])[0])
+
+
+def _counted_trips(comps: dict[str, Computation], comp: Computation, ins: Instr) -> int | None:
+    """The trips of a ``while`` whose condition is ``counter < constant`` with the counter
+    starting from a constant (a loop with a static bound, where XLA gives no
+    ``known_trip_count``, as on TPU); None if it is not such a loop."""
+    cond = comps.get((ins.attr_computations("condition") or [""])[0])
+    init = comp.instrs.get(ins.operands[0]) if ins.operands else None
+    if cond is None or init is None or init.opcode != "tuple":
+        return None
+    root = cond.instrs.get(cond.root)
+    if root is None or root.opcode != "compare" or "direction=LT" not in root.attrs:
+        return None
+    counter, bound = (cond.instrs.get(o) for o in root.operands[:2])
+    if counter is None or bound is None or counter.opcode != "get-tuple-element":
+        return None
+    index = re.search(r"index=(\d+)", counter.attrs)
+    start = comp.instrs.get(init.operands[int(index.group(1))]) if index else None
+    while start is not None and start.opcode in (*VIEWS, "copy") and start.operands:
+        start = comp.instrs.get(start.operands[0])
+    values = [_constant(c) for c in (start, bound)]
+    if values[0] is None or values[1] is None:
+        return None
+    return max(values[1] - values[0], 0)
+
+
+def _constant(ins: Instr | None) -> int | None:
+    """The value of a scalar integer ``constant``, else None."""
+    if ins is None or ins.opcode != "constant":
+        return None
+    return int(ins.literal) if re.fullmatch(r"-?\d+", ins.literal) else None
 
 
 @dataclasses.dataclass
@@ -402,8 +451,9 @@ class Counter:
             return best[0], best[1], {"branches": len(costs)}
         if op == "while":
             m = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins.attrs)
-            trips = int(m.group(1)) if m else self.unknown_trips
-            if not m:
+            counted = int(m.group(1)) if m else _counted_trips(self.comps, comp, ins)
+            trips = counted if counted is not None else self.unknown_trips
+            if counted is None:
                 self.unknown_loops += 1
             total = naive_total = 0
             for key in ("body", "condition"):
@@ -411,7 +461,11 @@ class Counter:
                     if c in self.comps:
                         b, nb, _ = self.computation(self.comps[c])
                         total, naive_total = total + b * trips, naive_total + nb * trips
-            return total, naive_total, {"trips": trips if m else f"{trips} (run-time bound)"}
+            return (
+                total,
+                naive_total,
+                {"trips": trips if counted is not None else f"{trips} (run-time bound)"},
+            )
         if op == "call":
             callee = (ins.attr_computations("to_apply") or [""])[0]
             if callee in self.comps:
@@ -533,6 +587,30 @@ def whole_array_copies(hlo_text: str, shapes: list[tuple[int, ...]]) -> list[dic
                         "minor_to_major": layout.group(1) if layout else "",
                         "op_name": ins.op_name,
                         "bytes": 2 * shape_bytes(type_str),
+                    }
+                )
+    return out
+
+
+def expanded_loops(hlo_text: str) -> list[dict[str, Any]]:
+    """The ``while`` loops of ``hlo_text`` that XLA made of a gather or a scatter it cannot emit
+    as one (its ``op_name`` ends in the gather or scatter): one trip per index, a loop a TPU
+    sequences trip by trip. Each is listed with its computation, ``op_name`` and trip count
+    (None when XLA gives none)."""
+    comps = parse_module(hlo_text)
+    out = []
+    for comp in comps.values():
+        for name in comp.order:
+            ins = comp.instrs[name]
+            if ins.opcode == "while" and re.search(r"/(gather|scatter[\w-]*)$", ins.op_name):
+                trips = _counted_trips(comps, comp, ins)
+                m = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins.attrs)
+                out.append(
+                    {
+                        "name": name,
+                        "computation": comp.name,
+                        "op_name": ins.op_name,
+                        "trips": int(m.group(1)) if m else trips,
                     }
                 )
     return out

@@ -118,17 +118,13 @@ def _take(table: jax.Array, ids: jax.Array, width: int | None = None) -> jax.Arr
 
     ``width``: the rows' width, where ``table`` stores them ``pack = table.shape[1] // width``
     to a row (``[R, stored]`` holds rows ``0 .. pack * R``, the rest of each stored row padding;
-    see ``_windows``), read in place as ``width``-float windows. None: the table's own rows.
+    see ``_stored_at``), read as ``width``-float windows of the stored rows. None: the table's
+    own rows.
     """
     if width is not None and width != table.shape[1]:
-        pack = table.shape[1] // width
-        starts = _windows(ids, table.shape[0], pack, width)
-        numbers = jax.lax.GatherDimensionNumbers(
-            offset_dims=(ids.ndim,), collapsed_slice_dims=(0,), start_index_map=(0, 1)
-        )
-        return jax.lax.gather(
-            table, starts, numbers, (1, width), mode="fill", fill_value=0, indices_are_sorted=False
-        )
+        stored, window = _stored_at(ids, table.shape[0], table.shape[1] // width)
+        got = _window(_stored_rows(table, stored), window, width)
+        return jnp.where((stored < table.shape[0])[..., None], got, jnp.zeros((), got.dtype))
     rows = table.shape[0]
     if rows == 0:
         return jnp.zeros((*ids.shape, *table.shape[1:]), table.dtype)
@@ -136,21 +132,41 @@ def _take(table: jax.Array, ids: jax.Array, width: int | None = None) -> jax.Arr
     return jnp.take(table, jnp.where(valid, ids, rows), axis=0, mode="fill", fill_value=0)
 
 
-def _windows(ids: jax.Array, stored_rows: int, pack: int, dim: int) -> jax.Array:
-    """``[*ids.shape, 2]`` (stored row, first column) of each row of a table that stores
-    ``pack`` rows of ``dim`` floats in each of its ``stored_rows`` rows: row ``i`` is columns
-    ``(i mod pack) * dim`` to ``+ dim`` of stored row ``i div pack`` (columns after the last
-    row's are padding). Ids outside the table point past its last stored row (a gather fills
+def _stored_at(ids: jax.Array, stored_rows: int, pack: int) -> tuple[jax.Array, jax.Array]:
+    """``(stored row, window)`` of each row of a table that stores ``pack`` rows of ``dim``
+    floats in each of its ``stored_rows`` rows: row ``i`` is window ``i mod pack`` (columns
+    ``(i mod pack) * dim`` to ``+ dim``) of stored row ``i div pack`` (columns after the last
+    window are padding). Ids outside the table point past its last stored row (a gather fills
     them with zeros, a scatter drops them).
 
     This is how a TPU mesh stores tables (``sharding.row_storage``): XLA lays out a
     ``[rows, 64]`` array on TPU column-major, and a step that reads rows would copy the whole
-    table into row-major order and back each time.
+    table into row-major order and back each time. The rows are read and written as whole
+    stored rows: TPUs gather and scatter those natively, where a window at a column computed at
+    run time turns into a loop over the ids, one trip per row.
     """
-    n = stored_rows * pack
     ids = jnp.asarray(ids)
-    safe = jnp.where((ids >= 0) & (ids < n), ids, n).astype(jnp.int32)
-    return jnp.stack([safe // pack, (safe % pack) * dim], axis=-1)
+    inside = (ids >= 0) & (ids < stored_rows * pack)
+    safe = jnp.where(inside, ids, stored_rows * pack).astype(jnp.int32)
+    return safe // pack, safe % pack
+
+
+def _stored_rows(table: jax.Array, stored: jax.Array) -> jax.Array:
+    """``table[stored]``, any row for a stored row past the table (the caller masks or drops
+    it): a gather with no select after it, which a TPU would run as a pass of its own."""
+    if table.shape[0] == 0:
+        return jnp.zeros((*stored.shape, table.shape[1]), table.dtype)
+    return jnp.take(table, stored, axis=0, mode="clip")
+
+
+def _window(stored: jax.Array, window: jax.Array, width: int) -> jax.Array:
+    """Window ``window`` (``width`` floats) of each of the ``stored`` rows, chosen by selects
+    (elementwise, where viewing the stored rows as ``pack`` rows each would be a relayout on
+    TPU)."""
+    out = stored[..., :width]
+    for k in range(1, stored.shape[-1] // width):
+        out = jnp.where((window == k)[..., None], stored[..., k * width : (k + 1) * width], out)
+    return out
 
 
 def _add_at(cot: jax.Array, ids: jax.Array, num_rows: int) -> jax.Array:
@@ -172,16 +188,43 @@ def _set_at(table: jax.Array, ids: jax.Array, rows: jax.Array) -> jax.Array:
 
 def _scatter_windows(table: jax.Array, ids: jax.Array, rows: jax.Array, add: bool):
     """Rows ``ids`` (``[U]``) of a packed ``table`` set to (or ``add``: added to) ``rows``
-    (``[U, D]``) in place, as ``D``-float windows; ids outside the table are dropped."""
-    dim = rows.shape[-1]
-    starts = _windows(ids, table.shape[0], _pack_of(table, rows), dim)
-    numbers = jax.lax.ScatterDimensionNumbers(
-        update_window_dims=(1,), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0, 1)
-    )
-    scatter = jax.lax.scatter_add if add else jax.lax.scatter
-    return scatter(
-        table, starts, rows.astype(table.dtype), numbers, unique_indices=not add, mode="drop"
-    )
+    (``[U, D]``) in place, as ``D``-float windows of whole stored rows (``_stored_at``); ids
+    outside the table are dropped.
+
+    ``add``: each row goes into its window of a stored row holding ``-0.0`` elsewhere (which
+    adds nothing to any value, ``-0.0`` included), so ids may repeat. Otherwise ``ids`` are
+    distinct and sorted, as the update's requests are (``_set_stored``).
+    """
+    stored, window = _stored_at(ids, table.shape[0], _pack_of(table, rows))
+    rows = rows.astype(table.dtype)
+    if add:
+        empty = jnp.full((rows.shape[0], table.shape[1]), -0.0, table.dtype)
+        at = jnp.arange(rows.shape[0], dtype=jnp.int32)
+        return table.at[stored].add(_placed(empty, at, window, rows), mode="drop")
+    return _set_stored(table, stored, window, _stored_rows(table, stored), rows)
+
+
+def _placed(stored: jax.Array, at: jax.Array, window: jax.Array, rows: jax.Array) -> jax.Array:
+    """``stored`` rows (``[U, C]``) with ``rows[i]`` in window ``window[i]`` of stored row
+    ``at[i]``: a row scatter into the stored rows seen as ``pack`` rows each."""
+    n, width = stored.shape[0], rows.shape[-1]
+    pack = stored.shape[1] // width
+    flat = stored[:, : pack * width].reshape(n * pack, width)
+    flat = flat.at[at * pack + window].set(rows, mode="drop")
+    return jnp.concatenate([flat.reshape(n, pack * width), stored[:, pack * width :]], axis=1)
+
+
+def _set_stored(table, stored: jax.Array, window: jax.Array, old: jax.Array, rows: jax.Array):
+    """``table`` with the ``stored`` rows (``old``: their values) holding ``rows`` in their
+    ``window``s. ``stored`` is sorted, as the ids of sorted distinct ids are: the ids of one
+    stored row are neighbours, and the first of them writes the stored row whole, with all of
+    their windows."""
+    if stored.shape[0] == 0:
+        return table
+    first = jnp.concatenate([jnp.ones(1, bool), stored[1:] != stored[:-1]])
+    leader = jax.lax.cummax(jnp.where(first, jnp.arange(stored.shape[0], dtype=jnp.int32), 0))
+    merged = _placed(old, leader, window, rows)
+    return table.at[jnp.where(first, stored, table.shape[0])].set(merged, mode="drop")
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
@@ -875,6 +918,8 @@ def _apply_once(optimizer: Any, table, slots, ids, grads, step, scalars=None):
     """
     if scalars is None:
         scalars = optimizer.step_scalars(step)
+    if _windowed(table, grads):
+        return _apply_stored(optimizer, table, slots, ids, grads, step, scalars)
     width = grads.shape[-1]
     is_row = functools.partial(_same_shape, table, _pack_of(table, grads))
 
@@ -893,6 +938,46 @@ def _apply_once(optimizer: Any, table, slots, ids, grads, step, scalars=None):
     new_slots = write(slots, optimizer.new_slots(w, rows_of(slots), grads, scalars))
     new_w = optimizer.new_rows(w, rows_of(new_slots), grads, scalars)
     return _set_at(table, ids, new_w), new_slots
+
+
+def _apply_stored(optimizer: Any, table, slots, ids, grads, step, scalars):
+    """``_apply_once`` on a packed table (and its table-shaped slots): each array's stored rows
+    holding ``ids`` (sorted, distinct) are gathered once, their windows updated, and the stored
+    rows written back whole (``_set_stored``)."""
+    width = grads.shape[-1]
+    pack = _pack_of(table, grads)
+    stored, window = _stored_at(ids, table.shape[0], pack)
+    leaves, treedef = jax.tree.flatten(slots)
+    wide = [x.ndim == 2 and _same_shape(table, pack, x) for x in leaves]  # windowed arrays
+    # Padding ids read some stored row (its new values are dropped: padding is never written).
+    old = [
+        _stored_rows(x, stored) if is_wide else None
+        for x, is_wide in zip(leaves, wide, strict=True)
+    ]
+    rows = [
+        _window(o, window, width)
+        if o is not None
+        else (_take(x, ids) if _same_shape(table, pack, x) else x)
+        for x, o in zip(leaves, old, strict=True)
+    ]
+    old_w = _stored_rows(table, stored)
+    w = _window(old_w, window, width)
+    if optimizer.splits_update:
+        # new_rows reads the new slot rows as stored (as _apply_once reads them back), not
+        # recomputed inside its own fusion, where XLA may contract them differently.
+        new_slots = jax.lax.optimization_barrier(
+            optimizer.new_slots(w, jax.tree.unflatten(treedef, rows), grads, scalars)
+        )
+        new_w = optimizer.new_rows(w, new_slots, grads, scalars)
+    else:
+        new_w, new_slots = optimizer.apply(w, jax.tree.unflatten(treedef, rows), grads, step)
+    written = [
+        _set_stored(x, stored, window, o, r)
+        if o is not None
+        else (_set_at(x, ids, r) if _same_shape(table, pack, x) else r)
+        for x, o, r in zip(leaves, old, jax.tree.leaves(new_slots), strict=True)
+    ]
+    return _set_stored(table, stored, window, old_w, new_w), jax.tree.unflatten(treedef, written)
 
 
 @jax.custom_batching.custom_vmap

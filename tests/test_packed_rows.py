@@ -7,12 +7,14 @@ not divide 128 are stored with zero padding (48: two rows and 32 floats to a sto
 check it against the plain one: the same lookups and updates bit for bit on every layout and
 optimizer, one device and eight (kernels on and off without padding; the pure-JAX path, which
 the CPU kernels leave padded tables to, with it); the stored arrays hold each row where
-``_kernels._windows`` says and zeros in the padding; the checkpoint (logical rows) is the same
+``_kernels._stored_at`` says and zeros in the padding; the checkpoint (logical rows) is the same
 either way and restores across the two; ``gather_rows`` and its gradient read and write the
 windows; and the compiled step still updates every table in place.
 """
 
 from __future__ import annotations
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -292,3 +294,69 @@ def test_gather_rows_reads_windows_and_its_gradient_adds_into_them(kernels, widt
     np.testing.assert_array_equal(np.asarray(rows), want_rows)
     np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-6, atol=1e-6)
     assert not np.asarray(grad)[:, pack * width :].any()
+
+
+def _row_indexed(hlo: str, shapes: set[tuple[int, ...]]) -> tuple[int, list[str]]:
+    """``(count, offenders)``: the float gathers and scatters of ``hlo`` (fused ones included)
+    that index a column as well as a row (a window at a run-time column offset, which a TPU
+    cannot emit whole), and how many of them read or write whole stored rows: gathers of slices
+    as wide as a stored row of ``shapes``, scatters into an array of ``shapes``."""
+    widths = {shape[-1] for shape in shapes}
+    count, offenders = 0, []
+    for line in hlo.splitlines():
+        m = re.search(r"= f32\[([\d,]*)\]\S* (gather|scatter)\(", line)
+        if not m:
+            continue
+        key = "start_index_map" if m.group(2) == "gather" else "scatter_dims_to_operand_dims"
+        dims = re.search(rf"{key}={{([\d,]*)}}", line)
+        if dims is None or dims.group(1) != "0":
+            offenders.append(line.strip()[:160])
+        if m.group(2) == "scatter":
+            count += tuple(int(d) for d in m.group(1).split(",")) in shapes
+        else:
+            sizes = re.search(r"slice_sizes={([\d,]*)}", line)
+            count += bool(sizes) and int(sizes.group(1).split(",")[-1]) in widths
+    return count, offenders
+
+
+@pytest.mark.parametrize("strategy", [None, *STRATEGIES])
+@pytest.mark.parametrize("dim", [16, 48])
+def test_packed_tables_are_read_and_written_as_whole_stored_rows(monkeypatch, strategy, dim):
+    """The pure-JAX step (what a TPU runs) on packed tables reads and writes whole stored rows:
+    every gather and scatter of a table or slot shard indexes its rows only, never a column.
+    (A TPU turns a gather or scatter of a window at a run-time column into a loop with one trip
+    per row: 28,672 trips to fetch W's rows, and five loops of 512 trips in every chunk of the
+    update.) The step's results are checked against plain storage in
+    ``test_stored_rows_train_bit_for_bit_as_rows``."""
+    monkeypatch.setenv(PACK_ROWS_ENV, "always")
+    tables = [je.TableConfig(VOCAB_A, dim, name="a"), je.TableConfig(VOCAB_B, dim, name="b")]
+    features = {"x": je.FeatureConfig(tables[0]), "y": je.FeatureConfig(tables[1])}
+    opt = je.optimizers.Adagrad(0.1)
+    if strategy is None:
+        emb = je.Embedding(features, opt)
+    else:
+        emb = je.Embedding(features, opt, _mesh(8), dict.fromkeys("ab", strategy))
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 5, BATCH)
+    inputs = {
+        "x": je.Ragged.from_row_lengths(rng.integers(0, VOCAB_A, lengths.sum()), lengths),
+        "y": rng.integers(0, VOCAB_B, (BATCH, 1)),
+    }
+    g = {f: jnp.ones((BATCH, dim), jnp.float32) for f in inputs}
+
+    def step(state, batch, g):
+        acts = emb.lookup(state, batch)
+        grads = jax.grad(lambda a: sum(jnp.sum(a[f] * g[f]) for f in a))(acts)
+        return emb.apply_gradients(state, batch, grads)
+
+    with _kernels.use_kernels(False):
+        state = emb.init(jax.random.key(1))
+        hlo = jax.jit(step, donate_argnums=0).lower(state, emb.preprocess(inputs), g)
+        hlo = hlo.compile().as_text()
+    shapes = set()
+    for leaf in jax.tree.leaves((state.tables, state.slots)):
+        if leaf.ndim == 2:
+            shapes.update(tuple(s.data.shape) for s in leaf.addressable_shards)
+    count, offenders = _row_indexed(hlo, shapes)
+    assert count > 0, "no gather or scatter of a stored table found: the check checks nothing"
+    assert offenders == [], offenders
