@@ -196,3 +196,100 @@ def test_the_accelerator_benchmark_counts_rows_not_their_padding_and_takes_a_2d_
     for bad in ("3x3", "2x", "8"):
         with pytest.raises(SystemExit, match=f"--mesh {bad}: give DATAxMODEL"):
             ba.mesh_of(ba.parse_args(["--tpu", "v5e:2x4", "--mesh", bad]), jax.devices()[:8])
+
+
+def _tpu_loop(op_name: str, start: int, bound: int) -> str:
+    """A TPU-style module: a ``while`` with no ``known_trip_count`` whose counter runs from
+    ``start`` (through a copy) while below ``bound``, each trip reading one 64-float row."""
+    return "\n".join(
+        [
+            "HloModule m",
+            "%cond (c: (s32[], f32[1000,64])) -> pred[] {",
+            "  %c = (s32[], f32[1000,64]) parameter(0)",
+            "  %k = s32[] constant(" + str(bound) + ")",
+            "  %i = s32[] get-tuple-element(%c), index=0",
+            "  ROOT %lt = pred[] compare(%i, %k), direction=LT",
+            "}",
+            "%body (b: (s32[], f32[1000,64])) -> (s32[], f32[1000,64]) {",
+            "  %b = (s32[], f32[1000,64]) parameter(0)",
+            "  %i = s32[] get-tuple-element(%b), index=0",
+            "  %t = f32[1000,64]{1,0} get-tuple-element(%b), index=1",
+            "  %z = s32[] constant(0)",
+            "  %row = f32[1,64]{1,0} dynamic-slice(%t, %i, %z), dynamic_slice_sizes={1,64}",
+            "  %t2 = f32[1000,64]{1,0} dynamic-update-slice(%t, %row, %i, %z)",
+            "  %one = s32[] constant(1)",
+            "  %j = s32[] add(%i, %one)",
+            "  ROOT %out = (s32[], f32[1000,64]) tuple(%j, %t2)",
+            "}",
+            "ENTRY %main (p: f32[1000,64]) -> f32[1000,64] {",
+            "  %p = f32[1000,64]{1,0} parameter(0)",
+            "  %s = s32[] constant(" + str(start) + ")",
+            "  %s1 = s32[] copy(%s)",
+            "  %init = (s32[], f32[1000,64]) tuple(%s1, %p)",
+            "  %w = (s32[], f32[1000,64]) while(%init), condition=%cond, body=%body,"
+            f' metadata={{op_name="{op_name}"}}',
+            "  ROOT %r = f32[1000,64]{1,0} get-tuple-element(%w), index=1",
+            "}",
+        ]
+    )
+
+
+def test_a_loop_bound_by_a_constant_is_charged_its_trips_without_xlas_count():
+    """TPU programs carry no ``known_trip_count``: a loop whose condition is ``counter <
+    constant``, the counter starting from a constant, is charged ``constant - start`` trips
+    (each slicing one row out and writing one back here), not the caller's guess."""
+    counted = hlo_bytes.row_aware_bytes(_tpu_loop("jit(f)/while", 2, 514), unknown_trips=7)
+    assert counted["while_trip_counts_unknown"] == 0
+    (loop,) = [c for c in counted["instructions"] if c.opcode == "while"]
+    assert loop.detail["trips"] == 512
+    per_trip, rest = divmod(loop.bytes, 512)
+    row = 64 * 4
+    assert rest == 0 and 4 * row <= per_trip < 5 * row  # a row sliced out and one written back
+
+
+def test_expanded_loops_lists_the_loops_xla_made_of_gathers_and_scatters():
+    """A ``while`` whose ``op_name`` ends in a gather or scatter is one XLA expanded (one trip
+    per index); the loops a program wrote itself are not listed."""
+    for op_name in ("jit(step)/while/body/gather", "jit(step)/scatter-add"):
+        (loop,) = hlo_bytes.expanded_loops(_tpu_loop(op_name, 0, 28672))
+        assert (loop["op_name"], loop["trips"]) == (op_name, 28672)
+    assert hlo_bytes.expanded_loops(_tpu_loop("jit(step)/while", 0, 5)) == []
+
+
+def test_a_scatter_in_a_nested_fusion_is_charged_the_rows_it_writes():
+    """TPU wraps a scatter in a fusion inside the fusion that feeds it: the outer fusion's
+    output is the inner scatter's, in place, so only the updated rows are written."""
+    text = "\n".join(
+        [
+            "HloModule m",
+            "%inner (a: f32[1000,64], i: s32[8,1], u: f32[8,64]) -> f32[1000,64] {",
+            "  %a = f32[1000,64]{1,0} parameter(0)",
+            "  %i = s32[8,1]{1,0} parameter(1)",
+            "  %u = f32[8,64]{1,0} parameter(2)",
+            "  ROOT %s = f32[1000,64]{1,0} scatter(%a, %i, %u), update_window_dims={1},"
+            " inserted_window_dims={0}, scatter_dims_to_operand_dims={0}, index_vector_dim=1,"
+            " to_apply=%set",
+            "}",
+            "%set (x: f32[], y: f32[]) -> f32[] {",
+            "  %x = f32[] parameter(0)",
+            "  ROOT %y = f32[] parameter(1)",
+            "}",
+            "%outer (t: f32[1000,64], i: s32[8,1], g: f32[8,64]) -> f32[1000,64] {",
+            "  %t = f32[1000,64]{1,0} parameter(0)",
+            "  %i = s32[8,1]{1,0} parameter(1)",
+            "  %g = f32[8,64]{1,0} parameter(2)",
+            "  %n = f32[8,64]{1,0} negate(%g)",
+            "  ROOT %f = f32[1000,64]{1,0} fusion(%t, %i, %n), kind=kCustom, calls=%inner",
+            "}",
+            "ENTRY %main (t: f32[1000,64], i: s32[8,1], g: f32[8,64]) -> f32[1000,64] {",
+            "  %t = f32[1000,64]{1,0} parameter(0)",
+            "  %i = s32[8,1]{1,0} parameter(1)",
+            "  %g = f32[8,64]{1,0} parameter(2)",
+            "  ROOT %o = f32[1000,64]{1,0} fusion(%t, %i, %g), kind=kLoop, calls=%outer",
+            "}",
+        ]
+    )
+    (fusion,) = hlo_bytes.row_aware_bytes(text)["instructions"]
+    rows = 8 * 64 * 4
+    assert fusion.detail["written"] == rows  # not the 1000-row output
+    assert fusion.bytes == rows + 8 * 4 + rows  # updates and indices read, rows written
