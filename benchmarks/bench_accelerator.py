@@ -224,6 +224,12 @@ def minimum_bytes(args, emb, state, inputs: bw.Inputs) -> dict[str, Any]:
     }
 
 
+def update_trips(mins: dict[str, Any]) -> int:
+    """The trips charged to the update loop, whose bound is computed at run time (it stops
+    after the last chunk of real rows): the chunks of the device's busiest table."""
+    return -(-mins["updated_rows_max"] // _kernels._CHUNK)
+
+
 def describe(detail: dict[str, Any]) -> str:
     """One line from a ``hlo_bytes`` charge's detail: MB read / written, row-charged operands."""
     parts = [
@@ -343,8 +349,7 @@ def tpu_report(args: argparse.Namespace, inputs: bw.Inputs) -> dict[str, Any]:
     minimum = mins["minimum_bytes"] if mins else None
     row_aware = None
     if mins:  # the update loop's run-time bound charged as on CPU
-        trips = -(-mins["updated_rows_max"] // _kernels._CHUNK)
-        row_aware = hlo_bytes.row_aware_bytes(text, unknown_trips=trips)["bytes"]
+        row_aware = hlo_bytes.row_aware_bytes(text, unknown_trips=update_trips(mins))["bytes"]
     return {
         "benchmark": "accelerator_path_tpu_compile",
         "tpu": {"topology": args.tpu, "device_kind": chips[0].device_kind, "chips": args.devices},
@@ -404,10 +409,7 @@ def main() -> None:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     xla_bytes = float(cost["bytes accessed"])
     mins = minimum_bytes(args, emb, state, inputs)
-    # The update loop's bound is computed at run time (it stops after the last chunk of real
-    # rows): charge it with the trips of the device's busiest table.
-    update_trips = -(-mins["updated_rows_max"] // _kernels._CHUNK)
-    counted = hlo_bytes.row_aware_bytes(text, unknown_trips=update_trips)
+    counted = hlo_bytes.row_aware_bytes(text, unknown_trips=update_trips(mins))
     minimum = mins["minimum_bytes"]
     ids = bw.total_ids(inputs)
 
@@ -437,7 +439,7 @@ def main() -> None:
         ),
         "ratio_xla_over_minimum": round(xla_bytes / minimum, 3),
         "while_trip_counts_unknown": counted["while_trip_counts_unknown"],
-        "unknown_trips_charged": update_trips,
+        "unknown_trips_charged": update_trips(mins),
         "top_instructions": [
             {
                 "name": c["name"],

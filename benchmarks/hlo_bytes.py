@@ -366,6 +366,12 @@ def _callee(comps: dict[str, Computation], ins: Instr) -> Computation | None:
     return comps.get((ins.attr_computations("calls") or [""])[0])
 
 
+def _trips(comps: dict[str, Computation], comp: Computation, ins: Instr) -> int | None:
+    """The trips of a ``while``: XLA's ``known_trip_count``, else ``_counted_trips``."""
+    m = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins.attrs)
+    return int(m.group(1)) if m else _counted_trips(comps, comp, ins)
+
+
 def _counted_trips(comps: dict[str, Computation], comp: Computation, ins: Instr) -> int | None:
     """The trips of a ``while`` whose condition is ``counter < constant`` with the counter
     starting from a constant (a loop with a static bound, where XLA gives no
@@ -450,8 +456,7 @@ class Counter:
             best = max(costs, key=lambda c: c[0], default=(0, 0, []))
             return best[0], best[1], {"branches": len(costs)}
         if op == "while":
-            m = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins.attrs)
-            counted = int(m.group(1)) if m else _counted_trips(self.comps, comp, ins)
+            counted = _trips(self.comps, comp, ins)
             trips = counted if counted is not None else self.unknown_trips
             if counted is None:
                 self.unknown_loops += 1
@@ -603,14 +608,12 @@ def expanded_loops(hlo_text: str) -> list[dict[str, Any]]:
         for name in comp.order:
             ins = comp.instrs[name]
             if ins.opcode == "while" and re.search(r"/(gather|scatter[\w-]*)$", ins.op_name):
-                trips = _counted_trips(comps, comp, ins)
-                m = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins.attrs)
                 out.append(
                     {
                         "name": name,
                         "computation": comp.name,
                         "op_name": ins.op_name,
-                        "trips": int(m.group(1)) if m else trips,
+                        "trips": _trips(comps, comp, ins),
                     }
                 )
     return out

@@ -948,17 +948,16 @@ def _apply_stored(optimizer: Any, table, slots, ids, grads, step, scalars):
     pack = _pack_of(table, grads)
     stored, window = _stored_at(ids, table.shape[0], pack)
     leaves, treedef = jax.tree.flatten(slots)
-    wide = [x.ndim == 2 and _same_shape(table, pack, x) for x in leaves]  # windowed arrays
-    # Padding ids read some stored row (its new values are dropped: padding is never written).
+    per_row = [_same_shape(table, pack, x) for x in leaves]  # else shared by all rows
+    # The windowed arrays' stored rows; padding ids read some stored row (its new values are
+    # dropped: padding is never written).
     old = [
-        _stored_rows(x, stored) if is_wide else None
-        for x, is_wide in zip(leaves, wide, strict=True)
+        _stored_rows(x, stored) if r and x.ndim == 2 else None
+        for x, r in zip(leaves, per_row, strict=True)
     ]
     rows = [
-        _window(o, window, width)
-        if o is not None
-        else (_take(x, ids) if _same_shape(table, pack, x) else x)
-        for x, o in zip(leaves, old, strict=True)
+        _window(o, window, width) if o is not None else (_take(x, ids) if r else x)
+        for x, o, r in zip(leaves, old, per_row, strict=True)
     ]
     old_w = _stored_rows(table, stored)
     w = _window(old_w, window, width)
@@ -972,10 +971,10 @@ def _apply_stored(optimizer: Any, table, slots, ids, grads, step, scalars):
     else:
         new_w, new_slots = optimizer.apply(w, jax.tree.unflatten(treedef, rows), grads, step)
     written = [
-        _set_stored(x, stored, window, o, r)
+        _set_stored(x, stored, window, o, new)
         if o is not None
-        else (_set_at(x, ids, r) if _same_shape(table, pack, x) else r)
-        for x, o, r in zip(leaves, old, jax.tree.leaves(new_slots), strict=True)
+        else (_set_at(x, ids, new) if r else new)
+        for x, o, r, new in zip(leaves, old, per_row, jax.tree.leaves(new_slots), strict=True)
     ]
     return _set_stored(table, stored, window, old_w, new_w), jax.tree.unflatten(treedef, written)
 
