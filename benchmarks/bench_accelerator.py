@@ -39,7 +39,10 @@ and reports instead what no CPU count shows: the layouts the TPU compiler gives 
 slots in the step (``hlo_bytes.whole_array_copies``), the gathers and scatters the TPU compiler
 could not emit whole and turned into loops of one trip per row (``gather_scatter_loops``,
 ``hlo_bytes.expanded_loops``), XLA's TPU ``bytes accessed`` and, for row-sharded tables, the
-row-aware bytes of the TPU program. Nothing runs on a TPU, so there is no time.
+row-aware bytes of the TPU program and ``hbm_bytes``: those of them that move to and from HBM
+(the TPU compiler keeps most temporaries in on-chip memory, ``S(1)`` layouts, whose accesses
+are left out), with ``ratio_hbm_over_minimum`` (goal <= 2) and ``top_hbm_instructions``.
+Nothing runs on a TPU, so there is no time.
 
 Run: ``python benchmarks/bench_accelerator.py`` (one device) and
 ``python benchmarks/bench_accelerator.py --devices 8``; quick: ``-V 100000 -B 1024 --repeats 3``.
@@ -242,6 +245,18 @@ def describe(detail: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def describe_charge(charge: dict[str, Any]) -> dict[str, Any]:
+    """One of ``hlo_bytes.top``'s charges as reported: MB (row-aware and as XLA counts)."""
+    return {
+        "name": charge["name"],
+        "opcode": charge["opcode"],
+        "op_name": charge["op_name"],
+        "mb": round(charge["bytes"] / 1e6, 3),
+        "xla_style_mb": round(charge["naive"] / 1e6, 3),
+        **({"detail": describe(charge["detail"])} if charge["detail"] else {}),
+    }
+
+
 def preprocess(emb, inputs, kernels: bool):
     """The batch for the step with the kernels on or off: the pure step's plans carry their
     slots transposed (``lookup.transpose_plan``), as a TPU or GPU host builds them."""
@@ -347,9 +362,11 @@ def tpu_report(args: argparse.Namespace, inputs: bw.Inputs) -> dict[str, Any]:
     row_layout = all(layout.strategy == "row" for layout in emb.plan.layouts) and not args.mesh
     mins = minimum_bytes(args, emb, state, inputs) if row_layout else None
     minimum = mins["minimum_bytes"] if mins else None
-    row_aware = None
+    row_aware = in_hbm = None
     if mins:  # the update loop's run-time bound charged as on CPU
-        row_aware = hlo_bytes.row_aware_bytes(text, unknown_trips=update_trips(mins))["bytes"]
+        trips = update_trips(mins)
+        row_aware = hlo_bytes.row_aware_bytes(text, unknown_trips=trips)["bytes"]
+        in_hbm = hlo_bytes.row_aware_bytes(text, unknown_trips=trips, device_memory_only=True)
     return {
         "benchmark": "accelerator_path_tpu_compile",
         "tpu": {"topology": args.tpu, "device_kind": chips[0].device_kind, "chips": args.devices},
@@ -374,7 +391,18 @@ def tpu_report(args: argparse.Namespace, inputs: bw.Inputs) -> dict[str, Any]:
             round(copy_bytes / minimum, 3) if minimum else None
         ),
         "ratio_row_aware_over_minimum": round(row_aware / minimum, 2) if row_aware else None,
-        "goals": {"no_whole_table_copies": not copies, "no_gather_scatter_loops": not loops},
+        "hbm_bytes": in_hbm["bytes"] if in_hbm else None,
+        "ratio_hbm_over_minimum": round(in_hbm["bytes"] / minimum, 2) if in_hbm else None,
+        "top_hbm_instructions": (
+            [describe_charge(c) for c in hlo_bytes.top(in_hbm["instructions"], args.top)]
+            if in_hbm
+            else None
+        ),
+        "goals": {
+            "no_whole_table_copies": not copies,
+            "no_gather_scatter_loops": not loops,
+            **({"hbm_bytes_le_2x_minimum": in_hbm["bytes"] <= 2 * minimum} if in_hbm else {}),
+        },
     }
 
 
@@ -441,15 +469,7 @@ def main() -> None:
         "while_trip_counts_unknown": counted["while_trip_counts_unknown"],
         "unknown_trips_charged": update_trips(mins),
         "top_instructions": [
-            {
-                "name": c["name"],
-                "opcode": c["opcode"],
-                "op_name": c["op_name"],
-                "mb": round(c["bytes"] / 1e6, 3),
-                "xla_style_mb": round(c["naive"] / 1e6, 3),
-                **({"detail": describe(c["detail"])} if c["detail"] else {}),
-            }
-            for c in hlo_bytes.top(counted["instructions"], args.top)
+            describe_charge(c) for c in hlo_bytes.top(counted["instructions"], args.top)
         ],
     }
 

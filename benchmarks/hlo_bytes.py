@@ -21,6 +21,8 @@ computation with the bytes it reads and writes, with these rules:
   at the gathered size, and an output that is a scatter or a dynamic-update-slice at the updated
   rows;
 * ``copy`` (of a whole table, say): read and written in full, so a table copy shows up;
+  an asynchronous ``copy-start`` / ``slice-start`` (TPU): its target read from the operand and
+  written, once (its ``-done`` and the operand aliased in its output tuple are free);
 * ``conditional``: the costliest branch; ``while``: its body and condition times the known trip
   count (XLA's ``known_trip_count``, else ``counter < constant`` read from its condition, as TPU
   programs carry it; when neither, a loop whose bound is computed at run time, the caller's
@@ -29,6 +31,11 @@ computation with the bytes it reads and writes, with these rules:
 
 ``naive_bytes`` is the same walk charging every operand and output in full (close to XLA's own
 figure), so the two can be compared instruction by instruction.
+
+``device_memory_only=True`` charges only what moves to and from device memory (HBM): a value
+whose layout places it in another memory space (``S(1)`` and up: on TPU, the on-chip memory the
+compiler's memory-space assignment fills) is read and written for free. On CPU, where XLA
+places nothing, both counts agree.
 
 Command line: ``python benchmarks/hlo_bytes.py module.txt`` prints the totals and the top
 instructions of a saved ``compiled.as_text()``.
@@ -85,6 +92,8 @@ FREE = {
 VIEWS = {"bitcast", "reshape"}  # inside a fusion: the same data, no pass of its own
 ROW_READS = {"gather", "dynamic-slice", "slice"}  # read operand 0 only where the output says
 ROW_WRITES = {"scatter", "dynamic-update-slice"}  # write operand 0 only where the updates say
+ASYNC_READS = {"copy-start", "slice-start"}  # asynchronous copy / slice of operand 0 (TPU)
+ASYNC_DONE = {"copy-done", "slice-done"}
 
 
 def shape_bytes(type_str: str) -> int:
@@ -99,6 +108,29 @@ def shape_bytes(type_str: str) -> int:
                 n *= int(d)
         total += n * DTYPE_BYTES[dtype]
     return total
+
+
+_SPACE = re.compile(r"S\((\d+)\)")
+
+
+def _elements(type_str: str) -> list[str]:
+    """The array types of a type string: its elements if it is a tuple, else itself."""
+    t = type_str.strip()
+    return [e.strip() for e in _split_top(t[1:-1])] if t.startswith("(") else [t]
+
+
+def _on_chip(array_type: str) -> bool:
+    """Whether an array type's layout places it in a memory space other than the default
+    (``S(1)``, ...: on TPU, the on-chip memory that XLA's memory-space assignment fills)."""
+    layout = array_type[array_type.find("]") :]
+    m = _SPACE.search(layout)
+    return bool(m and int(m.group(1)))
+
+
+def device_memory_bytes(type_str: str) -> int:
+    """Bytes of the arrays of an HLO type string that live in the default memory space (device
+    memory: HBM), those placed on chip (``S(1)`` and up) left out."""
+    return sum(shape_bytes(e) for e in _elements(type_str) if not _on_chip(e))
 
 
 def _balanced(s: str, start: int) -> int:
@@ -250,10 +282,16 @@ def _combines(comps: dict[str, Computation], ins: Instr) -> bool:
     if root is None:
         return True
     last = [p for p in comp.params if p]
-    num_operands = len(last) // 2
-    if root.opcode == "tuple":
-        return any(o not in last[num_operands:] for o in root.operands)
-    return not (root.opcode == "parameter" and root.name in last[num_operands:])
+    updates = last[len(last) // 2 :]
+
+    def source(name: str) -> str:  # through bitcasts (TPU writes ``return bitcast(update)``)
+        ins = comp.instrs.get(name)
+        while ins is not None and ins.opcode in VIEWS and ins.operands:
+            name, ins = ins.operands[0], comp.instrs.get(ins.operands[0])
+        return name
+
+    outputs = root.operands if root.opcode == "tuple" else [root.name]
+    return any(source(o) not in updates for o in outputs)
 
 
 def _scatter_rows(comps: dict[str, Computation], comp: Computation, ins: Instr) -> tuple[int, int]:
@@ -419,9 +457,10 @@ class Charge:
 class Counter:
     """Row-aware and naive byte counts of a parsed module."""
 
-    def __init__(self, text: str, unknown_trips: int = 1):
+    def __init__(self, text: str, unknown_trips: int = 1, device_memory_only: bool = False):
         self.comps = parse_module(text)
         self.unknown_trips = unknown_trips  # charged to each loop XLA has no count for
+        self.device_memory_only = device_memory_only  # leave out what moves in on-chip memory
         entries = [c for c in self.comps.values() if c.entry]
         if len(entries) != 1:
             raise ValueError(f"expected one ENTRY computation, found {len(entries)}")
@@ -431,6 +470,17 @@ class Counter:
     def _operand_bytes(self, comp: Computation, ins: Instr) -> int:
         return sum(comp.instrs[o].bytes for o in ins.operands if o in comp.instrs)
 
+    def _kept(self, value: Instr, nbytes: float) -> float:
+        """``nbytes`` read from or written to ``value``, or its share in device memory where
+        only that is counted (none of it for a value on chip)."""
+        if not self.device_memory_only or not value.bytes:
+            return nbytes
+        return nbytes * device_memory_bytes(value.type) / value.bytes
+
+    def _kept_operands(self, comp: Computation, names: list[str]) -> float:
+        values = [comp.instrs[o] for o in names if o in comp.instrs]
+        return sum(self._kept(v, v.bytes) for v in values)
+
     def charge(self, comp: Computation, ins: Instr) -> tuple[int, int, dict[str, Any]]:
         """(row-aware bytes, naive bytes, detail) of one instruction of ``comp``."""
         op = ins.opcode
@@ -439,13 +489,23 @@ class Counter:
             return 0, 0, {}
         if op in ("fusion",):
             return self._fusion(comp, ins, naive)
-        if op in ROW_READS:
-            rest = sum(comp.instrs[o].bytes for o in ins.operands[1:] if o in comp.instrs)
-            return 2 * ins.bytes + rest, naive, {"rows": ins.bytes}
+        rest = self._kept_operands(comp, ins.operands[1:])
+        source = comp.instrs.get(ins.operands[0]) if ins.operands else None
+        if op in ROW_READS and source is not None:
+            moved = self._kept(source, ins.bytes) + self._kept(ins, ins.bytes) + rest
+            return round(moved), naive, {"rows": ins.bytes}
         if op in ROW_WRITES:
             read, written = _scatter_rows(self.comps, comp, ins)
-            rest = sum(comp.instrs[o].bytes for o in ins.operands[1:] if o in comp.instrs)
-            return read + written + rest, naive, {"rows_written": written}
+            return round(self._kept(ins, read + written) + rest), naive, {"rows_written": written}
+        if op in ASYNC_READS and source is not None:
+            # ``(target, ...)`` or ``((operand), target, ...)``: the target's bytes are read
+            # from the operand and written to the target; the operand in the tuple is an alias
+            target = next(e for e in _elements(ins.type) if _dims(e))
+            size = shape_bytes(target)
+            written = device_memory_bytes(target) if self.device_memory_only else size
+            return round(self._kept(source, size) + written), naive, {}
+        if op in ASYNC_DONE:  # the end of an ASYNC_READS start, which was charged
+            return 0, naive, {}
         if op == "conditional":
             branches = ins.attr_computations("branch_computations")
             if not branches:
@@ -476,7 +536,8 @@ class Counter:
             if callee in self.comps:
                 b, nb, _ = self.computation(self.comps[callee])
                 return b, nb, {}
-        return naive, naive, {}
+        moved = self._kept_operands(comp, ins.operands) + self._kept(ins, ins.bytes)
+        return round(moved), naive, {}
 
     def _fusion(self, comp: Computation, ins: Instr, naive: int) -> tuple[int, int, dict]:
         callee = (ins.attr_computations("calls") or [""])[0]
@@ -488,16 +549,33 @@ class Counter:
         for i, p in enumerate(fused.params):
             if i >= len(ins.operands) or not p:
                 continue
-            full = comp.instrs[ins.operands[i]].bytes if ins.operands[i] in comp.instrs else 0
+            operand = comp.instrs.get(ins.operands[i])
+            full = operand.bytes if operand is not None else 0
             got = int(round(min(full, demand.get(p, 0.0))))
+            if operand is not None:
+                got = round(self._kept(operand, got))
             reads += got
             if got < full:
                 how[ins.operands[i]] = {"charged": got, "full": full}
-        written = _output_written(self.comps, fused, fused.root)
+        written = self._written(ins, fused)
         detail: dict[str, Any] = {"read": reads, "written": written}
         if how:
             detail["row_params"] = how
         return reads + written, naive, detail
+
+    def _written(self, ins: Instr, fused: Computation) -> int:
+        """Bytes fusion ``ins`` (calling ``fused``) writes: each output, or where only device
+        memory is counted, each output that is not placed on chip."""
+        if not self.device_memory_only:
+            return _output_written(self.comps, fused, fused.root)
+        root = fused.instrs[fused.root]
+        outputs = root.operands if root.opcode == "tuple" else [fused.root]
+        types = _elements(ins.type) if root.opcode == "tuple" else [ins.type]
+        return sum(
+            _output_written(self.comps, fused, o)
+            for o, t in zip(outputs, types, strict=False)
+            if not _on_chip(t)
+        )
 
     def computation(self, comp: Computation) -> tuple[int, int, list[Charge]]:
         charges = []
@@ -509,11 +587,16 @@ class Counter:
         return sum(c.bytes for c in charges), sum(c.naive for c in charges), charges
 
 
-def row_aware_bytes(hlo_text: str, unknown_trips: int = 1) -> dict[str, Any]:
+def row_aware_bytes(
+    hlo_text: str, unknown_trips: int = 1, device_memory_only: bool = False
+) -> dict[str, Any]:
     """``{"bytes", "naive_bytes", "instructions": [Charge...], "while_trip_counts_unknown"}``
     for the entry computation of ``hlo_text`` (``compiled.as_text()``); a ``while`` loop whose
-    trip count XLA does not know is charged ``unknown_trips`` trips."""
-    counter = Counter(hlo_text, unknown_trips)
+    trip count XLA does not know is charged ``unknown_trips`` trips. ``device_memory_only``:
+    only the bytes read from and written to device memory (HBM), not those of arrays XLA
+    placed in on-chip memory (``S(1)`` layouts, as on TPU); on CPU, where XLA places nothing,
+    the same count."""
+    counter = Counter(hlo_text, unknown_trips, device_memory_only)
     total, naive, charges = counter.computation(counter.entry)
     return {
         "bytes": total,

@@ -909,12 +909,13 @@ _CHUNK = 512  # rows per trip of the pure update loop: its temporaries stay in c
 def _apply_once(optimizer: Any, table, slots, ids, grads, step, scalars=None):
     """Gathers the rows ``ids``, updates them and writes them back.
 
-    Where the optimizer ``splits_update``, the new slot rows are written first and read back
-    for ``new_rows``: every gathered array then feeds one computation, which XLA fuses with
-    its gather. (A gather feeding two computations is copied out first, and XLA:CPU copies
-    64-float rows in scalar code: on workload W's Adagrad step, 17% of the step, for the same
-    bits.) ``scalars``: ``optimizer.step_scalars(step)``, if computed already; ``step`` serves
-    the others (``from_optax``, whose new rows come from its updates).
+    Where the optimizer ``splits_update``, the new slot rows are written first, and on CPU
+    read back for ``new_rows`` (``_as_written``): every gathered array then feeds one
+    computation, which XLA fuses with its gather. (A gather feeding two computations is copied
+    out first, and XLA:CPU copies 64-float rows in scalar code: on workload W's Adagrad step,
+    17% of the step, for the same bits.) On TPUs and GPUs, reading them back would read each
+    row twice from device memory. ``scalars``: ``optimizer.step_scalars(step)``, if computed
+    already; ``step`` serves the others (``from_optax``, whose new rows come from its updates).
     """
     if scalars is None:
         scalars = optimizer.step_scalars(step)
@@ -935,9 +936,26 @@ def _apply_once(optimizer: Any, table, slots, ids, grads, step, scalars=None):
     if not optimizer.splits_update:
         new_w, new_rows = optimizer.apply(w, rows_of(slots), grads, step)
         return _set_at(table, ids, new_w), write(slots, new_rows)
-    new_slots = write(slots, optimizer.new_slots(w, rows_of(slots), grads, scalars))
-    new_w = optimizer.new_rows(w, rows_of(new_slots), grads, scalars)
+    new_slot_rows = optimizer.new_slots(w, rows_of(slots), grads, scalars)
+    new_slots = write(slots, new_slot_rows)
+    new_w = optimizer.new_rows(w, _as_written(new_slot_rows, new_slots, rows_of), grads, scalars)
     return _set_at(table, ids, new_w), new_slots
+
+
+def _as_written(rows: Any, written: Any, rows_of: Callable[[Any], Any]) -> Any:
+    """New slot ``rows`` as ``new_rows`` reads them, once written (into ``written``), with the
+    bits they were written with (not recomputed in ``new_rows``' fusion, where XLA may
+    contract them differently): read back from ``written`` on CPU, so that each gathered array
+    feeds one computation (see ``_apply_once``); elsewhere ``_kept``."""
+    return jax.lax.platform_dependent(rows, written, cpu=lambda _, w: rows_of(w), default=_kept)
+
+
+def _kept(rows: Any, written: Any) -> Any:
+    """New slot ``rows`` as computed, behind an optimization barrier (so ``new_rows`` reads
+    them as written): on TPUs and GPUs, where reading them back from ``written`` would be a
+    second read of each row from device memory."""
+    del written
+    return jax.lax.optimization_barrier(rows)
 
 
 def _apply_stored(optimizer: Any, table, slots, ids, grads, step, scalars):

@@ -293,3 +293,94 @@ def test_a_scatter_in_a_nested_fusion_is_charged_the_rows_it_writes():
     rows = 8 * 64 * 4
     assert fusion.detail["written"] == rows  # not the 1000-row output
     assert fusion.bytes == rows + 8 * 4 + rows  # updates and indices read, rows written
+
+
+def _tpu_step(set_root: str) -> str:
+    """A TPU-style step: rows gathered from a table in device memory into on-chip memory
+    (``S(1)``), a new value computed there, and scattered back in place (the scatter's
+    combiner returning ``set_root``); the activations prefetched on chip by an asynchronous
+    copy, and a slice of them taken by an asynchronous slice."""
+    return "\n".join(
+        [
+            "HloModule m",
+            "%set (x: f32[], y: f32[]) -> f32[] {",
+            "  %x = f32[]{:T(128)} parameter(0)",
+            "  %y = f32[]{:T(128)} parameter(1)",
+            f"  ROOT %r = f32[]{{:T(128)}} {set_root}",
+            "}",
+            "%take (t: f32[1000,128], i: s32[8]) -> f32[8,128] {",
+            "  %t = f32[1000,128]{1,0:T(8,128)} parameter(0)",
+            "  %i = s32[8]{0:T(256)S(1)} parameter(1)",
+            "  ROOT %g = f32[8,128]{1,0:T(8,128)S(1)} gather(%t, %i), offset_dims={1},"
+            " collapsed_slice_dims={0}, start_index_map={0}, index_vector_dim=1,"
+            " slice_sizes={1,128}",
+            "}",
+            "%twice (r: f32[8,128]) -> f32[8,128] {",
+            "  %r = f32[8,128]{1,0:T(8,128)S(1)} parameter(0)",
+            "  ROOT %a = f32[8,128]{1,0:T(8,128)S(1)} add(%r, %r)",
+            "}",
+            "%put (t: f32[1000,128], i: s32[8], u: f32[8,128]) -> f32[1000,128] {",
+            "  %t = f32[1000,128]{1,0:T(8,128)} parameter(0)",
+            "  %i = s32[8]{0:T(256)S(1)} parameter(1)",
+            "  %u = f32[8,128]{1,0:T(8,128)S(1)} parameter(2)",
+            "  ROOT %s = f32[1000,128]{1,0:T(8,128)} scatter(%t, %i, %u),"
+            " update_window_dims={1}, inserted_window_dims={0},"
+            " scatter_dims_to_operand_dims={0}, index_vector_dim=1, to_apply=%set",
+            "}",
+            "ENTRY %main (t: f32[1000,128], i: s32[8], a: f32[512,64]) -> (f32[1000,128],"
+            " f32[64,64]) {",
+            "  %t = f32[1000,128]{1,0:T(8,128)} parameter(0)",
+            "  %i = s32[8]{0:T(256)S(1)} parameter(1)",
+            "  %a = f32[512,64]{1,0:T(8,128)} parameter(2)",
+            "  %g = f32[8,128]{1,0:T(8,128)S(1)} fusion(%t, %i), kind=kCustom, calls=%take",
+            "  %n = f32[8,128]{1,0:T(8,128)S(1)} fusion(%g), kind=kLoop, calls=%twice",
+            "  %s = f32[1000,128]{1,0:T(8,128)} fusion(%t, %i, %n), kind=kCustom, calls=%put",
+            "  %cs = (f32[512,64]{1,0:T(8,128)S(1)}, f32[512,64]{1,0:T(8,128)}, u32[]{:S(2)})"
+            " copy-start(%a)",
+            "  %cd = f32[512,64]{1,0:T(8,128)S(1)} copy-done(%cs)",
+            "  %ss = ((f32[512,64]{1,0:T(8,128)S(1)}), f32[64,64]{1,0:T(8,128)S(1)},"
+            " s32[]{:S(2)}) slice-start(%cd), slice={[0:64], [0:64]}",
+            "  %sd = f32[64,64]{1,0:T(8,128)S(1)} slice-done(%ss)",
+            "  ROOT %o = (f32[1000,128]{1,0:T(8,128)}, f32[64,64]{1,0:T(8,128)S(1)})"
+            " tuple(%s, %sd)",
+            "}",
+        ]
+    )
+
+
+def test_device_memory_only_leaves_out_what_moves_on_chip():
+    """``device_memory_only`` counts the bytes that move to and from device memory (HBM):
+    the rows gathered from the table and scattered back, the activations copied on chip once;
+    not the on-chip gather output, the computation on it, the indices or the slice taken on
+    chip. Without it, every access counts."""
+    rows, acts, part = 8 * 128 * 4, 512 * 64 * 4, 64 * 64 * 4
+    text = _tpu_step("bitcast(%y)")
+    charges = hlo_bytes.row_aware_bytes(text)["instructions"]
+    everything = {c.name: c.bytes for c in charges if c.bytes}
+    assert everything == {
+        "g": rows + 8 * 4 + rows,  # rows read, indices read, rows written
+        "n": 2 * rows,
+        "s": 8 * 4 + rows + rows,  # indices and updates read, rows written
+        "cs": 2 * acts,  # read and written once: the done half and the aliases are free
+        "ss": 2 * part,
+    }
+    in_hbm = hlo_bytes.row_aware_bytes(text, device_memory_only=True)
+    assert {c.name: c.bytes for c in in_hbm["instructions"] if c.bytes} == {
+        "g": rows,  # read from the table; written on chip
+        "s": rows,  # written to the table; read on chip
+        "cs": acts,  # read from device memory, written on chip
+    }
+
+
+def test_a_scatter_returning_its_update_through_a_bitcast_does_not_read_the_rows():
+    """TPU writes a plain overwrite's combiner as ``bitcast(update)``: the scatter still
+    reads no old rows; a combiner that reads the old value (an add) does."""
+    rows = 8 * 128 * 4
+
+    def scatter(root: str) -> int:
+        text = _tpu_step(root)
+        (s,) = [c for c in hlo_bytes.row_aware_bytes(text)["instructions"] if c.name == "s"]
+        return s.bytes
+
+    assert scatter("bitcast(%y)") == 8 * 4 + rows + rows
+    assert scatter("add(%x, %y)") == 8 * 4 + rows + 2 * rows  # the old rows read too

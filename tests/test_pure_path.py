@@ -154,6 +154,33 @@ def test_update_writes_the_new_slots_then_reads_them_back(name):
     np.testing.assert_array_equal(np.asarray(got[0])[untouched], np.asarray(table)[untouched])
 
 
+@pytest.mark.parametrize("name", [n for n in UPDATES if UPDATES[n].splits_update])
+def test_new_slot_rows_kept_as_computed_update_as_read_back(monkeypatch, name):
+    """On CPU the new rows read the new slot rows back from the slot arrays; on TPUs and GPUs
+    (``_kernels._kept``) they read them as computed, behind an optimization barrier, with no
+    second read from device memory. Forced here on CPU: every row and slot keeps its bits."""
+    opt = UPDATES[name]
+    table, slots, ids, grads = _update_case(opt, 3 * k._CHUNK + 17, seed=2)
+
+    def update():  # traced anew each call
+        return jax.jit(lambda s: k._apply_generic(opt, *s, ids, grads, jnp.int32(3)))(
+            (table, slots)
+        )
+
+    want = jax.tree.map(np.asarray, update())
+    kept = []
+
+    def as_kept(rows, written, rows_of):
+        kept.append(rows)
+        return k._kept(rows, written)
+
+    monkeypatch.setattr(k, "_as_written", as_kept)
+    got = jax.tree.map(np.asarray, update())
+    assert kept  # the update took the kept rows
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_a_zero_argument_learning_rate_is_called_once_per_update():
     """The learning rate is computed once per update, outside the loop over chunks of rows: a
     zero-argument callable (a host callback) is not called once per chunk."""
