@@ -384,3 +384,33 @@ def test_a_scatter_returning_its_update_through_a_bitcast_does_not_read_the_rows
 
     assert scatter("bitcast(%y)") == 8 * 4 + rows + rows
     assert scatter("add(%x, %y)") == 8 * 4 + rows + 2 * rows  # the old rows read too
+
+
+@pytest.mark.parametrize("strategy", ["row", "table", "column", "replicated"])
+def test_the_minimum_counts_the_rows_each_chip_updates(strategy):
+    """``bench_accelerator``'s minimum on a 2x4 mesh: a device's shard is its row-major index
+    on the shard axes; row-wise each distinct row is updated on one shard (``r mod T``),
+    table-wise all of them on the table's shard, column-wise and replicated on every device."""
+    import types
+
+    import bench_accelerator as ba
+
+    args = ba.parse_args(["--tpu", "v5e:2x4", "--devices", "8", "--mesh", "2x4"])
+    args.strategy, args.vocab, args.features = strategy, 1000, 1
+    mesh = ba.mesh_of(args, jax.devices()[:8])
+    emb = ba.make_embedding(args, mesh)
+    placement = emb.plan["t0"]
+    shards = ba.device_shards(mesh, emb.plan.layout("t0"))
+    distinct = np.arange(3, 1000, 7)
+    updated = [ba.rows_updated(placement, distinct, t) for t in shards]
+    expected = {
+        "row": [int(np.sum(distinct % 8 == t)) for t in range(8)],
+        "table": [len(distinct) if t == placement.shard else 0 for t in range(8)],
+        "column": [len(distinct)] * 8,
+        "replicated": [len(distinct)] * 8,
+    }[strategy]
+    assert updated == expected
+    if strategy != "replicated":
+        assert shards.tolist() == list(range(8))  # sharded over both axes, row-major
+    model_only = types.SimpleNamespace(shard_axes=("model",))  # replicated over "data"
+    assert ba.device_shards(mesh, model_only).tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
