@@ -947,14 +947,16 @@ def _as_written(rows: Any, written: Any, rows_of: Callable[[Any], Any]) -> Any:
     bits they were written with (not recomputed in ``new_rows``' fusion, where XLA may
     contract them differently): read back from ``written`` on CPU, so that each gathered array
     feeds one computation (see ``_apply_once``); elsewhere ``_kept``."""
-    return jax.lax.platform_dependent(rows, written, cpu=lambda _, w: rows_of(w), default=_kept)
+    return jax.lax.platform_dependent(
+        rows, written, cpu=lambda _, w: rows_of(w), default=lambda r, _: _kept(r)
+    )
 
 
-def _kept(rows: Any, written: Any) -> Any:
+def _kept(rows: Any) -> Any:
     """New slot ``rows`` as computed, behind an optimization barrier (so ``new_rows`` reads
-    them as written): on TPUs and GPUs, where reading them back from ``written`` would be a
-    second read of each row from device memory."""
-    del written
+    them as written, not recomputed in its own fusion): on TPUs and GPUs, where reading them
+    back from the slot arrays would be a second read of each row from device memory, and on
+    packed tables (``_apply_stored``)."""
     return jax.lax.optimization_barrier(rows)
 
 
@@ -980,11 +982,7 @@ def _apply_stored(optimizer: Any, table, slots, ids, grads, step, scalars):
     old_w = _stored_rows(table, stored)
     w = _window(old_w, window, width)
     if optimizer.splits_update:
-        # new_rows reads the new slot rows as stored (as _apply_once reads them back), not
-        # recomputed inside its own fusion, where XLA may contract them differently.
-        new_slots = jax.lax.optimization_barrier(
-            optimizer.new_slots(w, jax.tree.unflatten(treedef, rows), grads, scalars)
-        )
+        new_slots = _kept(optimizer.new_slots(w, jax.tree.unflatten(treedef, rows), grads, scalars))
         new_w = optimizer.new_rows(w, new_slots, grads, scalars)
     else:
         new_w, new_slots = optimizer.apply(w, jax.tree.unflatten(treedef, rows), grads, step)

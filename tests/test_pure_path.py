@@ -172,7 +172,7 @@ def test_new_slot_rows_kept_as_computed_update_as_read_back(monkeypatch, name):
 
     def as_kept(rows, written, rows_of):
         kept.append(rows)
-        return k._kept(rows, written)
+        return k._kept(rows)
 
     monkeypatch.setattr(k, "_as_written", as_kept)
     got = jax.tree.map(np.asarray, update())
