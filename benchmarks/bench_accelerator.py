@@ -177,8 +177,9 @@ def mesh_of(args: argparse.Namespace, devices: list) -> Any:
 
 def row_bytes(leaf: Any, rows: int, width: int) -> int:
     """Bytes per table row of a state leaf holding ``rows`` rows of ``width`` values: table-shaped
-    leaves (however stored: a TPU mesh stores them 128 floats wide, padding not counted) and
-    ``[rows]`` leaves; 0 for anything shared by all rows (a scalar)."""
+    leaves (however stored: a TPU mesh stores them 128 floats wide, padding not counted; a
+    table's leaf with slots beside its rows is ``entry_cols`` wide) and ``[rows]`` leaves; 0
+    for anything shared by all rows (a scalar)."""
     size = int(np.prod(np.shape(leaf), dtype=np.int64))
     if size < rows or size % rows:
         return 0
@@ -216,10 +217,10 @@ def minimum_bytes(args, emb, state, inputs: bw.Inputs) -> dict[str, Any]:
     for f, (ids, lengths) in inputs.items():
         placement = emb.plan[f"t{f[1:]}"]
         layout = emb.plan.layout(placement.name)
-        bytes_per_row = sum(
-            row_bytes(x, layout.num_rows, placement.cols_per_shard)
-            for x in [state.tables[layout.name], *jax.tree.leaves(state.slots[layout.name])]
-        )
+        # The table's leaf holds the slots stored beside its rows too (entry_cols floats a row).
+        leaves = [(state.tables[layout.name], placement.entry_cols)]
+        leaves += [(x, placement.cols_per_shard) for x in jax.tree.leaves(state.slots[layout.name])]
+        bytes_per_row = sum(row_bytes(x, layout.num_rows, width) for x, width in leaves)
         ends = np.cumsum(lengths)
         starts = ends - lengths
         distinct = np.unique(ids)

@@ -26,7 +26,7 @@ import functools
 import math
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -933,6 +933,9 @@ def _apply_once(optimizer: Any, table, slots, ids, grads, step, scalars=None):
         return jax.tree.map(lambda x, r: _set_at(x, ids, r) if is_row(x) else r, tree, new_rows)
 
     w = _take(table, ids, width)
+    if isinstance(optimizer, Beside):
+        new_w, new_rows = optimizer.update(w, rows_of(slots), grads, scalars)
+        return _set_at(table, ids, new_w), write(slots, new_rows)
     if not optimizer.splits_update:
         new_w, new_rows = optimizer.apply(w, rows_of(slots), grads, step)
         return _set_at(table, ids, new_w), write(slots, new_rows)
@@ -981,7 +984,9 @@ def _apply_stored(optimizer: Any, table, slots, ids, grads, step, scalars):
     ]
     old_w = _stored_rows(table, stored)
     w = _window(old_w, window, width)
-    if optimizer.splits_update:
+    if isinstance(optimizer, Beside):
+        new_w, new_slots = optimizer.update(w, jax.tree.unflatten(treedef, rows), grads, scalars)
+    elif optimizer.splits_update:
         new_slots = _kept(optimizer.new_slots(w, jax.tree.unflatten(treedef, rows), grads, scalars))
         new_w = optimizer.new_rows(w, new_slots, grads, scalars)
     else:
@@ -1033,7 +1038,7 @@ def _apply_generic(optimizer: Any, table, slots, ids, grads, step):
     n = ids.shape[0]
     rows = table.shape[0] * _pack_of(table, grads)
     scalars = optimizer.step_scalars(step)  # once, outside the loop (a host callback, maybe)
-    if n <= _CHUNK or optimizer.kernel_rule() is None:
+    if n <= _CHUNK or _rule_of(optimizer) is None:
         return _apply_once(optimizer, table, slots, ids, grads, step, scalars)
     trips = -(-n // _CHUNK)
     pad = trips * _CHUNK - n
@@ -1048,6 +1053,61 @@ def _apply_generic(optimizer: Any, table, slots, ids, grads, step):
         return _apply_once(optimizer, *carry, part, g, step, scalars)
 
     return jax.lax.fori_loop(0, _live_chunks(ids, rows), body, (table, slots))
+
+
+@dataclasses.dataclass(frozen=True)
+class Beside:
+    """``optimizer`` on a table whose table-shaped slots ``names`` are stored beside its rows
+    (``layouts.TablePlacement.beside``): a row's *entry* is its ``width`` floats, then each of
+    those slots' ``width`` floats. The update reads each row's entry once, the row and those
+    slots together, and writes it back whole; the other slots are arrays of their own.
+
+    It takes the place of the optimizer in ``apply_rows`` and ``apply_slots``, with gradients
+    as wide as the entries (zeros past the row's ``width``). No CPU kernel runs it.
+    """
+
+    optimizer: Any
+    names: tuple[str, ...]
+    width: int
+
+    lazy: ClassVar[bool] = True
+    splits_update: ClassVar[bool] = False
+
+    @property
+    def slot_names(self) -> tuple[str, ...]:
+        return tuple(n for n in self.optimizer.slot_names if n not in self.names)
+
+    def kernel_rule(self) -> None:
+        return None
+
+    def step_scalars(self, step: jax.Array) -> jax.Array:
+        return self.optimizer.step_scalars(step)
+
+    def update(self, entries: jax.Array, slots: dict, g: jax.Array, scalars: jax.Array):
+        """``(new entries, new other slot rows)`` of rows whose entries are ``entries``, with
+        the other slots' rows ``slots`` and gradients ``g`` (as wide as ``entries``; columns
+        past the entry, if any, are kept as they are)."""
+        w, k = self.width, len(self.names)
+        row, g = entries[..., :w], g[..., :w]
+        beside = {n: entries[..., (i + 1) * w : (i + 2) * w] for i, n in enumerate(self.names)}
+        new_slots = _kept(self.optimizer.new_slots(row, {**slots, **beside}, g, scalars))
+        new_row = self.optimizer.new_rows(row, new_slots, g, scalars)
+        kept = entries[..., (1 + k) * w :]
+        new_entries = jnp.concatenate([new_row, *(new_slots[n] for n in self.names), kept], -1)
+        return new_entries, {n: new_slots[n] for n in slots}
+
+
+def beside(optimizer: Any, names: tuple[str, ...], width: int) -> Any:
+    """``optimizer`` for a table with its slots ``names`` stored beside its ``width``-float rows
+    (``Beside``); ``optimizer`` itself if ``names`` is empty."""
+    return Beside(optimizer, names, width) if names else optimizer
+
+
+def _rule_of(optimizer: Any) -> Any:
+    """The kernel rule of ``optimizer``, or of the one a ``Beside`` holds: whether the update
+    may run in chunks of rows (each row's update independent of the others)."""
+    inner = optimizer.optimizer if isinstance(optimizer, Beside) else optimizer
+    return inner.kernel_rule()
 
 
 def _same_shape(table: jax.Array, pack: int, leaf: Any) -> bool:

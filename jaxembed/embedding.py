@@ -75,7 +75,9 @@ class EmbeddingState(NamedTuple):
             itself for a row-wise or replicated table on one device) and sharded on the mesh.
         slots: ``{array name: slots}``: ``{slot name: array}`` for TF optimizers, the Optax
             state for ``from_optax``, ``{}`` without an optimizer; table-shaped leaves are laid
-            out like the array.
+            out like the array. On a TPU mesh, the slots the layout stores beside the rows
+            (``Layout.beside``) are in the table's array instead; ``emb.slot_variables(state)``
+            and ``emb.logical_arrays(state)`` give every slot.
         step: int32 scalar, the number of ``apply_gradients`` calls so far.
         nonfinite: int32 scalar, the number of gradient rows (one example's, or one sequence
             position's, ``dL/d(activation)`` vector) that ``apply_gradients`` dropped so far
@@ -329,6 +331,11 @@ class Embedding:
                 for name, sub in tree.items()
             }
 
+        for layout in self.plan.layouts:  # slots stored beside the rows move in
+            if layout.beside:
+                pair = (physical[layout.name], physical_slots[layout.name])
+                pair = _laid_out(layout, layout.join, mesh, *pair)
+                physical[layout.name], physical_slots[layout.name] = pair
         replicated = NamedSharding(mesh, P())
         return EmbeddingState(
             place(physical),
@@ -405,9 +412,16 @@ class Embedding:
                 leaf = _put(leaf, NamedSharding(self.mesh, layout.spec(np.shape(leaf))))
                 return _relayout(layout, name, self.logical_sharding(name, shape))(leaf)
 
-            tables[name] = logical(state.tables[layout.name])
-            slots[name] = jax.tree.map(logical, state.slots[layout.name])
+            table_rows, table_slots = self._apart(layout, state)
+            tables[name] = logical(table_rows)
+            slots[name] = jax.tree.map(logical, table_slots)
         return tables, slots
+
+    def _apart(self, layout: Layout, state: EmbeddingState) -> tuple[jax.Array, Any]:
+        """``layout``'s table and slots in ``state``, the slots stored beside its rows as
+        arrays of their own (``Layout.split``)."""
+        pair = state.tables[layout.name], state.slots[layout.name]
+        return _laid_out(layout, layout.split, self.mesh, *pair) if layout.beside else pair
 
     def abstract_state(self) -> EmbeddingState:
         """``init``'s state as ``jax.ShapeDtypeStruct``s with their shardings; allocates nothing.
@@ -423,6 +437,9 @@ class Embedding:
                 if opt is not None
                 else {}
             )
+            if layout.beside:
+                pair = jax.eval_shape(layout.join, tables[layout.name], slots[layout.name])
+                tables[layout.name], slots[layout.name] = pair
 
         def placed(tree):
             specs = self._specs(tree)
@@ -450,7 +467,7 @@ class Embedding:
         out = {}
         for table, name in self.table_names.items():
             layout = self.plan.layout(name)
-            slots = state.slots[layout.name]
+            _, slots = self._apart(layout, state)
             if isinstance(slots, Mapping) and all(isinstance(k, str) for k in slots):
                 named = dict(slots)
             else:
@@ -943,6 +960,14 @@ def _relayout(layout: Layout, name: str | None, sharding: NamedSharding) -> Any:
     device, as the reshapes of an explicit-axis mesh would."""
     fn = layout.to_physical if name is None else functools.partial(layout.to_logical, name=name)
     return jax.jit(jax.sharding.auto_axes(fn, out_sharding=sharding), out_shardings=sharding)
+
+
+def _laid_out(layout: Layout, fn: Callable, mesh: jax.sharding.Mesh, *args: Any) -> Any:
+    """``fn(*args)`` (``layout.join`` or ``layout.split``), jitted, each array of its result
+    laid out as ``layout.spec`` says, the mesh's axes in auto mode (``_relayout``)."""
+    shapes = jax.eval_shape(fn, *args)
+    out = jax.tree.map(lambda s: NamedSharding(mesh, layout.spec(s.shape)), shapes)
+    return jax.jit(jax.sharding.auto_axes(fn, out_sharding=out), out_shardings=out)(*args)
 
 
 def _put(x: Any, sharding: NamedSharding) -> Any:

@@ -24,7 +24,11 @@ one to a row, padded to a multiple of 128; ``sharding.row_storage``): XLA lays o
 column-major on TPU, and a step that reads rows would copy them into row-major order and back
 every time, or read each row across its tiles. Rows are read and written in place as
 ``width``-float windows (``_kernels.gather_rows``'s ``width``); ``shard_shape`` and
-``num_rows`` count rows, ``physical_shape`` is the array as stored.
+``num_rows`` count rows, ``physical_shape`` is the array as stored. There, the optimizer's
+table-shaped slots are stored beside the rows where that takes no more memory
+(``TablePlacement.beside``, ``sharding.entry_storage``): each row's *entry* holds its floats,
+then each such slot's, and a step reads and writes a row and its slots as one entry. The state
+then holds those slots in the table's array; ``join`` and ``split`` convert.
 
 Mesh axes split into the array's *shard axes* (``T`` devices, the product of their sizes) and
 its *replica axes* (``R`` copies). Every device of a replica group holds one shard; the ``R``
@@ -87,6 +91,10 @@ class TablePlacement:
             (``sharding.row_storage``).
         stored_cols: floats in each stored row of a device's part of the array, ``pack`` rows
             and zero padding (0, the default, means ``pack * cols_per_shard``: no padding).
+        beside: the optimizer's table-shaped slots stored beside each row, in this order: a
+            row's *entry* is its ``cols_per_shard`` floats, then each of these slots' (``pack``
+            entries to a stored row), so that a step reads and writes a row and its slots as one
+            (``sharding.entry_storage``; empty: the slots are arrays of their own).
     """
 
     name: str
@@ -102,21 +110,28 @@ class TablePlacement:
     offset: int = 0
     pack: int = 1
     stored_cols: int = 0
+    beside: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.stored_cols:
-            object.__setattr__(self, "stored_cols", self.pack * self.cols_per_shard)
-        if self.stored_cols < self.pack * self.cols_per_shard or self.rows_per_shard % self.pack:
+            object.__setattr__(self, "stored_cols", self.pack * self.entry_cols)
+        if self.stored_cols < self.pack * self.entry_cols or self.rows_per_shard % self.pack:
             raise ValueError(
-                f"Table {self.name!r}: {self.pack} rows of {self.cols_per_shard} floats do not "
+                f"Table {self.name!r}: {self.pack} entries of {self.entry_cols} floats do not "
                 f"fit a stored row of {self.stored_cols}, or {self.rows_per_shard} rows are not "
                 f"a multiple of {self.pack}; place tables with sharding.plan_sharding."
             )
 
+    @property
+    def entry_cols(self) -> int:
+        """Floats of a row's entry on one device: its columns and those of the slots beside it."""
+        return (1 + len(self.beside)) * self.cols_per_shard
+
     def bytes_per_device(self, slots: int = 0) -> int:
-        """float32 bytes one device holds for the table's array and ``slots`` slot arrays, as
-        stored."""
-        return (1 + slots) * self.rows_per_shard // self.pack * self.stored_cols * 4
+        """float32 bytes one device holds for the table's array and ``slots`` slot arrays
+        (those stored beside the rows included), as stored."""
+        arrays = 1 + max(slots - len(self.beside), 0)
+        return arrays * self.rows_per_shard // self.pack * self.stored_cols * 4
 
 
 def _replicated(x: jax.Array) -> jax.Array:
@@ -174,9 +189,20 @@ class Layout:
         return self.tables[0].stored_cols
 
     @property
+    def beside(self) -> tuple[str, ...]:
+        """The optimizer slots stored beside each row (``TablePlacement.beside``)."""
+        return self.tables[0].beside
+
+    @property
+    def entry_cols(self) -> int:
+        """Floats of a row's entry on one device (``TablePlacement.entry_cols``)."""
+        return self.tables[0].entry_cols
+
+    @property
     def as_rows(self) -> bool:
         """Whether a device stores its ``[rows, columns]`` as they are (no packing, no
-        padding: everywhere but TPU meshes, and there for widths that are multiples of 128)."""
+        padding, no slots beside: everywhere but TPU meshes, and there for widths that are
+        multiples of 128 without slots beside them)."""
         return self.stored_cols == self.shard_shape[1]
 
     @property
@@ -191,27 +217,52 @@ class Layout:
 
     _blocks: ClassVar[bool] = False  # whether each device holds a column block of every row
 
-    def _pack(self, rows: jax.Array) -> jax.Array:
-        """The stored array from its ``[num_rows, columns]`` rows (``[num_rows]``: as is): each
-        device's ``[r, c]`` rows as ``[r / pack, stored_cols]``, zero padded."""
+    def _pack(self, *parts: jax.Array) -> jax.Array:
+        """The stored array from ``[num_rows, columns]`` rows (``[num_rows]``: as is): each
+        device's ``[r, c]`` rows as ``[r / pack, stored_cols]``, zero padded. Each row's entry
+        holds ``parts[i]``'s row at its ``i``-th place (the table's, then the slots' beside
+        it); places without a part hold zeros."""
+        rows = parts[0]
         if self.as_rows or rows.ndim == 1:
             return rows
         (v, c), p = rows.shape, self.pack
         t = self.num_shards if self._blocks else 1  # column blocks side by side
-        b = c // t
-        out = rows.reshape(v // p, p, t, b).swapaxes(1, 2).reshape(v // p, t, p * b)
-        out = jnp.pad(out, ((0, 0), (0, 0), (0, self.stored_cols - p * b)))
+        b, e = c // t, self.entry_cols
+        entries = jnp.concatenate([x.reshape(v, t, b) for x in parts], axis=2)
+        entries = jnp.pad(entries, ((0, 0), (0, 0), (0, e - len(parts) * b)))
+        out = entries.reshape(v // p, p, t, e).swapaxes(1, 2).reshape(v // p, t, p * e)
+        out = jnp.pad(out, ((0, 0), (0, 0), (0, self.stored_cols - p * e)))
         return out.reshape(self.physical_shape)
 
-    def _unpack(self, stored: jax.Array) -> jax.Array:
-        """``_pack``'s inverse."""
+    def _unpack(self, stored: jax.Array, place: int = 0) -> jax.Array:
+        """``_pack``'s inverse: the rows at ``place`` of each entry (0: the table's)."""
         if self.as_rows or stored.ndim == 1:
             return stored
-        p, b = self.pack, self.shard_shape[1]
+        p, b, e = self.pack, self.shard_shape[1], self.entry_cols
         t = self.num_shards if self._blocks else 1
         v = stored.shape[0] * p
-        rows = stored.reshape(v // p, t, self.stored_cols)[:, :, : p * b]
-        return rows.reshape(v // p, t, p, b).swapaxes(1, 2).reshape(v, t * b)
+        rows = stored.reshape(v // p, t, self.stored_cols)[:, :, : p * e]
+        rows = rows.reshape(v // p, t, p, e)[..., place * b : (place + 1) * b]
+        return rows.swapaxes(1, 2).reshape(v, t * b)
+
+    def join(self, stored: jax.Array, slots: Slots) -> tuple[jax.Array, Slots]:
+        """The array as a state holds it, from the table ``stored`` and its slots as
+        ``to_physical`` and ``init_slots`` make them: the slots named in ``beside`` move into
+        the table's entries (and out of ``slots``). ``split``'s inverse."""
+        if not self.beside:
+            return stored, slots
+        parts = [self._unpack(x) for x in (stored, *(slots[n] for n in self.beside))]
+        rest = {k: v for k, v in slots.items() if k not in self.beside}
+        return self._pack(*parts), rest
+
+    def split(self, stored: jax.Array, slots: Slots) -> tuple[jax.Array, Slots]:
+        """The table and all its slots, each as ``to_physical`` and ``init_slots`` make them
+        (``to_logical`` reads them), from the array and slots a state holds (``join``)."""
+        if not self.beside:
+            return stored, slots
+        parts = {n: self._pack(self._unpack(stored, i + 1)) for i, n in enumerate(self.beside)}
+        table = self._pack(self._unpack(stored))
+        return table, {**slots, **parts}
 
     def spec(self, shape: tuple[int, ...]) -> P:
         """``PartitionSpec`` of an array leaf of this layout: the table and its table-shaped slots
@@ -297,8 +348,21 @@ class Layout:
         if self.num_shards == 1 and self.as_rows:
             return shard, requests.reshape(-1)
         if self.num_shards == 1:  # rows stored side by side: read as windows, once each
-            return _kernels.gather_rows(shard, requests.reshape(-1), self.dim), None
+            return self._read(shard, requests.reshape(-1)), None
         return self._fetch(shard, requests), None
+
+    def _read(self, shard: jax.Array, ids: jax.Array) -> jax.Array:
+        """Rows ``ids`` of a device's part (``[..., columns]``; ids past it read zeros): the
+        first floats of their entries. (Whole entries are read: a TPU gathers whole stored
+        rows natively, and turns a gather of part of each row into a loop over the ids.)"""
+        rows = _kernels.gather_rows(shard, ids, self.entry_cols)
+        return rows[..., : self.shard_shape[1]] if self.beside else rows
+
+    def _widened(self, x: jax.Array) -> jax.Array:
+        """Gradient rows (``[..., columns]``) as wide as the entries, zeros for the slots
+        beside the rows (``_kernels.Beside``)."""
+        extra = self.entry_cols - x.shape[-1]
+        return jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, extra),)) if extra else x
 
     def _fetch(self, shard: jax.Array, requests: jax.Array) -> jax.Array:
         raise NotImplementedError
@@ -323,9 +387,11 @@ class Layout:
         device and replica that used it.
         """
         flat = [part for feature in parts for part in feature]
+        optimizer = _kernels.beside(optimizer, self.beside, self.shard_shape[1])
         if self.num_shards * self.num_replicas == 1:
             # One contributor: the sum fused into the update when there is one part (a feature
             # with overflow blocks has two, which take the unfused path).
+            flat = [(self._widened(cot), *rest) for cot, *rest in flat]
             return apply_slot_gradients(optimizer, shard, slots, requests.reshape(-1), flat, step)
         fetched = self.fetched_rows(requests.shape[-1])
         grads = jnp.zeros((fetched, self.dim), shard.dtype)
@@ -343,7 +409,7 @@ class Layout:
         # segment_sum, from zeros of this table's own (see jaxembed._reads.zeros_after)
         zeros = _reads.zeros_after([inverse], grads.shape, grads.dtype)
         summed = zeros.at[inverse.reshape(-1)].add(grads, mode="drop")
-        return apply_rows(optimizer, shard, slots, distinct, summed, step)
+        return apply_rows(optimizer, shard, slots, distinct, self._widened(summed), step)
 
 
 class _Owned(Layout):
@@ -385,7 +451,7 @@ class _Owned(Layout):
 
     def _fetch(self, shard: jax.Array, requests: jax.Array) -> jax.Array:
         asked = self._all_to_all(requests)  # [T (requester), K] local rows
-        rows = _kernels.gather_rows(shard, asked, self.dim)  # padding reads a zero row
+        rows = self._read(shard, asked)  # padding reads a zero row
         return self._all_to_all(rows).reshape(-1, self.dim)  # [T (owner) * K, D]
 
     def _to_owners(self, requests: jax.Array, grads: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -531,7 +597,7 @@ class ColumnLayout(Layout):
     def _fetch(self, shard: jax.Array, requests: jax.Array) -> jax.Array:
         capacity, block = requests.shape[-1], self.shard_shape[1]
         asked = self._gather_ids(requests).reshape(self.num_shards, capacity)
-        rows = _kernels.gather_rows(shard, asked, block)
+        rows = self._read(shard, asked)
         blocks = self._all_to_all(rows)  # [T (block), K, B]
         rows = blocks.transpose(1, 0, 2).reshape(capacity, self.num_shards * block)
         return rows[:, : self.dim]

@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -81,6 +82,49 @@ def row_storage(mesh: jax.sharding.Mesh, width: int) -> tuple[int, int]:
     if width > LANES:
         return 1, ceil_div(width, LANES) * LANES
     return LANES // width, LANES
+
+
+def entry_storage(
+    mesh: jax.sharding.Mesh, width: int, optimizer: Any = None
+) -> tuple[int, int, tuple[str, ...]]:
+    """``(pack, stored width, slots beside)``: ``row_storage``, with the optimizer's
+    table-shaped slots stored beside each row where the rows are stored side by side or padded
+    anyway (TPU meshes) and that takes no more memory than separate slot arrays
+    (``TablePlacement.beside``): a step then reads and writes each row and its slots as one
+    entry. On TPU, rows 64 floats wide with Adagrad's accumulators are one stored row of 128
+    floats each, where separately each would be read and written with its neighbour's.
+
+    Example:
+        >>> import jax, jaxembed as je
+        >>> mesh = jax.sharding.Mesh(jax.devices()[:1], ("x",))
+        >>> entry_storage(mesh, 64, je.optimizers.Adagrad(0.1))  # on TPU: 1 in 128, beside
+        (1, 64, ())
+    """
+    pack, stored = row_storage(mesh, width)
+    names = _table_slots(optimizer, width)
+    if (pack, stored) == (1, width) or not names:  # rows as they are: slots of their own
+        return pack, stored, ()
+    entry = (1 + len(names)) * width
+    entry_pack, entry_stored = row_storage(mesh, entry)
+    if entry_pack * stored * (1 + len(names)) < entry_stored * pack:  # more memory beside
+        return pack, stored, ()
+    return entry_pack, entry_stored, names
+
+
+def _table_slots(optimizer: Any, width: int) -> tuple[str, ...]:
+    """The names of ``optimizer``'s slots shaped like the table (in ``slot_names`` order), where
+    its update is TF's rows-then-slots rule on the touched rows (not ``from_optax``, not
+    non-lazy Adam)."""
+    if optimizer is None or not optimizer.splits_update or not optimizer.lazy:
+        return ()
+    shape = (8, width)
+    try:
+        slots = jax.eval_shape(optimizer.init_slots, jax.ShapeDtypeStruct(shape, jnp.float32))
+    except Exception:  # noqa: BLE001 - a slot_variable_creation_fn that cannot be traced
+        return ()
+    if not isinstance(slots, Mapping):
+        return ()
+    return tuple(n for n in optimizer.slot_names if n in slots and slots[n].shape == shape)
 
 
 def _round_up(rows: int, pack: int) -> int:
@@ -159,7 +203,10 @@ class ShardingPlan:
         ]
         for t in self.tables:
             where = f" (shard {t.shard})" if t.shard is not None else ""
-            if t.stored_cols != t.cols_per_shard:
+            if t.beside:
+                where += f" ({', '.join(t.beside)} beside each row"
+                where += f", {t.pack} to a stored row)" if t.pack > 1 else ")"
+            elif t.stored_cols != t.cols_per_shard:
                 if t.pack > 1:
                     where += f" ({t.pack} rows to a stored row of {t.stored_cols} floats)"
                 else:
@@ -248,7 +295,7 @@ def plan_sharding(
             stacks.setdefault(key, []).append((name, vocab, dim))
             continue
         width = ceil_div(dim, n) if strategy == "column" else dim  # on one device
-        pack, stored = row_storage(mesh, width)
+        pack, stored, beside = entry_storage(mesh, width, optimizers.get(name))
         if strategy == "row":
             rows = _round_up(ceil_div(vocab, n), pack)
             shape = (n, rows, dim, n * rows)  # shards, rows and columns per shard, total rows
@@ -256,12 +303,13 @@ def plan_sharding(
             rows = _round_up(vocab, pack)
             shape = (1, rows, dim, rows) if strategy == "replicated" else (n, rows, width, rows)
         placement = TablePlacement(
-            name, strategy, vocab, dim, *shape, name, pack=pack, stored_cols=stored
+            name, strategy, vocab, dim, *shape, name, pack=pack, stored_cols=stored, beside=beside
         )
         spread_over = everywhere if strategy == "replicated" else spread
         layouts[name] = LAYOUTS[strategy](name, (placement,), *spread_over)
     for members in stacks.values():
-        layout = _stack_tables(members, spread, row_storage(mesh, members[0][2]))
+        dim, optimizer = members[0][2], optimizers.get(members[0][0])
+        layout = _stack_tables(members, spread, entry_storage(mesh, dim, optimizer))
         layouts.update({t.name: layout for t in layout.tables})
     order = list(tables.values())
     placements = {t.name: t for layout in layouts.values() for t in layout.tables}
@@ -301,7 +349,7 @@ def _hashable(optimizer: Any) -> Any:
 
 
 def _stack_tables(
-    members: list[tuple[str, int, int]], spread: tuple, storage: tuple[int, int]
+    members: list[tuple[str, int, int]], spread: tuple, storage: tuple[int, int, tuple[str, ...]]
 ) -> TableLayout:
     """Table-wise placement: largest table first onto the least loaded shard."""
     n = spread[2]
@@ -312,7 +360,7 @@ def _stack_tables(
         where[name] = (shard, load[shard])
         load[shard] += vocab
     group = "_".join(sorted(name for name, *_ in members))
-    pack, stored = storage
+    pack, stored, beside = storage
     rows = _round_up(max(max(load), 1), pack)
     placements = tuple(
         TablePlacement(
@@ -328,6 +376,7 @@ def _stack_tables(
             *where[name],
             pack=pack,
             stored_cols=stored,
+            beside=beside,
         )
         for name, vocab, dim in members
     )

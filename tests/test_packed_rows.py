@@ -24,7 +24,7 @@ import test_in_place_update as in_place
 
 import jaxembed as je
 from jaxembed import _kernels
-from jaxembed.sharding import PACK_ROWS_ENV, row_storage
+from jaxembed.sharding import PACK_ROWS_ENV, entry_storage, row_storage
 
 STRATEGIES = ("row", "table", "column", "replicated")
 VOCAB_A, VOCAB_B, DIM, BATCH = 101, 37, 16, 16
@@ -158,14 +158,20 @@ def test_stored_rows_train_bit_for_bit_as_rows(packed, dim, devices, strategy, o
     stored_emb, got = run(True, kernels)
     layout = stored_emb.plan.layout("a")
     width = layout.shard_shape[1]
-    assert (layout.pack, layout.stored_cols) == row_storage(stored_emb.mesh, width)
+    storage = entry_storage(stored_emb.mesh, width, OPTIMIZERS[optimizer]())
+    assert (layout.pack, layout.stored_cols, layout.beside) == storage
     assert layout.stored_cols % 128 == 0 and not layout.as_rows
     blocks = layout.num_shards if strategy == "column" else 1  # of the array
     assert layout.physical_shape == (layout.num_rows // layout.pack, blocks * layout.stored_cols)
-    plain_emb, plain = run(False, kernels)
+    plain_emb, plain = run(False, kernels and not layout.beside)  # beside: the pure update
     assert plain_emb.plan.layout("a").as_rows
     for want, have in zip(jax.tree.leaves(plain), jax.tree.leaves(got), strict=True):
-        np.testing.assert_array_equal(have, want)
+        if "momenta" in layout.beside:
+            # Momenta stored beside the rows: XLA may contract b1 * m + (1 - b1) * g into an
+            # FMA in one program and not in the other (one float32 rounding apart).
+            np.testing.assert_allclose(have, want, rtol=1e-6, atol=1e-7)
+        else:
+            np.testing.assert_array_equal(have, want)
 
 
 @pytest.mark.parametrize("devices", [1, 8])
