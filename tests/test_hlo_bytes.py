@@ -414,3 +414,28 @@ def test_the_minimum_counts_the_rows_each_chip_updates(strategy):
         assert shards.tolist() == list(range(8))  # sharded over both axes, row-major
     model_only = types.SimpleNamespace(shard_axes=("model",))  # replicated over "data"
     assert ba.device_shards(mesh, model_only).tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("optimizer", ["adagrad", "partial_rowwise_adam"])
+def test_the_minimum_counts_slots_beside_the_rows_as_slots(monkeypatch, optimizer):
+    """With a TPU's storage (``JAXEMBED_PACK_ROWS=always``) the accumulators (or momenta) are
+    stored beside the rows in the table's array; ``bench_accelerator``'s minimum still counts
+    the table's row and each slot's once: the same as with the slots apart, and as counted by
+    hand (distinct rows x (table, table-shaped slots, row-wise slots) x 2 + the ids)."""
+    import bench_accelerator as ba
+
+    from jaxembed.sharding import PACK_ROWS_ENV
+
+    args = ba.parse_args(["--vocab", "1000", "--batch", "64", "--optimizer", optimizer])
+    ids = np.random.default_rng(0).integers(0, 1000, 320)
+    inputs = {"f0": (ids, np.full(64, 5))}  # 5 ids for each of the 64 examples
+    got = {}
+    for where in ("always", "never"):
+        monkeypatch.setenv(PACK_ROWS_ENV, where)
+        emb = ba.make_embedding(args, jax.sharding.Mesh(jax.devices()[:1], ("x",)))
+        state = emb.init(jax.random.key(0))
+        assert bool(emb.plan.layout("t0").beside) == (where == "always")
+        got[where] = ba.minimum_bytes(args, emb, state, inputs)["minimum_bytes"]
+    row = 64 * 4
+    per_row = {"adagrad": 2 * row, "partial_rowwise_adam": 2 * row + 4}[optimizer]
+    assert got["always"] == got["never"] == 2 * len(np.unique(ids)) * per_row + 4 * 320
