@@ -963,6 +963,13 @@ def _kept(rows: Any) -> Any:
     return jax.lax.optimization_barrier(rows)
 
 
+def _kept_update(optimizer: Any, w, slots, g, scalars) -> tuple[jax.Array, Any]:
+    """``(new rows, new slots)`` of rows ``w``: ``new_slots``, kept as computed (``_kept``),
+    then ``new_rows`` from them."""
+    new_slots = _kept(optimizer.new_slots(w, slots, g, scalars))
+    return optimizer.new_rows(w, new_slots, g, scalars), new_slots
+
+
 def _apply_stored(optimizer: Any, table, slots, ids, grads, step, scalars):
     """``_apply_once`` on a packed table (and its table-shaped slots): each array's stored rows
     holding ``ids`` (sorted, distinct) are gathered once, their windows updated, and the stored
@@ -987,8 +994,9 @@ def _apply_stored(optimizer: Any, table, slots, ids, grads, step, scalars):
     if isinstance(optimizer, Beside):
         new_w, new_slots = optimizer.update(w, jax.tree.unflatten(treedef, rows), grads, scalars)
     elif optimizer.splits_update:
-        new_slots = _kept(optimizer.new_slots(w, jax.tree.unflatten(treedef, rows), grads, scalars))
-        new_w = optimizer.new_rows(w, new_slots, grads, scalars)
+        new_w, new_slots = _kept_update(
+            optimizer, w, jax.tree.unflatten(treedef, rows), grads, scalars
+        )
     else:
         new_w, new_slots = optimizer.apply(w, jax.tree.unflatten(treedef, rows), grads, step)
     written = [
@@ -1090,8 +1098,7 @@ class Beside:
         w, k = self.width, len(self.names)
         row, g = entries[..., :w], g[..., :w]
         beside = {n: entries[..., (i + 1) * w : (i + 2) * w] for i, n in enumerate(self.names)}
-        new_slots = _kept(self.optimizer.new_slots(row, {**slots, **beside}, g, scalars))
-        new_row = self.optimizer.new_rows(row, new_slots, g, scalars)
+        new_row, new_slots = _kept_update(self.optimizer, row, {**slots, **beside}, g, scalars)
         kept = entries[..., (1 + k) * w :]
         new_entries = jnp.concatenate([new_row, *(new_slots[n] for n in self.names), kept], -1)
         return new_entries, {n: new_slots[n] for n in slots}

@@ -400,6 +400,7 @@ class Embedding:
             ((10, 4), (10, 4))
         """
         tables, slots = {}, {}
+        apart = self._apart(state)
         for table, name in self.table_names.items():
             layout = self.plan.layout(name)
 
@@ -412,16 +413,21 @@ class Embedding:
                 leaf = _put(leaf, NamedSharding(self.mesh, layout.spec(np.shape(leaf))))
                 return _relayout(layout, name, self.logical_sharding(name, shape))(leaf)
 
-            table_rows, table_slots = self._apart(layout, state)
+            table_rows, table_slots = apart[layout.name]
             tables[name] = logical(table_rows)
             slots[name] = jax.tree.map(logical, table_slots)
         return tables, slots
 
-    def _apart(self, layout: Layout, state: EmbeddingState) -> tuple[jax.Array, Any]:
-        """``layout``'s table and slots in ``state``, the slots stored beside its rows as
-        arrays of their own (``Layout.split``)."""
-        pair = state.tables[layout.name], state.slots[layout.name]
-        return _laid_out(layout, layout.split, self.mesh, *pair) if layout.beside else pair
+    def _apart(self, state: EmbeddingState) -> dict[str, tuple[jax.Array, Any]]:
+        """``{array name: (table, slots)}`` of ``state``, the slots stored beside an array's
+        rows as arrays of their own (``Layout.split``), each array split once."""
+        out = {}
+        for layout in self.plan.layouts:
+            pair = state.tables[layout.name], state.slots[layout.name]
+            out[layout.name] = (
+                _laid_out(layout, layout.split, self.mesh, *pair) if layout.beside else pair
+            )
+        return out
 
     def abstract_state(self) -> EmbeddingState:
         """``init``'s state as ``jax.ShapeDtypeStruct``s with their shardings; allocates nothing.
@@ -465,9 +471,10 @@ class Embedding:
     def slot_variables(self, state: EmbeddingState) -> dict[TableConfig, dict[str, jax.Array]]:
         """``{TableConfig: {slot name: array}}``; Optax state leaves are named by their path."""
         out = {}
+        apart = self._apart(state)
         for table, name in self.table_names.items():
             layout = self.plan.layout(name)
-            _, slots = self._apart(layout, state)
+            _, slots = apart[layout.name]
             if isinstance(slots, Mapping) and all(isinstance(k, str) for k in slots):
                 named = dict(slots)
             else:
